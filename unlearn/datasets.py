@@ -1,0 +1,127 @@
+"""Image datasets as tensors: digits (bundled with scikit-learn), CIFAR-10/100, SVHN, image folders.
+
+Every dataset yields `(image, label)` with images as float tensors in [0, 1], shape (C, H, W). Normalisation is
+the model's business (it lives inside the classifier adapter, as in the OPTML reference code).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .errors import CheckpointNotFoundError, DataError
+
+DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagefolder")
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+
+
+class ImageTensorDataset(Dataset):
+    """Images (uint8 0-255 or float 0-1) and integer labels held in memory."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str = ""):
+        if len(images) != len(labels):
+            raise DataError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+        self.num_classes = num_classes
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        image = self.images[index]
+        if image.dtype == torch.uint8:
+            image = image.float() / 255.0
+        return image, self.labels[index]
+
+    def subset(self, indices) -> ImageTensorDataset:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return ImageTensorDataset(self.images[indices], self.labels[indices], self.num_classes, self.name)
+
+
+def load_dataset(
+    name: str, split: str, root: str | None = None, download: bool = False, image_size: int | None = None
+) -> ImageTensorDataset:
+    """Load `split` ("train" or "test") of a dataset.
+
+    Args:
+        name: one of `DATASETS`.
+        split: "train" or "test".
+        root: where torchvision datasets and image folders live (not needed for digits).
+        download: let torchvision download the data; never done unless asked.
+        image_size: resize image folders to this square size.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    if name == "digits":
+        return _digits(split)
+    if name in ("cifar10", "cifar100", "svhn"):
+        return _torchvision(name, split, root, download)
+    if name == "imagefolder":
+        return _imagefolder(split, root, image_size)
+    raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+
+
+def _digits(split: str) -> ImageTensorDataset:
+    """scikit-learn's 1,797 handwritten digits (8x8, values 0-16), split 80/20 stratified with a fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32) / 16.0
+    indices = np.arange(len(images))
+    train_idx, test_idx = train_test_split(
+        indices, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=digits.target
+    )
+    chosen = np.sort(train_idx if split == "train" else test_idx)
+    x = torch.from_numpy(images[chosen]).unsqueeze(1)
+    y = torch.from_numpy(digits.target[chosen])
+    return ImageTensorDataset(x, y, num_classes=10, name="digits")
+
+
+def _torchvision(name: str, split: str, root: str | None, download: bool) -> ImageTensorDataset:
+    import torchvision
+
+    if root is None:
+        raise DataError(f"dataset {name!r} needs data.root (a folder holding it, or where to download it)")
+    train = split == "train"
+    try:
+        if name == "cifar10":
+            ds = torchvision.datasets.CIFAR10(root, train=train, download=download)
+            images, labels, classes = ds.data, ds.targets, 10
+        elif name == "cifar100":
+            ds = torchvision.datasets.CIFAR100(root, train=train, download=download)
+            images, labels, classes = ds.data, ds.targets, 100
+        else:
+            ds = torchvision.datasets.SVHN(root, split=split, download=download)
+            images, labels, classes = ds.data.transpose(0, 2, 3, 1), ds.labels, 10
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        raise CheckpointNotFoundError(
+            f"{name} not found under {root!r}; set data.download=true to download it"
+        ) from err
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+    return ImageTensorDataset(x, torch.as_tensor(np.asarray(labels)), num_classes=classes, name=name)
+
+
+def _imagefolder(split: str, root: str | None, image_size: int | None) -> ImageTensorDataset:
+    """`root/train/<class>/*.png` and `root/test/<class>/*.png`, classes sorted by folder name."""
+    import torchvision
+    from torchvision import transforms
+
+    if root is None:
+        raise DataError("dataset 'imagefolder' needs data.root")
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise CheckpointNotFoundError(f"image folder {str(folder)!r} does not exist")
+    steps = [transforms.Resize((image_size, image_size))] if image_size else []
+    steps.append(transforms.PILToTensor())
+    ds = torchvision.datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
+    if len(ds) == 0:
+        raise DataError(f"image folder {str(folder)!r} holds no images")
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    return ImageTensorDataset(images, torch.as_tensor(ds.targets), num_classes=len(ds.classes), name="imagefolder")

@@ -1,0 +1,249 @@
+"""The classifier adapter: built-in architectures, torchvision architectures, transformers image classifiers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoints import atomic_path, load_into, load_state_dict, save_state_dict, write_json
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from .base import Model
+from .zoo import ARCHITECTURES
+
+CONFIG_NAME = "unlearn_model.json"
+FORMATS = ("builtin", "torchvision", "transformers")
+
+
+class Classifier(Model):
+    """An image classifier behind one interface.
+
+    Images come in as float tensors in [0, 1], shape (N, C, H, W). The adapter repeats grey channels for
+    colour models, resizes to the size the network expects (transformers models), and normalises with the
+    network's mean and std, so every dataset feeds every classifier.
+
+    Args:
+        network: the wrapped `nn.Module` (returns logits, or an output object with `.logits`).
+        num_classes: number of output classes.
+        source: how the network was brought: {"format": builtin|torchvision|transformers, "arch": name,
+            "weights_suffix": ".safetensors"|".pt"|...}; `save` writes the same format back.
+        mean, std: per-channel normalisation.
+        channels: input channels the network expects.
+        image_size: square input size the network needs, or None if any size works.
+    """
+
+    family = "classifier"
+
+    def __init__(
+        self,
+        network: nn.Module,
+        num_classes: int,
+        source: dict,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        channels: int,
+        image_size: int | None = None,
+    ):
+        super().__init__()
+        self.network = network
+        self.num_classes = num_classes
+        self.source = dict(source)
+        self.channels = channels
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.head = _find_head(network, num_classes)
+        self._capture = False
+        self._captured: torch.Tensor | None = None
+        self.head.register_forward_hook(self._capture_head_input)
+
+    @property
+    def trainable(self) -> nn.Module:
+        return self.network
+
+    def _capture_head_input(self, module, inputs, output):
+        if self._capture:
+            self._captured = inputs[0]
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Channels, size and normalisation for the wrapped network."""
+        if images.shape[1] == 1 and self.channels == 3:
+            images = images.expand(-1, 3, -1, -1)
+        if self.image_size is not None and images.shape[-1] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.network(self.prepare(images))
+        return out.logits if hasattr(out, "logits") else out
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The penultimate representation: the input of the classification head, flattened."""
+        self._capture = True
+        try:
+            self.forward(images)
+        finally:
+            self._capture = False
+        feats, self._captured = self._captured, None
+        return feats.flatten(1)
+
+    def loss(self, batch) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(self(images), labels)
+
+    def reinitialize(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        for module in self.network.modules():
+            if hasattr(module, "reset_parameters") and module is not self.network:
+                module.reset_parameters()
+        if self.source["format"] == "transformers" and hasattr(self.network, "_init_weights"):
+            self.network.apply(self.network._init_weights)
+
+    def save(self, path: str | Path) -> None:
+        """Write a folder in the format the model came in: a transformers folder (reloads with
+        `from_pretrained`), or the network's plain state dict (`model.safetensors` or `model.pt`, loadable
+        into the bare architecture) plus `unlearn_model.json`."""
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            config = {
+                "family": self.family,
+                **self.source,
+                "num_classes": self.num_classes,
+                "mean": self.mean.flatten().tolist(),
+                "std": self.std.flatten().tolist(),
+                "channels": self.channels,
+                "image_size": self.image_size,
+            }
+            if self.source["format"] == "transformers":
+                self.network.save_pretrained(str(tmp))
+                processor = self.source.get("processor_file")
+                if processor and Path(processor).exists():
+                    shutil.copy(processor, tmp / "preprocessor_config.json")
+            else:
+                suffix = self.source.get("weights_suffix", ".safetensors")
+                name = "model.safetensors" if suffix == ".safetensors" else f"model{suffix}"
+                save_state_dict(self.network.state_dict(), tmp / name)
+                config["weights"] = name
+            write_json(config, tmp / CONFIG_NAME)
+
+
+def _find_head(network: nn.Module, num_classes: int) -> nn.Module:
+    """The classification head: the last `nn.Linear` with `num_classes` outputs."""
+    heads = [m for m in network.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    if not heads:
+        raise CheckpointError(f"cannot find a linear classification head with {num_classes} outputs in the network")
+    return heads[-1]
+
+
+def build_classifier(arch: str, num_classes: int, channels: int | None = None) -> Classifier:
+    """A freshly initialised classifier: a built-in name (`digits_cnn`, `resnet18_cifar`) or `torchvision:<name>`."""
+    if arch.startswith("torchvision:"):
+        import torchvision
+
+        name = arch.split(":", 1)[1]
+        if name not in torchvision.models.list_models():
+            raise ConfigError(f"unknown torchvision architecture {name!r}")
+        network = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        source = {"format": "torchvision", "arch": arch}
+        return Classifier(network, num_classes, source, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), channels=3)
+    if arch not in ARCHITECTURES:
+        known = ", ".join([*ARCHITECTURES, "torchvision:<name>", "transformers"])
+        raise ConfigError(f"unknown classifier architecture {arch!r}; known: {known}")
+    builder, mean, std = ARCHITECTURES[arch]
+    channels = channels or len(mean)
+    if len(mean) != channels:
+        mean, std = (mean[0],) * channels, (std[0],) * channels
+    network = builder(num_classes, channels)
+    return Classifier(network, num_classes, {"format": "builtin", "arch": arch}, mean, std, channels=channels)
+
+
+def load_classifier(checkpoint: str | Path | None, arch: str | None, num_classes: int) -> Classifier:
+    """Load a classifier from any supported checkpoint.
+
+    Args:
+        checkpoint: a transformers image-classification folder; a folder written by `Classifier.save`; a
+            weights file (`.safetensors`, `.pt`, `.pth`) for `arch`; or None for fresh weights.
+        arch: built-in name or `torchvision:<name>`; needed for a bare weights file or fresh weights.
+        num_classes: number of classes of the dataset; the checkpoint must agree.
+    """
+    if checkpoint is None:
+        if not arch:
+            raise ConfigError("model.arch is needed when no checkpoint is given")
+        return build_classifier(arch, num_classes)
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        if (path / CONFIG_NAME).exists():
+            return _load_saved_folder(path, num_classes)
+        if (path / "config.json").exists():
+            return _load_transformers(path, num_classes)
+        raise CheckpointError(
+            f"folder {str(path)!r} is neither a transformers model folder (config.json) nor an unlearn model "
+            f"folder ({CONFIG_NAME})"
+        )
+    if not arch or arch == "transformers":
+        raise ConfigError(f"model.arch must name the architecture of the weights file {str(path)!r}")
+    model = build_classifier(arch, num_classes)
+    load_into(model.network, load_state_dict(path), str(path))
+    model.source["weights_suffix"] = path.suffix
+    return model
+
+
+def _load_saved_folder(path: Path, num_classes: int) -> Classifier:
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{str(path / CONFIG_NAME)!r} is not valid JSON ({err})") from err
+    if config.get("format") not in FORMATS:
+        raise CheckpointError(f"{str(path / CONFIG_NAME)!r} names an unknown format {config.get('format')!r}")
+    _check_classes(config["num_classes"], num_classes, path)
+    if config["format"] == "transformers":
+        model = _load_transformers(path, num_classes)
+    else:
+        model = build_classifier(config["arch"], num_classes, channels=config.get("channels"))
+        weights = path / config.get("weights", "model.safetensors")
+        load_into(model.network, load_state_dict(weights), str(weights))
+        model.source["weights_suffix"] = weights.suffix
+    model.mean.copy_(torch.tensor(config["mean"]).view(1, -1, 1, 1))
+    model.std.copy_(torch.tensor(config["std"]).view(1, -1, 1, 1))
+    return model
+
+
+def _load_transformers(path: Path, num_classes: int) -> Classifier:
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        network = AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot load transformers image classifier from {str(path)!r}: {err}") from err
+    _check_classes(config.num_labels, num_classes, path)
+    mean, std, size = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), getattr(config, "image_size", None)
+    processor = path / "preprocessor_config.json"
+    if processor.exists():
+        spec = json.loads(processor.read_text())
+        mean = tuple(spec.get("image_mean", mean))
+        std = tuple(spec.get("image_std", std))
+        size_spec = spec.get("size")
+        if isinstance(size_spec, dict):
+            size = size_spec.get("height") or size_spec.get("shortest_edge") or size
+        elif isinstance(size_spec, int):
+            size = size_spec
+    channels = getattr(config, "num_channels", 3)
+    source = {"format": "transformers", "arch": config.model_type}
+    if processor.exists():
+        source["processor_file"] = str(processor.resolve())
+    return Classifier(network, num_classes, source, mean, std, channels=channels, image_size=size)
+
+
+def _check_classes(checkpoint_classes: int, data_classes: int, path: Path) -> None:
+    if checkpoint_classes != data_classes:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has {checkpoint_classes} classes but the dataset has {data_classes}"
+        )

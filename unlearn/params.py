@@ -1,0 +1,59 @@
+"""Parameter selection and masks: which weights an unlearning run may change."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .checkpoints import load_state_dict, save_state_dict
+from .errors import ConfigError
+
+
+def select(module: nn.Module, patterns: Iterable[str] | None = None) -> dict[str, nn.Parameter]:
+    """Parameters of `module` whose names match any glob pattern (all parameters when `patterns` is None)."""
+    named = dict(module.named_parameters())
+    if patterns is None:
+        return named
+    patterns = list(patterns)
+    chosen = {n: p for n, p in named.items() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+    if not chosen:
+        raise ConfigError(f"no parameter name matches {patterns}; names look like {list(named)[:4]}")
+    return chosen
+
+
+class ParamMask:
+    """A boolean mask per parameter: True where the weight may change, False where it is pinned.
+
+    `fit()` multiplies gradients by the mask and, after every optimizer step, puts pinned entries back to
+    their value at the start and clears their optimizer state, so neither weight decay nor momentum can move
+    them (the bug of the SalUn reference code before its PR #33).
+    """
+
+    def __init__(self, masks: dict[str, torch.Tensor]):
+        self.masks = {name: mask.bool() for name, mask in masks.items()}
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def density(self) -> float:
+        """Share of the masked parameters' entries that may change."""
+        total = sum(m.numel() for m in self.masks.values())
+        return sum(int(m.sum()) for m in self.masks.values()) / max(total, 1)
+
+    def check(self, module: nn.Module) -> None:
+        params = dict(module.named_parameters())
+        for name, mask in self.masks.items():
+            if name not in params:
+                raise ConfigError(f"mask names parameter {name!r}, which the model does not have")
+            if params[name].shape != mask.shape:
+                raise ConfigError(f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(params[name].shape)}")
+
+    def save(self, path) -> None:
+        save_state_dict({n: m.to(torch.uint8) for n, m in self.masks.items()}, path)
+
+    @classmethod
+    def load(cls, path) -> ParamMask:
+        return cls(load_state_dict(path))

@@ -1,0 +1,251 @@
+"""fit(): the one visible training loop, on accelerate.
+
+Mixed precision (no / fp16 / bf16) and gradient accumulation come from the `Accelerator`; the loop adds
+gradient masks (with pinned weights), gradient clipping, a learning-rate schedule, a progress bar, a JSON-lines
+log and checkpoint-and-resume at epoch boundaries. Methods with two optimizers or two stages write their own
+loop from the same parts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoints import atomic_path, load_into, load_state_dict, save_state_dict
+from .errors import ConfigError, TrainingError
+from .params import ParamMask
+
+LossFn = Callable[[nn.Module, tuple], torch.Tensor]
+
+
+@dataclass
+class Phase:
+    """One pass over `loader` per epoch with its own loss; an epoch runs its phases in order."""
+
+    loader: DataLoader
+    loss: LossFn
+    name: str = "train"
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_workers: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=False)
+
+
+def make_optimizer(
+    params, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """SGD (with momentum) or Adam/AdamW, the optimizers of the reference code."""
+    params = [p for p in params if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ConfigError(f"unknown optimizer {name!r}; known: sgd, adam, adamw")
+
+
+def random_crop_flip(images: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """RandomCrop(padding) + RandomHorizontalFlip on a batch, the CIFAR training augmentation."""
+    n, _, h, w = images.shape
+    padded = nn.functional.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), device=images.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), device=images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=images.device)[None, :])[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    out = padded[batch, channel, rows, cols]
+    flip = torch.rand(n, device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+AUGMENTATIONS = {"none": None, "crop_flip": random_crop_flip}
+
+
+def _lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
+    if schedule == "constant":
+        return lambda step: 1.0
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    if schedule == "linear":
+        return lambda step: max(0.0, 1.0 - step / max(total_steps, 1))
+    raise ConfigError(f"unknown lr schedule {schedule!r}; known: constant, cosine, linear")
+
+
+def fit(
+    model: nn.Module,
+    phases: Sequence[Phase],
+    optimizer: torch.optim.Optimizer,
+    accelerator,
+    epochs: int,
+    *,
+    lr_schedule: str = "constant",
+    mask: ParamMask | None = None,
+    max_grad_norm: float | None = None,
+    augment: str = "none",
+    stage: str = "fit",
+    log_every: int = 20,
+    checkpoint_every: int = 1,
+) -> nn.Module:
+    """Train `model` for `epochs` epochs over `phases`; returns the trained (unwrapped) model.
+
+    Args:
+        model: a family adapter; masks name parameters of `model.trainable`.
+        phases: passes per epoch, each with its loader and loss `loss(prepared_model, batch)`.
+        optimizer: built over the model's parameters.
+        accelerator: an `accelerate.Accelerator`; if it has a `project_dir`, the loop logs to
+            `project_dir/train.jsonl` and checkpoints to `project_dir/checkpoints/<stage>` every
+            `checkpoint_every` epochs, and a rerun resumes from the last checkpoint.
+        epochs: number of epochs.
+        lr_schedule: constant, cosine or linear decay over all optimizer steps.
+        mask: pinned weights never move (gradients masked, values and optimizer state restored per step).
+        max_grad_norm: clip the gradient norm to this value.
+        augment: batch augmentation of the images ("none" or "crop_flip").
+        stage: name of this training stage (for logs and checkpoints).
+    """
+    if augment not in AUGMENTATIONS:
+        raise ConfigError(f"unknown augmentation {augment!r}; known: {', '.join(AUGMENTATIONS)}")
+    augment_fn = AUGMENTATIONS[augment]
+    unwrapped = model
+    pinned = _pinned_params(unwrapped, mask)
+    prepared = accelerator.prepare(model, optimizer, *[phase.loader for phase in phases])
+    model, optimizer, loaders = prepared[0], prepared[1], prepared[2:]
+    accum = accelerator.gradient_accumulation_steps
+    steps_per_epoch = sum(math.ceil(len(loader) / accum) for loader in loaders)
+    total_steps = epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, _lr_factor(lr_schedule, total_steps))
+
+    project = Path(accelerator.project_dir) if accelerator.project_dir else None
+    checkpoint_dir = project / "checkpoints" / stage if project else None
+    log_path = project / "train.jsonl" if project else None
+    start_epoch = _resume(checkpoint_dir, unwrapped, optimizer, scheduler, accelerator)
+    step = start_epoch * steps_per_epoch
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(
+        total=total_steps, initial=step, desc=stage, disable=not accelerator.is_local_main_process, leave=False
+    )
+    started = time.perf_counter()
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        loss_count = 0
+        for phase, loader in zip(phases, loaders):
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    if augment_fn is not None:
+                        batch = (augment_fn(batch[0]), *batch[1:])
+                    loss = phase.loss(model, batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        for param, keep, _ in pinned:
+                            if param.grad is not None:
+                                param.grad.mul_(keep)
+                        if max_grad_norm:
+                            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                loss_count += 1
+                if accelerator.sync_gradients:
+                    if pinned:
+                        _restore_pinned(pinned, optimizer.optimizer)
+                    scheduler.step()
+                    step += 1
+                    progress.update(1)
+                    if step % log_every == 0:
+                        _log(log_path, accelerator, stage, epoch, step, phase.name, loss_sum / loss_count, scheduler, started)
+        _log(log_path, accelerator, stage, epoch, step, "epoch", loss_sum / max(loss_count, 1), scheduler, started)
+        if checkpoint_dir is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
+            _save_checkpoint(checkpoint_dir, epoch + 1, unwrapped, optimizer, scheduler, accelerator)
+    progress.close()
+    accelerator.wait_for_everyone()
+    return accelerator.unwrap_model(model)
+
+
+def _pinned_params(model: nn.Module, mask: ParamMask | None):
+    """(parameter, keep-mask, value at start) for every masked parameter of `model.trainable`."""
+    if mask is None:
+        return []
+    trainable = getattr(model, "trainable", model)
+    mask.check(trainable)
+    params = dict(trainable.named_parameters())
+    return [
+        (params[name], keep.to(params[name].device, params[name].dtype), params[name].detach().clone())
+        for name, keep in mask.masks.items()
+    ]
+
+
+@torch.no_grad()
+def _restore_pinned(pinned, optimizer: torch.optim.Optimizer) -> None:
+    """Put pinned weights back and clear their optimizer state (momentum, Adam moments)."""
+    for param, keep, start in pinned:
+        param.copy_(torch.where(keep.bool(), param, start))
+        for value in optimizer.state.get(param, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                value.mul_(keep.to(value.dtype))
+
+
+def _log(path, accelerator, stage, epoch, step, phase, mean_loss, scheduler, started) -> None:
+    value = float(mean_loss)
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"the {stage} loss became {value} at epoch {epoch + 1}, step {step}; lower the learning rate "
+            "or enable gradient clipping (train.max_grad_norm)"
+        )
+    if path is None or not accelerator.is_main_process:
+        return
+    record = {
+        "stage": stage, "epoch": epoch + 1, "step": step, "phase": phase, "loss": round(value, 6),
+        "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - started, 3),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+def _save_checkpoint(folder: Path, epoch: int, model, optimizer, scheduler, accelerator) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            save_state_dict(model.state_dict(), tmp / "model.safetensors")
+            state = {
+                "optimizer": optimizer.optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "epoch": epoch,
+            }
+            torch.save(state, tmp / "state.pt")
+    accelerator.wait_for_everyone()
+
+
+def _resume(folder: Path | None, model, optimizer, scheduler, accelerator) -> int:
+    """Load the last checkpoint of this stage, if any; returns the number of finished epochs."""
+    if folder is None or not (folder / "state.pt").exists():
+        return 0
+    load_into(model, load_state_dict(folder / "model.safetensors"), str(folder))
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state["scaler"]:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    accelerator.print(f"resuming stage {folder.name!r} after epoch {state['epoch']}")
+    return int(state["epoch"])
