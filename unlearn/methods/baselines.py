@@ -57,10 +57,9 @@ class Retrain(_Trained):
     epochs: int = 30
     lr: float = 0.05
     lr_schedule: str = "cosine"
-    seed: int = 0
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
-        model.reinitialize(self.seed)
+        model.reinitialize()
         retain = make_loader(data.retain, self.batch_size)
         return self._fit(model, [Phase(retain, cross_entropy, "retain")], accelerator, "retrain")
 

@@ -33,8 +33,8 @@ class Model(nn.Module, ABC):
         return twin
 
     @abstractmethod
-    def reinitialize(self, seed: int) -> None:
-        """Draw fresh weights (the Retrain baseline trains from scratch)."""
+    def reinitialize(self) -> None:
+        """Draw fresh weights from the global torch RNG (the Retrain baseline trains from scratch)."""
 
     @abstractmethod
     def save(self, path: str | Path) -> None:

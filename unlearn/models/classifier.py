@@ -95,8 +95,7 @@ class Classifier(Model):
         images, labels = batch
         return F.cross_entropy(self(images), labels)
 
-    def reinitialize(self, seed: int) -> None:
-        torch.manual_seed(seed)
+    def reinitialize(self) -> None:
         for module in self.network.modules():
             if hasattr(module, "reset_parameters") and module is not self.network:
                 module.reset_parameters()

@@ -1,0 +1,144 @@
+"""`unlearn bench SUITE`: every method of a suite over several seeds, with Retrain and the original model."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .checkpoints import write_json, write_text
+from .errors import CheckpointNotFoundError, ConfigError
+from .metrics import gap
+from .recipe import apply_override, find_path, from_dict
+
+TABLE_KEYS = ("UA", "RA", "TA", "MIA", "avg_gap", "RTE_s")
+
+
+@dataclass
+class Suite:
+    name: str
+    recipes: str  # folder holding <method>.yaml
+    methods: list
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    reference: str = "retrain"
+    overrides: list = field(default_factory=list)
+    description: str = ""
+    source: str = ""
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = find_path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"suite {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"suite {str(path)!r} is not readable YAML") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"suite {str(path)!r} must be a YAML mapping")
+    known = set(Suite.__dataclass_fields__) - {"source"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in suite {str(path)!r}; known: {', '.join(sorted(known))}")
+    try:
+        suite = Suite(**raw, source=str(path))
+    except TypeError as err:
+        raise ConfigError(f"suite {str(path)!r}: {err}") from err
+    if suite.reference in suite.methods:
+        suite.methods = [m for m in suite.methods if m != suite.reference]
+    return suite
+
+
+def suite_recipe(suite: Suite, method: str, seed: int):
+    """The recipe of one (method, seed) cell: `<recipes>/<method>.yaml` plus the suite's overrides."""
+    path = find_path(Path(suite.recipes) / f"{method}.yaml")
+    if not path.exists():
+        raise CheckpointNotFoundError(f"suite {suite.name!r}: recipe {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text())
+    for item in suite.overrides:
+        apply_override(raw, item)
+    raw["seed"] = seed
+    raw.setdefault("eval", {})["reference"] = None
+    return from_dict(raw, source=str(path))
+
+
+def check_suite(suite: Suite) -> None:
+    for method in [suite.reference, *suite.methods]:
+        suite_recipe(suite, method, suite.seeds[0])
+
+
+def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -> dict:
+    """Run the suite; write `results.json` and `results.md` into `output`; return the results."""
+    from .pipeline import run
+
+    suite = load_suite(suite_path)
+    check_suite(suite)
+    output = Path(output or Path("runs") / "bench" / suite.name)
+    rows = []
+    for seed in suite.seeds:
+        ref_dir = output / "runs" / suite.reference / f"seed{seed}"
+        reference = run(suite_recipe(suite, suite.reference, seed), ref_dir, log=log)
+        original = {k[len("original_"):]: v for k, v in reference.items() if k.startswith("original_")}
+        rows.append({"method": "original", "seed": seed, **original, **gap(original, reference), "RTE_s": 0.0})
+        rows.append({"method": suite.reference, "seed": seed, **_main(reference), **gap(reference, reference)})
+        for method in suite.methods:
+            recipe = suite_recipe(suite, method, seed)
+            recipe.eval.reference = str(ref_dir)
+            metrics = run(recipe, output / "runs" / method / f"seed{seed}", log=log)
+            rows.append({"method": method, "seed": seed, **_main(metrics), **gap(metrics, reference)})
+    order = ["original", suite.reference, *suite.methods]
+    summary = {m: _summarize([r for r in rows if r["method"] == m]) for m in order}
+    results = {"suite": suite.name, "description": suite.description, "seeds": suite.seeds,
+               "reference": suite.reference, "rows": rows, "summary": summary}
+    write_json(results, output / "results.json")
+    table = results_table(results)
+    write_text(table, output / "results.md")
+    log(table)
+    return results
+
+
+def _main(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("UA", "RA", "TA", "MIA", "RTE_s") if k in metrics}
+
+
+def _summarize(rows: list[dict]) -> dict:
+    out = {}
+    for key in rows[0]:
+        if key in ("method", "seed"):
+            continue
+        values = np.array([r[key] for r in rows], dtype=float)
+        out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+    return out
+
+
+def results_table(results: dict) -> str:
+    """The table a paper would print: mean ± std over seeds, and RTE relative to the reference."""
+    ref_time = results["summary"][results["reference"]]["RTE_s"]["mean"]
+    lines = [
+        f"## {results['suite']} ({len(results['seeds'])} seeds)",
+        "",
+        "| method | UA | RA | TA | MIA | Avg. Gap | RTE (s) | RTE / Retrain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, stats in results["summary"].items():
+        cells = [_pm(stats.get(k)) for k in ("UA", "RA", "TA", "MIA", "avg_gap", "RTE_s")]
+        ratio = stats["RTE_s"]["mean"] / ref_time if ref_time and method != "original" else math.nan
+        cells.append("–" if math.isnan(ratio) else f"{ratio:.2f}×")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "UA, RA, TA, MIA in percent (mean ± std over seeds); Avg. Gap = mean |metric − Retrain| over "
+              "UA, RA, TA, MIA, per seed; `original` is the model before unlearning.", ""]
+    return "\n".join(lines)
+
+
+def _pm(stat) -> str:
+    if stat is None:
+        return "–"
+    return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+
+
+def load_results(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,144 @@
+"""The `unlearn` command line: erase | eval | bench | ls | check | prepare.
+
+User errors print one line and exit with status 2; heavy packages are imported only by the commands that
+need them, so `unlearn --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UnlearnError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unlearn", description="Machine unlearning and concept erasure.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    erase = sub.add_parser("erase", help="erase a class or examples from a model as a recipe says")
+    erase.add_argument("recipe", help="recipe YAML (see recipes/)")
+    erase.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. method.lr=0.02")
+    erase.add_argument("--checkpoint", help="the model to unlearn (overrides model.checkpoint)")
+    erase.add_argument("--arch", help="architecture of a bare weights file (overrides model.arch)")
+    erase.add_argument("--forget-class", type=int, nargs="+", metavar="N", help="class ids to forget")
+    erase.add_argument("-o", "--output", help="run folder (rerun the same folder to resume)")
+
+    ev = sub.add_parser("eval", help="score a run folder, or the model a recipe names")
+    ev.add_argument("target", help="RUN_DIR or RECIPE")
+
+    bench = sub.add_parser("bench", help="run an evaluation suite over methods and seeds")
+    bench.add_argument("suite", help="suite YAML (see evals/)")
+    bench.add_argument("-o", "--output", help="output folder for results.json / results.md")
+
+    ls = sub.add_parser("ls", help="list methods, metrics or recipes")
+    ls.add_argument("what", choices=["methods", "metrics", "recipes"])
+
+    check = sub.add_parser("check", help="validate recipes or suites without running anything")
+    check.add_argument("files", nargs="+")
+
+    prepare = sub.add_parser("prepare", help="build and cache an embedded world")
+    prepare.add_argument("world", help="e.g. digits")
+    return parser
+
+
+def _erase(args) -> int:
+    from .pipeline import run
+    from .recipe import find_path, load_recipe
+
+    overrides = list(args.overrides)
+    if args.checkpoint:
+        overrides.append(f"model.checkpoint={json.dumps(args.checkpoint)}")
+    if args.arch:
+        overrides.append(f"model.arch={json.dumps(args.arch)}")
+    if args.forget_class:
+        overrides += [f"data.forget_class={args.forget_class}", "data.forget_fraction=null"]
+    recipe = load_recipe(find_path(args.recipe), overrides)
+    run(recipe, args.output)
+    return 0
+
+
+def _eval(args) -> int:
+    from .pipeline import evaluate_run
+
+    print(json.dumps(evaluate_run(args.target), indent=2))
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import bench
+
+    bench(args.suite, args.output)
+    return 0
+
+
+def _ls(args) -> int:
+    if args.what == "methods":
+        from .methods import METHODS
+
+        for name, cls in METHODS.items():
+            summary = (cls.__doc__ or "").strip().splitlines()[0]
+            print(f"{name:14s} [{', '.join(cls.families)}]  {summary}")
+    elif args.what == "metrics":
+        from .metrics import METRICS
+
+        for name, text in METRICS.items():
+            print(f"{name:10s} {text}")
+    else:
+        from .recipe import find_path
+
+        root = find_path("recipes")
+        if not root.is_dir():
+            raise UnlearnError("no recipes/ folder found here or in the project")
+        for path in sorted(root.rglob("*.yaml")):
+            print(path.relative_to(root.parent))
+    return 0
+
+
+def _check(args) -> int:
+    import yaml
+
+    from .bench import check_suite, load_suite
+    from .recipe import find_path, load_recipe
+
+    for name in args.files:
+        path = find_path(name)
+        try:
+            raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+        except yaml.YAMLError:
+            raw = None
+        if isinstance(raw, dict) and "methods" in raw:
+            check_suite(load_suite(path))
+        else:
+            load_recipe(path)
+        print(f"ok  {name}")
+    return 0
+
+
+def _prepare(args) -> int:
+    from .worlds import prepare
+
+    for family, path in prepare(args.world).items():
+        print(f"{family}: {path}")
+    return 0
+
+
+COMMANDS = {"erase": _erase, "eval": _eval, "bench": _bench, "ls": _ls, "check": _check, "prepare": _prepare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UnlearnError as err:
+        print(f"unlearn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"unlearn {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The erase pipeline: recipe in, run folder out. Used by `unlearn erase`, `unlearn eval` and `unlearn bench`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import worlds
+from .checkpoints import write_json, write_text
+from .data import UnlearnData, forget_classes, forget_fraction
+from .datasets import load_dataset
+from .errors import CheckpointNotFoundError, ConfigError
+from .evaluate import evaluate
+from .metrics import gap
+from .models.classifier import load_classifier
+from .recipe import Recipe, load_recipe
+from .report import write_report
+
+
+def build_data(recipe: Recipe) -> UnlearnData:
+    spec = recipe.data
+    train = load_dataset(spec.dataset, "train", spec.root, spec.download, spec.image_size)
+    test = load_dataset(spec.dataset, "test", spec.root, spec.download, spec.image_size)
+    if spec.forget_class is not None:
+        return forget_classes(train, test, spec.forget_class)
+    return forget_fraction(train, test, spec.forget_fraction, seed=recipe.seed)
+
+
+def load_model(recipe: Recipe, num_classes: int):
+    """The model a recipe names (a `world:` checkpoint is built and cached on first use)."""
+    checkpoint = recipe.model.checkpoint
+    if checkpoint and checkpoint.startswith("world:"):
+        checkpoint = str(worlds.resolve(checkpoint))
+    return load_classifier(checkpoint, recipe.model.arch, num_classes)
+
+
+def default_output(recipe: Recipe) -> Path:
+    what = f"class{'-'.join(map(str, recipe.data.forget_class))}" if recipe.data.forget_class else (
+        f"random{round(100 * recipe.data.forget_fraction)}"
+    )
+    return Path("runs") / f"{recipe.data.dataset}-{what}-{recipe.method}-seed{recipe.seed}"
+
+
+def make_accelerator(recipe: Recipe, output: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    return Accelerator(
+        mixed_precision=recipe.train.mixed_precision,
+        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
+        cpu=recipe.train.cpu,
+        project_dir=str(output),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
+    """Erase as the recipe says and score the result; returns the metrics (also in `output/metrics.json`).
+
+    A finished run folder is not run again; an interrupted one resumes from its last training checkpoint.
+    """
+    from accelerate.utils import set_seed
+
+    output = Path(output or recipe.output or default_output(recipe))
+    metrics_path = output / "metrics.json"
+    if metrics_path.exists():
+        log(f"{output} is already complete; reusing its metrics.json")
+        return json.loads(metrics_path.read_text())
+    _refuse_overwriting_input(recipe, output)
+    log = _file_logger(output, log)
+    reference = _reference_metrics(recipe, output, log) if recipe.eval.reference else None
+    accelerator = make_accelerator(recipe, output)
+    main = accelerator.is_main_process
+    set_seed(recipe.seed)
+    method = recipe.build_method()
+    data = build_data(recipe)
+    with accelerator.main_process_first():
+        model = load_model(recipe, data.num_classes)
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        write_text(recipe.to_yaml(), output / "recipe.yaml")
+        log(f"{recipe.method} on {recipe.data.dataset}: {data.describe()}")
+
+    metrics: dict = {}
+    if recipe.eval.original and main:
+        original = evaluate(model.to(accelerator.device), data, recipe.eval.metrics, recipe.eval.batch_size)
+        metrics.update({f"original_{k}": v for k, v in original.items()})
+
+    set_seed(recipe.seed)
+    model.to(accelerator.device)
+    _sync(accelerator.device)
+    started = time.perf_counter()
+    model = method.unlearn(model, data, accelerator)
+    _sync(accelerator.device)
+    seconds = time.perf_counter() - started
+    model = accelerator.unwrap_model(model)
+
+    if main:
+        results = evaluate(model, data, recipe.eval.metrics, recipe.eval.batch_size)
+        results["RTE_s"] = seconds
+        metrics = {**results, **metrics}
+        if reference is not None:
+            metrics.update(gap(results, reference))
+            metrics.update({f"retrain_{k}": reference[k] for k in ("UA", "RA", "TA", "MIA", "RTE_s")})
+        metrics["device"] = str(accelerator.device)
+        metrics["num_processes"] = accelerator.num_processes
+        model.save(output / "model")
+        write_json(metrics, metrics_path)
+        write_report(output, recipe, data, metrics)
+        log(f"UA {metrics['UA']:.2f}  RA {metrics['RA']:.2f}  TA {metrics['TA']:.2f}  MIA {metrics.get('MIA', float('nan')):.2f}"
+            f"  RTE {seconds:.1f}s" + (f"  avg_gap {metrics['avg_gap']:.2f}" if "avg_gap" in metrics else ""))
+        log(f"wrote {output}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def evaluate_run(path: str | Path, log=print) -> dict:
+    """`unlearn eval`: re-score a finished run folder (its model and resolved recipe)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{str(path)!r} does not exist")
+    if path.is_dir():
+        recipe = load_recipe(path / "recipe.yaml")
+        data = build_data(recipe)
+        model = load_classifier(path / "model", recipe.model.arch, data.num_classes)
+    else:  # a recipe: score the model it names, before any unlearning
+        recipe = load_recipe(path)
+        data = build_data(recipe)
+        model = load_model(recipe, data.num_classes)
+    return evaluate(model, data, recipe.eval.metrics, recipe.eval.batch_size)
+
+
+def _reference_metrics(recipe: Recipe, output: Path, log) -> dict:
+    """The Retrain reference: a finished run folder, or a recipe run once into `output/reference`."""
+    ref = Path(recipe.eval.reference)
+    if not ref.is_absolute() and recipe.source and not ref.exists():
+        ref = Path(recipe.source).parent / ref
+    if ref.is_dir():
+        if not (ref / "metrics.json").exists():
+            raise CheckpointNotFoundError(f"reference run {str(ref)!r} has no metrics.json")
+        return json.loads((ref / "metrics.json").read_text())
+    if not ref.exists():
+        raise CheckpointNotFoundError(f"reference {recipe.eval.reference!r} is neither a run folder nor a recipe")
+    reference = load_recipe(ref)
+    if reference.eval.reference:
+        raise ConfigError(f"reference recipe {str(ref)!r} must not itself name a reference")
+    # Same task, same seed, same precision as the run it judges.
+    reference.data, reference.seed, reference.train = recipe.data, recipe.seed, recipe.train
+    reference.model = recipe.model
+    reference.eval.original = False
+    log(f"reference: {reference.method} ({ref})")
+    return run(reference, output / "reference", log=log)
+
+
+def _refuse_overwriting_input(recipe: Recipe, output: Path) -> None:
+    checkpoint = recipe.model.checkpoint
+    if checkpoint and not checkpoint.startswith("world:"):
+        source, target = Path(checkpoint).resolve(), output.resolve()
+        if source == target or target in source.parents:
+            raise ConfigError(f"the output folder {str(output)!r} holds the input checkpoint; choose another -o")
+
+
+def _file_logger(output: Path, log):
+    """`log` that also appends to `output/run.log` (main process only)."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return lambda message: None
+    output.mkdir(parents=True, exist_ok=True)
+
+    def say(message: str) -> None:
+        log(message)
+        with open(output / "run.log", "a") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    return say
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
