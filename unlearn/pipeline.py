@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -110,6 +111,7 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
         model.save(output / "model")
         write_json(metrics, metrics_path)
         write_report(output, recipe, data, metrics)
+        shutil.rmtree(output / "checkpoints", ignore_errors=True)  # resume state is not needed once finished
         log(f"UA {metrics['UA']:.2f}  RA {metrics['RA']:.2f}  TA {metrics['TA']:.2f}  MIA {metrics.get('MIA', float('nan')):.2f}"
             f"  RTE {seconds:.1f}s" + (f"  avg_gap {metrics['avg_gap']:.2f}" if "avg_gap" in metrics else ""))
         log(f"wrote {output}")
