@@ -129,7 +129,15 @@ COMMANDS = {"erase": _erase, "eval": _eval, "bench": _bench, "ls": _ls, "check":
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # parse_known_args: overrides may also follow options (`erase RECIPE -o DIR key=value`); argparse alone
+    # stops filling a nargs="*" positional at the first option and would refuse what comes after it.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command == "erase" and not any(item.startswith("-") for item in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
     except UnlearnError as err:

@@ -120,7 +120,10 @@ def _imagefolder(split: str, root: str | None, image_size: int | None) -> ImageT
         raise CheckpointNotFoundError(f"image folder {str(folder)!r} does not exist")
     steps = [transforms.Resize((image_size, image_size))] if image_size else []
     steps.append(transforms.PILToTensor())
-    ds = torchvision.datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
+    try:
+        ds = torchvision.datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
+    except FileNotFoundError as err:  # torchvision: no class folder, or class folders without images
+        raise DataError(f"image folder {str(folder)!r} holds no images in class subfolders ({err})") from err
     if len(ds) == 0:
         raise DataError(f"image folder {str(folder)!r} holds no images")
     images = torch.stack([ds[i][0] for i in range(len(ds))])

@@ -49,6 +49,7 @@ def make_accelerator(recipe: Recipe, output: Path):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    _reset_accelerate_state_if_changed(recipe.train.mixed_precision, recipe.train.cpu)
     return Accelerator(
         mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
@@ -56,6 +57,23 @@ def make_accelerator(recipe: Recipe, output: Path):
         project_dir=str(output),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+
+
+def _reset_accelerate_state_if_changed(mixed_precision: str, cpu: bool) -> None:
+    """accelerate keeps one process-wide state and refuses (ValueError) an Accelerator whose mixed precision or
+    cpu flag differs from the first one's. A process that runs several recipes (`unlearn bench`, a test session)
+    drops that state when the next run asks for other settings. Under a multi-process launch only the
+    AcceleratorState is dropped; the PartialState (process group, device) stays."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    state = AcceleratorState._shared_state
+    if not state or "_mixed_precision" not in state:
+        return
+    if state["_mixed_precision"] == mixed_precision and (not cpu or state["device"].type == "cpu"):
+        return
+    single = PartialState._shared_state.get("num_processes", 1) == 1
+    AcceleratorState._reset_state(reset_partial_state=single)
+    GradientState._reset_state()
 
 
 def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:

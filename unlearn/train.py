@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -133,7 +134,8 @@ def fit(
     from tqdm.auto import tqdm
 
     progress = tqdm(
-        total=total_steps, initial=step, desc=stage, disable=not accelerator.is_local_main_process, leave=False
+        total=total_steps, initial=step, desc=stage, leave=False,
+        disable=not (accelerator.is_local_main_process and sys.stderr.isatty()),
     )
     started = time.perf_counter()
     for epoch in range(start_epoch, epochs):
