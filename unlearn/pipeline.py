@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from . import worlds
 from .checkpoints import write_json, write_text
 from .data import UnlearnData, forget_classes, forget_fraction
 from .datasets import load_dataset
 from .errors import CheckpointNotFoundError, ConfigError
 from .evaluate import evaluate
 from .metrics import gap
+from .models import load_model
 from .models.classifier import load_classifier
 from .recipe import Recipe, load_recipe
 from .report import write_report
@@ -30,12 +30,9 @@ def build_data(recipe: Recipe) -> UnlearnData:
     return forget_fraction(train, test, spec.forget_fraction, seed=recipe.seed)
 
 
-def load_model(recipe: Recipe, num_classes: int):
+def recipe_model(recipe: Recipe, num_classes: int):
     """The model a recipe names (a `world:` checkpoint is built and cached on first use)."""
-    checkpoint = recipe.model.checkpoint
-    if checkpoint and checkpoint.startswith("world:"):
-        checkpoint = str(worlds.resolve(checkpoint))
-    return load_classifier(checkpoint, recipe.model.arch, num_classes)
+    return load_model(recipe.model.checkpoint, recipe.model.arch, num_classes, recipe.model.family)
 
 
 def default_output(recipe: Recipe) -> Path:
@@ -97,7 +94,7 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
     method = recipe.build_method()
     data = build_data(recipe)
     with accelerator.main_process_first():
-        model = load_model(recipe, data.num_classes)
+        model = recipe_model(recipe, data.num_classes)
     if main:
         output.mkdir(parents=True, exist_ok=True)
         write_text(recipe.to_yaml(), output / "recipe.yaml")
@@ -150,7 +147,7 @@ def evaluate_run(path: str | Path, log=print) -> dict:
     else:  # a recipe: score the model it names, before any unlearning
         recipe = load_recipe(path)
         data = build_data(recipe)
-        model = load_model(recipe, data.num_classes)
+        model = recipe_model(recipe, data.num_classes)
     return evaluate(model, data, recipe.eval.metrics, recipe.eval.batch_size)
 
 
