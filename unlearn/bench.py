@@ -43,7 +43,9 @@ def load_suite(path: str | Path) -> Suite:
     known = set(Suite.__dataclass_fields__) - {"source"}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} in suite {str(path)!r}; known: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} in suite {str(path)!r}; known: {', '.join(sorted(known))}"
+        )
     try:
         suite = Suite(**raw, source=str(path))
     except TypeError as err:
@@ -82,9 +84,13 @@ def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -
     for seed in suite.seeds:
         ref_dir = output / "runs" / suite.reference / f"seed{seed}"
         reference = run(suite_recipe(suite, suite.reference, seed), ref_dir, log=log)
-        original = {k[len("original_"):]: v for k, v in reference.items() if k.startswith("original_")}
-        rows.append({"method": "original", "seed": seed, **original, **gap(original, reference), "RTE_s": 0.0})
-        rows.append({"method": suite.reference, "seed": seed, **_main(reference), **gap(reference, reference)})
+        original = {k[len("original_") :]: v for k, v in reference.items() if k.startswith("original_")}
+        rows.append(
+            {"method": "original", "seed": seed, **original, **gap(original, reference), "RTE_s": 0.0}
+        )
+        rows.append(
+            {"method": suite.reference, "seed": seed, **_main(reference), **gap(reference, reference)}
+        )
         for method in suite.methods:
             recipe = suite_recipe(suite, method, seed)
             recipe.eval.reference = str(ref_dir)
@@ -92,8 +98,14 @@ def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -
             rows.append({"method": method, "seed": seed, **_main(metrics), **gap(metrics, reference)})
     order = ["original", suite.reference, *suite.methods]
     summary = {m: _summarize([r for r in rows if r["method"] == m]) for m in order}
-    results = {"suite": suite.name, "description": suite.description, "seeds": suite.seeds,
-               "reference": suite.reference, "rows": rows, "summary": summary}
+    results = {
+        "suite": suite.name,
+        "description": suite.description,
+        "seeds": suite.seeds,
+        "reference": suite.reference,
+        "rows": rows,
+        "summary": summary,
+    }
     write_json(results, output / "results.json")
     table = results_table(results)
     write_text(table, output / "results.md")
@@ -111,7 +123,10 @@ def _summarize(rows: list[dict]) -> dict:
         if key in ("method", "seed"):
             continue
         values = np.array([r[key] for r in rows], dtype=float)
-        out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+        out[key] = {
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        }
     return out
 
 
@@ -129,8 +144,12 @@ def results_table(results: dict) -> str:
         ratio = stats["RTE_s"]["mean"] / ref_time if ref_time and method != "original" else math.nan
         cells.append("–" if math.isnan(ratio) else f"{ratio:.2f}×")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "UA, RA, TA, MIA in percent (mean ± std over seeds); Avg. Gap = mean |metric − Retrain| over "
-              "UA, RA, TA, MIA, per seed; `original` is the model before unlearning.", ""]
+    lines += [
+        "",
+        "UA, RA, TA, MIA in percent (mean ± std over seeds); Avg. Gap = mean |metric − Retrain| over "
+        "UA, RA, TA, MIA, per seed; `original` is the model before unlearning.",
+        "",
+    ]
     return "\n".join(lines)
 
 

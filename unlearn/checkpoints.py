@@ -29,9 +29,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; expected a weights file {WEIGHT_SUFFIXES}")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a folder; expected a weights file {WEIGHT_SUFFIXES}"
+        )
     if path.suffix not in WEIGHT_SUFFIXES:
-        raise CheckpointError(f"checkpoint {str(path)!r} has suffix {path.suffix!r}; expected one of {WEIGHT_SUFFIXES}")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has suffix {path.suffix!r}; expected one of {WEIGHT_SUFFIXES}"
+        )
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -39,7 +43,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file ({err})") from err
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is not a readable safetensors file ({err})"
+            ) from err
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -34,19 +34,21 @@ class UnlearnData:
 
     def describe(self) -> str:
         what = f"classes {list(self.forget_classes)}" if self.forget_classes else "random examples"
-        return (
-            f"forget {what}: {len(self.forget)} forget / {len(self.retain)} retain / {len(self.test)} test examples"
-        )
+        return f"forget {what}: {len(self.forget)} forget / {len(self.retain)} retain / {len(self.test)} test examples"
 
 
-def forget_classes(train: ImageTensorDataset, test: ImageTensorDataset, classes: Sequence[int]) -> UnlearnData:
+def forget_classes(
+    train: ImageTensorDataset, test: ImageTensorDataset, classes: Sequence[int]
+) -> UnlearnData:
     """Class-wise forgetting: every training example of `classes` is forgotten."""
     classes = tuple(sorted({int(c) for c in classes}))
     if not classes:
         raise DataError("the forget set is empty: name at least one class to forget")
     bad = [c for c in classes if not 0 <= c < train.num_classes]
     if bad:
-        raise DataError(f"class id {bad[0]} is out of range: this dataset has classes 0..{train.num_classes - 1}")
+        raise DataError(
+            f"class id {bad[0]} is out of range: this dataset has classes 0..{train.num_classes - 1}"
+        )
     if len(classes) == train.num_classes:
         raise DataError("cannot forget every class: nothing would be left to retain")
     forgotten = torch.tensor(classes)

@@ -100,7 +100,9 @@ def _torchvision(name: str, split: str, root: str | None, download: bool) -> Ima
         else:
             ds = torchvision.datasets.SVHN(root, split=split, download=download)
             images, labels, classes = ds.data.transpose(0, 2, 3, 1), ds.labels, 10
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+    except (
+        RuntimeError
+    ) as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
         raise CheckpointNotFoundError(
             f"{name} not found under {root!r}; set data.download=true to download it"
         ) from err
@@ -127,4 +129,6 @@ def _imagefolder(split: str, root: str | None, image_size: int | None) -> ImageT
     if len(ds) == 0:
         raise DataError(f"image folder {str(folder)!r} holds no images")
     images = torch.stack([ds[i][0] for i in range(len(ds))])
-    return ImageTensorDataset(images, torch.as_tensor(ds.targets), num_classes=len(ds.classes), name="imagefolder")
+    return ImageTensorDataset(
+        images, torch.as_tensor(ds.targets), num_classes=len(ds.classes), name="imagefolder"
+    )

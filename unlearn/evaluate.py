@@ -80,5 +80,3 @@ def evaluate(model, data: UnlearnData, names=CLASSIFIER_METRICS, batch_size: int
             results[f"acc_class_{c}"] = value
     model.train(was_training)
     return results
-
-

@@ -49,7 +49,9 @@ class ParamMask:
             if name not in params:
                 raise ConfigError(f"mask names parameter {name!r}, which the model does not have")
             if params[name].shape != mask.shape:
-                raise ConfigError(f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(params[name].shape)}")
+                raise ConfigError(
+                    f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(params[name].shape)}"
+                )
 
     def save(self, path) -> None:
         save_state_dict({n: m.to(torch.uint8) for n, m in self.masks.items()}, path)

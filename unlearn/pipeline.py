@@ -36,8 +36,10 @@ def recipe_model(recipe: Recipe, num_classes: int):
 
 
 def default_output(recipe: Recipe) -> Path:
-    what = f"class{'-'.join(map(str, recipe.data.forget_class))}" if recipe.data.forget_class else (
-        f"random{round(100 * recipe.data.forget_fraction)}"
+    what = (
+        f"class{'-'.join(map(str, recipe.data.forget_class))}"
+        if recipe.data.forget_class
+        else (f"random{round(100 * recipe.data.forget_fraction)}")
     )
     return Path("runs") / f"{recipe.data.dataset}-{what}-{recipe.method}-seed{recipe.seed}"
 
@@ -127,8 +129,10 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
         write_json(metrics, metrics_path)
         write_report(output, recipe, data, metrics)
         shutil.rmtree(output / "checkpoints", ignore_errors=True)  # resume state is not needed once finished
-        log(f"UA {metrics['UA']:.2f}  RA {metrics['RA']:.2f}  TA {metrics['TA']:.2f}  MIA {metrics.get('MIA', float('nan')):.2f}"
-            f"  RTE {seconds:.1f}s" + (f"  avg_gap {metrics['avg_gap']:.2f}" if "avg_gap" in metrics else ""))
+        log(
+            f"UA {metrics['UA']:.2f}  RA {metrics['RA']:.2f}  TA {metrics['TA']:.2f}  MIA {metrics.get('MIA', float('nan')):.2f}"
+            f"  RTE {seconds:.1f}s" + (f"  avg_gap {metrics['avg_gap']:.2f}" if "avg_gap" in metrics else "")
+        )
         log(f"wrote {output}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -161,7 +165,9 @@ def _reference_metrics(recipe: Recipe, output: Path, log) -> dict:
             raise CheckpointNotFoundError(f"reference run {str(ref)!r} has no metrics.json")
         return json.loads((ref / "metrics.json").read_text())
     if not ref.exists():
-        raise CheckpointNotFoundError(f"reference {recipe.eval.reference!r} is neither a run folder nor a recipe")
+        raise CheckpointNotFoundError(
+            f"reference {recipe.eval.reference!r} is neither a run folder nor a recipe"
+        )
     reference = load_recipe(ref)
     if reference.eval.reference:
         raise ConfigError(f"reference recipe {str(ref)!r} must not itself name a reference")
@@ -178,7 +184,9 @@ def _refuse_overwriting_input(recipe: Recipe, output: Path) -> None:
     if checkpoint and not checkpoint.startswith("world:"):
         source, target = Path(checkpoint).resolve(), output.resolve()
         if source == target or target in source.parents:
-            raise ConfigError(f"the output folder {str(output)!r} holds the input checkpoint; choose another -o")
+            raise ConfigError(
+                f"the output folder {str(output)!r} holds the input checkpoint; choose another -o"
+            )
 
 
 def _file_logger(output: Path, log):

@@ -136,7 +136,9 @@ def from_dict(raw: dict, source: str | None = None) -> Recipe:
     if isinstance(method, str):
         method = {"name": method}
     if not isinstance(method, dict) or "name" not in method:
-        raise ConfigError("the recipe needs a 'method' section with a 'name' (e.g. method: {name: random_label})")
+        raise ConfigError(
+            "the recipe needs a 'method' section with a 'name' (e.g. method: {name: random_label})"
+        )
     sections = {}
     for name, cls in SECTIONS.items():
         values = raw.get(name) or {}
@@ -172,7 +174,9 @@ def validate(recipe: Recipe) -> None:
     if data.dataset not in DATASETS:
         _unknown("dataset", data.dataset, DATASETS)
     if (data.forget_class is None) == (data.forget_fraction is None):
-        raise ConfigError("give exactly one of data.forget_class (class-wise) or data.forget_fraction (random)")
+        raise ConfigError(
+            "give exactly one of data.forget_class (class-wise) or data.forget_fraction (random)"
+        )
     if data.forget_class is not None:
         if not data.forget_class:
             raise ConfigError("the forget set is empty: data.forget_class lists no class")
@@ -198,8 +202,15 @@ def _build(cls, values: dict, section: str):
     return cls(**values)
 
 
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
-          "list": (list,), "dict": (dict,)}
+_TYPES = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "None": (type(None),),
+    "list": (list,),
+    "dict": (dict,),
+}
 
 
 def _check_type(name: str, annotation, value) -> None:

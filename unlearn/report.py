@@ -36,16 +36,28 @@ def write_report(output: Path, recipe, data, metrics: dict) -> None:
             )
     if "avg_gap" in metrics:
         lines += ["", f"Average gap to Retrain over UA, RA, TA, MIA: **{metrics['avg_gap']:.2f}**"]
-    per_class = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in metrics.items() if k.startswith("acc_class_"))
+    per_class = sorted(
+        (int(k.rsplit("_", 1)[1]), v) for k, v in metrics.items() if k.startswith("acc_class_")
+    )
     if per_class:
         forgotten = set(data.forget_classes)
-        lines += ["", "Test accuracy per class (forgotten classes marked *):", "",
-                  "| class | " + " | ".join(f"{c}{'*' if c in forgotten else ''}" for c, _ in per_class) + " |",
-                  "|---|" + "---|" * len(per_class),
-                  "| original | " + " | ".join(_fmt(metrics.get(f"original_acc_class_{c}")) for c, _ in per_class) + " |",
-                  "| unlearned | " + " | ".join(_fmt(v) for _, v in per_class) + " |"]
-    lines += ["", "Metrics: UA = 100 - forget accuracy; RA = retain accuracy; TA = test accuracy without the "
-              "forgotten classes; MIA = MIA-efficacy (share of forget examples the SVC attack calls non-member).",
-              "Files: `model/` (the unlearned model), `recipe.yaml` (resolved), `metrics.json`, `train.jsonl`, "
-              "`run.log`.", ""]
+        lines += [
+            "",
+            "Test accuracy per class (forgotten classes marked *):",
+            "",
+            "| class | " + " | ".join(f"{c}{'*' if c in forgotten else ''}" for c, _ in per_class) + " |",
+            "|---|" + "---|" * len(per_class),
+            "| original | "
+            + " | ".join(_fmt(metrics.get(f"original_acc_class_{c}")) for c, _ in per_class)
+            + " |",
+            "| unlearned | " + " | ".join(_fmt(v) for _, v in per_class) + " |",
+        ]
+    lines += [
+        "",
+        "Metrics: UA = 100 - forget accuracy; RA = retain accuracy; TA = test accuracy without the "
+        "forgotten classes; MIA = MIA-efficacy (share of forget examples the SVC attack calls non-member).",
+        "Files: `model/` (the unlearned model), `recipe.yaml` (resolved), `metrics.json`, `train.jsonl`, "
+        "`run.log`.",
+        "",
+    ]
     write_text("\n".join(lines), output / "report.md")

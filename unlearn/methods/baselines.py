@@ -38,10 +38,19 @@ class _Trained(Method):
     augment: str = "none"
 
     def _fit(self, model: Model, phases: list[Phase], accelerator, stage: str) -> Model:
-        optimizer = make_optimizer(model.parameters(), self.optimizer, self.lr, self.momentum, self.weight_decay)
+        optimizer = make_optimizer(
+            model.parameters(), self.optimizer, self.lr, self.momentum, self.weight_decay
+        )
         return fit(
-            model, phases, optimizer, accelerator, self.epochs, lr_schedule=self.lr_schedule,
-            max_grad_norm=self.max_grad_norm, augment=self.augment, stage=stage,
+            model,
+            phases,
+            optimizer,
+            accelerator,
+            self.epochs,
+            lr_schedule=self.lr_schedule,
+            max_grad_norm=self.max_grad_norm,
+            augment=self.augment,
+            stage=stage,
         )
 
 

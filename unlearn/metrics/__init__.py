@@ -14,5 +14,12 @@ METRICS = {
     "avg_gap": "mean |metric - Retrain| over UA, RA, TA, MIA (needs a Retrain reference)",
 }
 
-__all__ = ["METRICS", "MIAEfficacy", "PerClassAccuracy", "gap", "per_class_accuracy", "svc_mia_efficacy",
-           "true_label_confidence"]
+__all__ = [
+    "METRICS",
+    "MIAEfficacy",
+    "PerClassAccuracy",
+    "gap",
+    "per_class_accuracy",
+    "svc_mia_efficacy",
+    "true_label_confidence",
+]

@@ -6,7 +6,9 @@ from .base import Model
 from .classifier import Classifier, build_classifier, load_classifier
 
 
-def load_model(checkpoint: str | None, arch: str | None = None, num_classes: int = 10, family: str = "classifier"):
+def load_model(
+    checkpoint: str | None, arch: str | None = None, num_classes: int = 10, family: str = "classifier"
+):
     """Load a model of `family` from a checkpoint path, a `world:<name>` checkpoint, or fresh from `arch`."""
     from ..errors import ConfigError
     from ..worlds import resolve

@@ -54,8 +54,12 @@ class Classifier(Model):
         self.source = dict(source)
         self.channels = channels
         self.image_size = image_size
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
         self.head = _find_head(network, num_classes)
         self._capture = False
         self._captured: torch.Tensor | None = None
@@ -74,7 +78,9 @@ class Classifier(Model):
         if images.shape[1] == 1 and self.channels == 3:
             images = images.expand(-1, 3, -1, -1)
         if self.image_size is not None and images.shape[-1] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            images = F.interpolate(
+                images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -135,7 +141,9 @@ def _find_head(network: nn.Module, num_classes: int) -> nn.Module:
     """The classification head: the last `nn.Linear` with `num_classes` outputs."""
     heads = [m for m in network.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
     if not heads:
-        raise CheckpointError(f"cannot find a linear classification head with {num_classes} outputs in the network")
+        raise CheckpointError(
+            f"cannot find a linear classification head with {num_classes} outputs in the network"
+        )
     return heads[-1]
 
 
@@ -149,7 +157,9 @@ def build_classifier(arch: str, num_classes: int, channels: int | None = None) -
             raise ConfigError(f"unknown torchvision architecture {name!r}")
         network = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         source = {"format": "torchvision", "arch": arch}
-        return Classifier(network, num_classes, source, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), channels=3)
+        return Classifier(
+            network, num_classes, source, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), channels=3
+        )
     if arch not in ARCHITECTURES:
         known = ", ".join([*ARCHITECTURES, "torchvision:<name>", "transformers"])
         raise ConfigError(f"unknown classifier architecture {arch!r}; known: {known}")
