@@ -1,0 +1,86 @@
+"""`unlearn bench`: a tiny suite end to end, and the table arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from unlearn.bench import bench, load_suite, results_table
+from unlearn.cli import main
+from unlearn.errors import ConfigError
+
+
+def _suite(tmp_path, **extra):
+    suite = {
+        "name": "tiny",
+        "recipes": "recipes/classifier/digits",
+        "reference": "retrain",
+        "methods": ["finetune", "random_label"],
+        "seeds": [0, 1],
+        "overrides": ["method.epochs=1", "data.forget_class=[3]", "data.forget_fraction=null"],
+        **extra,
+    }
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+def test_bench_writes_rows_summary_and_table(tmp_path, digits_world):
+    out = tmp_path / "out"
+    results = bench(_suite(tmp_path), out, log=lambda message: None)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["summary"].keys() == {"original", "retrain", "finetune", "random_label"}
+    rows = saved["rows"]
+    assert len(rows) == 2 * 4  # (original + retrain + 2 methods) x 2 seeds
+    for row in rows:
+        assert {"method", "seed", "UA", "RA", "TA", "MIA", "avg_gap", "RTE_s"} <= row.keys()
+        assert all(0 <= row[k] <= 100 for k in ("UA", "RA", "TA", "MIA"))
+    for row in rows:
+        if row["method"] == "retrain":
+            assert row["avg_gap"] == 0
+        if row["method"] == "original":
+            assert row["UA"] < 10  # the original still knows class 3
+    ft = [r["UA"] for r in rows if r["method"] == "finetune"]
+    assert results["summary"]["finetune"]["UA"]["mean"] == pytest.approx(sum(ft) / len(ft))
+    table = (out / "results.md").read_text()
+    for name in ("original", "retrain", "finetune", "random_label", "RTE / Retrain", "±"):
+        assert name in table
+    assert "1.00×" in table  # Retrain's own RTE ratio
+
+
+def test_bench_reuses_finished_runs(tmp_path, digits_world):
+    out = tmp_path / "out"
+    first = bench(_suite(tmp_path, seeds=[0]), out, log=lambda message: None)
+    second = bench(_suite(tmp_path, seeds=[0]), out, log=lambda message: None)
+    assert first["rows"] == second["rows"]
+
+
+def test_results_table_mean_std():
+    results = {
+        "suite": "s", "seeds": [0, 1], "reference": "retrain",
+        "summary": {
+            "retrain": {k: {"mean": 50.0, "std": 1.0} for k in ("UA", "RA", "TA", "MIA", "avg_gap", "RTE_s")},
+            "ft": {k: {"mean": 25.0, "std": 0.5} for k in ("UA", "RA", "TA", "MIA", "avg_gap", "RTE_s")},
+        },
+    }
+    table = results_table(results)
+    assert "| ft | 25.00 ± 0.50" in table
+    assert "0.50×" in table
+
+
+def test_bad_suite_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "recipes": "recipes/classifier/digits", "methods": ["ft"],
+                                    "colour": "red"}))
+    with pytest.raises(ConfigError):
+        load_suite(path)
+    assert main(["bench", str(path)]) == 2
+    path.write_text(yaml.safe_dump({"name": "x", "recipes": "recipes/classifier/digits", "methods": ["nope"]}))
+    assert main(["bench", str(path)]) == 2
+
+
+def test_shipped_suites_validate():
+    for name in ("evals/digits_classwise.yaml", "evals/digits_random10.yaml"):
+        assert main(["check", name]) == 0
