@@ -51,13 +51,23 @@ def tiny_vit_folder(path: Path, num_labels: int = 10, channels: int = 1, seed: i
 
     torch.manual_seed(seed)
     config = ViTConfig(
-        image_size=8, patch_size=4, num_channels=channels, hidden_size=32, num_hidden_layers=1,
-        num_attention_heads=2, intermediate_size=37, num_labels=num_labels,
+        image_size=8,
+        patch_size=4,
+        num_channels=channels,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=num_labels,
     )
     ViTForImageClassification(config).save_pretrained(str(path))
     processor = {
-        "image_processor_type": "ViTImageProcessor", "do_normalize": True, "do_resize": True,
-        "image_mean": [0.3] * channels, "image_std": [0.4] * channels, "size": {"height": 8, "width": 8},
+        "image_processor_type": "ViTImageProcessor",
+        "do_normalize": True,
+        "do_resize": True,
+        "image_mean": [0.3] * channels,
+        "image_std": [0.4] * channels,
+        "size": {"height": 8, "width": 8},
     }
     (path / "preprocessor_config.json").write_text(json.dumps(processor))
     return path
@@ -226,7 +236,9 @@ def test_builtin_classifier_save_reloads_in_bare_architecture(tmp_path, suffix):
 
     weights = tmp_path / "out" / f"model{suffix}"
     config = json.loads((tmp_path / "out" / CONFIG_NAME).read_text())
-    assert config["format"] == "builtin" and config["arch"] == "digits_cnn" and config["weights"] == weights.name
+    assert (
+        config["format"] == "builtin" and config["arch"] == "digits_cnn" and config["weights"] == weights.name
+    )
     bare = DigitsCNN(num_classes=10).eval()
     state = load_file(str(weights)) if suffix == ".safetensors" else torch.load(weights, weights_only=True)
     bare.load_state_dict(state)
@@ -305,3 +317,86 @@ def test_bad_saved_folder_config(tmp_path):
     write_json({"format": "onnx", "num_classes": 10}, tmp_path / CONFIG_NAME)
     with pytest.raises(CheckpointError, match="unknown format 'onnx'"):
         load_classifier(tmp_path, None, 10)
+
+
+def _broken_vit(tmp_path: Path, how: str) -> Path:
+    folder = tiny_vit_folder(tmp_path / how)
+    if how == "bad-json":
+        (folder / "config.json").write_text("{not json")
+    elif how == "corrupt-weights":
+        (folder / "model.safetensors").write_bytes(b"garbage" * 20)
+    elif how == "no-weights":
+        (folder / "model.safetensors").unlink()
+    elif how == "wrong-shapes":
+        config = json.loads((folder / "config.json").read_text())
+        config["hidden_size"] = 64
+        (folder / "config.json").write_text(json.dumps(config))
+    elif how == "not-a-classifier":
+        from transformers import BertConfig
+
+        BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+            folder
+        )
+    return folder
+
+
+@pytest.mark.parametrize(
+    "how", ["bad-json", "corrupt-weights", "no-weights", "wrong-shapes", "not-a-classifier"]
+)
+def test_broken_transformers_folder_is_a_one_line_checkpoint_error(tmp_path, how):
+    folder = _broken_vit(tmp_path, how)
+    with pytest.raises(CheckpointError) as info:
+        load_classifier(folder, None, 10)
+    assert str(folder) in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_transformers_folder_with_pickled_code_is_refused(tmp_path):
+    folder = tiny_vit_folder(tmp_path / "vit")
+    marker = tmp_path / "pwned"
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save({**state, "hook": RunsCode(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="refusing to unpickle code"):
+        load_classifier(folder, None, 10)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_transformers_folder_without_preprocessor(tmp_path, channels):
+    """Without preprocessor_config.json: normalisation 0.5 per channel, size from config.json."""
+    from transformers import AutoModelForImageClassification
+
+    source = tiny_vit_folder(tmp_path / "vit", channels=channels)
+    (source / "preprocessor_config.json").unlink()
+    model = load_classifier(source, None, 10).eval()
+    assert model.mean.flatten().tolist() == [0.5] * channels and model.image_size == 8
+    x = images(channels=1)
+    with torch.no_grad():
+        expected = model(x)
+        assert expected.shape == (5, 10)
+        model.save(tmp_path / "out")
+        assert not (tmp_path / "out" / "preprocessor_config.json").exists()
+        reloaded = AutoModelForImageClassification.from_pretrained(str(tmp_path / "out")).eval()
+        assert torch.equal(reloaded(model.prepare(x)).logits, expected)
+        assert torch.equal(load_classifier(tmp_path / "out", None, 10).eval()(x), expected)
+
+
+@pytest.mark.parametrize(
+    "mean, expected",
+    [(0.25, [0.25, 0.25, 0.25]), ([0.25], [0.25, 0.25, 0.25]), ([0.1, 0.2], None), ("{broken", None)],
+)
+def test_preprocessor_normalisation_values(tmp_path, mean, expected):
+    source = tiny_vit_folder(tmp_path / "vit", channels=3)
+    processor = source / "preprocessor_config.json"
+    if mean == "{broken":
+        processor.write_text("{broken")
+    else:
+        spec = json.loads(processor.read_text())
+        spec["image_mean"] = mean
+        processor.write_text(json.dumps(spec))
+    if expected is None:
+        with pytest.raises(CheckpointError, match="preprocessor_config.json"):
+            load_classifier(source, None, 10)
+    else:
+        assert load_classifier(source, None, 10).mean.flatten().tolist() == expected

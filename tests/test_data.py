@@ -84,8 +84,12 @@ def test_forget_several_classes_dedupes_and_sorts(digits):
 
 @pytest.mark.parametrize(
     "classes, message",
-    [([10], "class id 10 is out of range"), ([-1], "class id -1 is out of range"), ([], "empty"),
-     (list(range(10)), "every class")],
+    [
+        ([10], "class id 10 is out of range"),
+        ([-1], "class id -1 is out of range"),
+        ([], "empty"),
+        (list(range(10)), "every class"),
+    ],
 )
 def test_forget_classes_refuses_bad_requests(digits, classes, message):
     train, test = digits
@@ -205,7 +209,40 @@ def test_imagefolder_errors(tmp_path):
 def test_image_tensor_dataset_checks_lengths_and_subsets():
     with pytest.raises(DataError, match="3 images but 2 labels"):
         ImageTensorDataset(torch.zeros(3, 1, 2, 2), torch.zeros(2), num_classes=2)
-    ds = ImageTensorDataset(torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1) * 50, torch.tensor([0, 1, 0, 1]), 2)
+    ds = ImageTensorDataset(
+        torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1) * 50, torch.tensor([0, 1, 0, 1]), 2
+    )
     sub = ds.subset([3, 1])
     assert sub.labels.tolist() == [1, 1] and sub.num_classes == 2
     assert float(sub[0][0]) == pytest.approx(150 / 255)
+
+
+def _png(path, value: int, size=(4, 4)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0]), value, dtype=np.uint8), mode="L").save(path)
+
+
+def test_imagefolder_test_split_keeps_train_class_ids(tmp_path):
+    """A test/ without a 'bee' folder must still call 'cat' class 2, as train/ does."""
+    for cls, value in (("ant", 10), ("bee", 20), ("cat", 30)):
+        _png(tmp_path / "train" / cls / "0.png", value)
+    _png(tmp_path / "test" / "ant" / "0.png", 10)
+    _png(tmp_path / "test" / "cat" / "0.png", 30)
+    train = load_dataset("imagefolder", "train", root=str(tmp_path))
+    test = load_dataset("imagefolder", "test", root=str(tmp_path))
+    assert train.labels.tolist() == [0, 1, 2]
+    assert test.labels.tolist() == [0, 2] and test.num_classes == 3
+    data = forget_classes(train, test, [2])
+    assert torch.equal(data.test_forget.images, test.images[1:])
+
+    _png(tmp_path / "test" / "dog" / "0.png", 40)
+    with pytest.raises(DataError, match="dog"):
+        load_dataset("imagefolder", "test", root=str(tmp_path))
+
+
+def test_imagefolder_mixed_sizes_need_image_size(tmp_path):
+    _png(tmp_path / "train" / "a" / "0.png", 10, size=(4, 4))
+    _png(tmp_path / "train" / "a" / "1.png", 20, size=(6, 5))
+    with pytest.raises(DataError, match="image_size"):
+        load_dataset("imagefolder", "train", root=str(tmp_path))
+    assert load_dataset("imagefolder", "train", root=str(tmp_path), image_size=3).images.shape == (2, 3, 3, 3)

@@ -68,9 +68,14 @@ def test_svc_mia_efficacy_extremes_and_empty_target():
     assert svc_mia_efficacy(member, nonmember, np.full(20, 0.999)) == 0.0  # looks like members
     assert svc_mia_efficacy(member, nonmember, np.full(20, 0.3)) == 100.0  # looks like non-members
     assert math.isnan(svc_mia_efficacy(member, nonmember, np.zeros(0)))
+    # No non-members (a test split holding only forgotten classes) or no members: nothing to fit an attack on.
+    assert math.isnan(svc_mia_efficacy(member, np.zeros(0), np.full(5, 0.5)))
+    assert math.isnan(svc_mia_efficacy(np.zeros(0), nonmember, np.full(5, 0.5)))
 
 
-def _logits_with_confidence(conf: np.ndarray, labels: np.ndarray, num_classes: int, seed: int) -> torch.Tensor:
+def _logits_with_confidence(
+    conf: np.ndarray, labels: np.ndarray, num_classes: int, seed: int
+) -> torch.Tensor:
     """Logits whose softmax puts exactly `conf` on `labels` and spreads the rest unevenly."""
     rng = np.random.default_rng(seed)
     rest = rng.dirichlet(np.ones(num_classes - 1), size=len(conf)) * (1.0 - conf)[:, None]
@@ -120,7 +125,9 @@ def test_per_class_accuracy_matches_recall_and_confusion_matrix():
     logits[np.arange(400), labels] += rng.uniform(0, 3, size=400)  # mostly right, not always
     preds = logits.argmax(1)
 
-    recall = 100.0 * recall_score(labels, preds, labels=range(num_classes), average=None, zero_division=np.nan)
+    recall = 100.0 * recall_score(
+        labels, preds, labels=range(num_classes), average=None, zero_division=np.nan
+    )
     cm = confusion_matrix(labels, preds, labels=range(num_classes))
     with np.errstate(invalid="ignore"):
         from_cm = 100.0 * np.diag(cm) / cm.sum(axis=1)
@@ -186,7 +193,9 @@ def damaged_world_classifier(digits_world):
 def test_evaluate_matches_numpy(damaged_world_classifier, task):
     model = damaged_world_classifier
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
-    data = forget_classes(train, test, [3, 7]) if task == "class" else forget_fraction(train, test, 0.1, seed=1)
+    data = (
+        forget_classes(train, test, [3, 7]) if task == "class" else forget_fraction(train, test, 0.1, seed=1)
+    )
     model.train()  # evaluate() must switch to eval mode and back
     results = evaluate(model, data)
     assert model.training
@@ -238,3 +247,15 @@ def test_evaluate_selected_metrics_and_unknown_name(damaged_world_classifier):
     with pytest.raises(ConfigError, match="unknown metric 'UAX'"):
         evaluate(damaged_world_classifier, data, names=["UAX"])
     assert {"UA", "RA", "TA", "MIA"} <= set(METRICS)
+
+
+def test_evaluate_with_an_empty_test_set(damaged_world_classifier):
+    """A test split holding only the forgotten class: TA and MIA are undefined (NaN), nothing crashes."""
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    only_three = test.subset((test.labels == 3).nonzero().flatten())
+    data = forget_classes(train, only_three, [3])
+    assert len(data.test) == 0
+    results = evaluate(damaged_world_classifier, data)
+    assert math.isnan(results["TA"]) and math.isnan(results["MIA"])
+    assert not math.isnan(results["UA"]) and not math.isnan(results["forget_test_acc"])
+    assert not math.isnan(results["acc_class_3"]) and math.isnan(results["acc_class_0"])

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .errors import UnlearnError
+from .errors import ConfigError, UnlearnError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     erase.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. method.lr=0.02")
     erase.add_argument("--checkpoint", help="the model to unlearn (overrides model.checkpoint)")
     erase.add_argument("--arch", help="architecture of a bare weights file (overrides model.arch)")
-    erase.add_argument("--forget-class", type=int, nargs="+", metavar="N", help="class ids to forget")
+    # Strings, not type=int: nargs="+" also swallows overrides that follow (`--forget-class 5 data.root=x`);
+    # `_erase` hands those back to the overrides.
+    erase.add_argument("--forget-class", nargs="+", metavar="N", help="class ids to forget")
     erase.add_argument("-o", "--output", help="run folder (rerun the same folder to resume)")
 
     ev = sub.add_parser("eval", help="score a run folder, or the model a recipe names")
@@ -44,18 +46,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _erase(args) -> int:
-    from .pipeline import run
+    from .pipeline import run, shutdown
     from .recipe import find_path, load_recipe
 
-    overrides = list(args.overrides)
+    classes = [item for item in args.forget_class or [] if "=" not in item]
+    overrides = [*args.overrides, *[item for item in args.forget_class or [] if "=" in item]]
+    try:
+        classes = [int(item) for item in classes]
+    except ValueError:
+        raise ConfigError(f"--forget-class takes integer class ids, got {' '.join(classes)!r}") from None
     if args.checkpoint:
         overrides.append(f"model.checkpoint={json.dumps(args.checkpoint)}")
     if args.arch:
         overrides.append(f"model.arch={json.dumps(args.arch)}")
-    if args.forget_class:
-        overrides += [f"data.forget_class={args.forget_class}", "data.forget_fraction=null"]
+    if classes:
+        overrides += [f"data.forget_class={classes}", "data.forget_fraction=null"]
     recipe = load_recipe(find_path(args.recipe), overrides)
     run(recipe, args.output)
+    shutdown()
     return 0
 
 
@@ -68,8 +76,10 @@ def _eval(args) -> int:
 
 def _bench(args) -> int:
     from .bench import bench
+    from .pipeline import shutdown
 
     bench(args.suite, args.output)
+    shutdown()
     return 0
 
 
@@ -140,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UnlearnError as err:
-        print(f"unlearn {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # always one line
+        print(f"unlearn {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"unlearn {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

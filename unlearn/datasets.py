@@ -128,7 +128,23 @@ def _imagefolder(split: str, root: str | None, image_size: int | None) -> ImageT
         raise DataError(f"image folder {str(folder)!r} holds no images in class subfolders ({err})") from err
     if len(ds) == 0:
         raise DataError(f"image folder {str(folder)!r} holds no images")
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
-    return ImageTensorDataset(
-        images, torch.as_tensor(ds.targets), num_classes=len(ds.classes), name="imagefolder"
-    )
+    # Class ids come from train/'s class folders for both splits: a test/ that lacks a class folder must not
+    # shift the ids of the classes after it.
+    classes, targets = ds.classes, list(ds.targets)
+    train_folder = Path(root) / "train"
+    if split == "test" and train_folder.is_dir():
+        try:
+            classes = torchvision.datasets.folder.find_classes(str(train_folder))[0]
+        except FileNotFoundError as err:
+            raise DataError(f"image folder {str(train_folder)!r} holds no class subfolders") from err
+        unknown = sorted(set(ds.classes) - set(classes))
+        if unknown:
+            raise DataError(
+                f"class folders {unknown} of {str(folder)!r} have no match under {str(train_folder)!r}"
+            )
+        targets = [classes.index(ds.classes[t]) for t in targets]
+    try:
+        images = torch.stack([ds[i][0] for i in range(len(ds))])
+    except RuntimeError as err:  # images of different sizes
+        raise DataError(f"images under {str(folder)!r} differ in size; set data.image_size ({err})") from err
+    return ImageTensorDataset(images, torch.as_tensor(targets), num_classes=len(classes), name="imagefolder")

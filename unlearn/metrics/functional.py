@@ -25,7 +25,7 @@ def svc_mia_efficacy(member: np.ndarray, nonmember: np.ndarray, target: np.ndarr
     member = np.asarray(member, dtype=np.float64).reshape(-1, 1)
     nonmember = np.asarray(nonmember, dtype=np.float64).reshape(-1, 1)
     target = np.asarray(target, dtype=np.float64).reshape(-1, 1)
-    if len(target) == 0:
+    if len(target) == 0 or len(member) == 0 or len(nonmember) == 0:  # nothing to judge, or nothing to fit on
         return float("nan")
     x = np.concatenate([member, nonmember])
     y = np.concatenate([np.ones(len(member)), np.zeros(len(nonmember))])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -225,30 +226,55 @@ def _load_saved_folder(path: Path, num_classes: int) -> Classifier:
 
 
 def _load_transformers(path: Path, num_classes: int) -> Classifier:
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForImageClassification
 
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         network = AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"cannot load transformers image classifier from {str(path)!r}: {err}") from err
+    except pickle.UnpicklingError as err:  # transformers loads .bin weights with weights_only=True
+        raise CheckpointError(
+            f"transformers folder {str(path)!r} holds pickled objects beyond plain tensors; refusing to unpickle "
+            "code (re-save it with safetensors)"
+        ) from err
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+        # RuntimeError: weights whose shapes disagree with config.json; SafetensorError: a corrupt file.
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(
+            f"cannot load transformers image classifier from {str(path)!r}: {reason}"
+        ) from err
     _check_classes(config.num_labels, num_classes, path)
-    mean, std, size = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), getattr(config, "image_size", None)
+    channels = getattr(config, "num_channels", 3)
+    mean, std, size = (0.5,) * channels, (0.5,) * channels, getattr(config, "image_size", None)
     processor = path / "preprocessor_config.json"
     if processor.exists():
-        spec = json.loads(processor.read_text())
-        mean = tuple(spec.get("image_mean", mean))
-        std = tuple(spec.get("image_std", std))
+        try:
+            spec = json.loads(processor.read_text())
+        except ValueError as err:
+            raise CheckpointError(f"{str(processor)!r} is not valid JSON ({err})") from err
+        mean = _per_channel(spec.get("image_mean", mean), channels, processor)
+        std = _per_channel(spec.get("image_std", std), channels, processor)
         size_spec = spec.get("size")
         if isinstance(size_spec, dict):
             size = size_spec.get("height") or size_spec.get("shortest_edge") or size
         elif isinstance(size_spec, int):
             size = size_spec
-    channels = getattr(config, "num_channels", 3)
     source = {"format": "transformers", "arch": config.model_type}
     if processor.exists():
         source["processor_file"] = str(processor.resolve())
     return Classifier(network, num_classes, source, mean, std, channels=channels, image_size=size)
+
+
+def _per_channel(value, channels: int, source: Path) -> tuple[float, ...]:
+    """A processor's image_mean / image_std as one value per input channel."""
+    values = (value,) if isinstance(value, (int, float)) else tuple(value)
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise CheckpointError(
+            f"{str(source)!r} gives {len(values)} normalisation values for {channels} channels"
+        )
+    return tuple(float(v) for v in values)
 
 
 def _check_classes(checkpoint_classes: int, data_classes: int, path: Path) -> None:
