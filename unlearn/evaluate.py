@@ -9,8 +9,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from .data import UnlearnData
 from .errors import ConfigError
-from .metrics import METRICS, MIAEfficacy, PerClassAccuracy, gap
-from .metrics.classification import MEMBER, NONMEMBER, TARGET
+from .metrics import METRICS, gap
 
 CLASSIFIER_METRICS = ("UA", "RA", "TA", "MIA", "per_class")
 
@@ -47,6 +46,8 @@ def evaluate(model, data: UnlearnData, names=CLASSIFIER_METRICS, batch_size: int
         A flat dict: `UA`, `RA`, `TA`, `MIA` in percent, `forget_test_acc` (test accuracy on the forgotten
         classes, class-wise tasks) and `acc_class_<c>` per class.
     """
+    from .metrics.classification import MEMBER, NONMEMBER, TARGET, MIAEfficacy, PerClassAccuracy
+
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise ConfigError(f"unknown metric {unknown[0]!r}; known metrics: {', '.join(METRICS)}")

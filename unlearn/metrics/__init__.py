@@ -1,6 +1,12 @@
-"""Metrics: torchmetrics `Metric`s and the plain functions behind them."""
+"""Metrics: torchmetrics `Metric`s and the plain functions behind them.
 
-from .classification import MIAEfficacy, PerClassAccuracy
+The `Metric` classes are imported on first use: importing torchmetrics takes seconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+
 from .functional import gap, per_class_accuracy, svc_mia_efficacy, true_label_confidence
 
 # name -> what it measures (shown by `unlearn ls metrics`)
@@ -13,6 +19,15 @@ METRICS = {
     "per_class": "test accuracy per class (keys acc_class_<c>), forgotten classes included",
     "avg_gap": "mean |metric - Retrain| over UA, RA, TA, MIA (needs a Retrain reference)",
 }
+
+_LAZY = {"MIAEfficacy": ".classification", "PerClassAccuracy": ".classification"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "METRICS",
