@@ -31,8 +31,17 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from two threads, and lose much when another process shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_accelerator(project_dir=None, **kwargs) -> Accelerator:
-    """As `unlearn.pipeline.make_accelerator` builds it: CPU, seedable sampler."""
+    """As `unlearn.pipeline.make_accelerator` builds it (seedable sampler), on the CPU."""
     return Accelerator(
         cpu=True,
         project_dir=None if project_dir is None else str(project_dir),
@@ -57,7 +66,9 @@ def tiny_mlp() -> nn.Module:
 
 def dataset(n: int = 64, seed: int = 0) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.rand(n, 1, 8, 8, generator=generator), torch.randint(0, 10, (n,), generator=generator))
+    return TensorDataset(
+        torch.rand(n, 1, 8, 8, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+    )
 
 
 def cross_entropy(model, batch):
@@ -88,8 +99,14 @@ def test_mask_pins_weights_bit_for_bit(optimizer, momentum, weight_decay):
     }
     before = snapshot(model)
     opt = make_optimizer(model.parameters(), optimizer, lr=0.05, momentum=momentum, weight_decay=weight_decay)
-    fit(model, [Phase(make_loader(dataset(), 16), cross_entropy)], opt, make_accelerator(), epochs=3,
-        mask=ParamMask(masks))
+    fit(
+        model,
+        [Phase(make_loader(dataset(), 16), cross_entropy)],
+        opt,
+        make_accelerator(),
+        epochs=3,
+        mask=ParamMask(masks),
+    )
     after = snapshot(model)
 
     for name, keep in masks.items():
@@ -153,8 +170,13 @@ def test_pipeline_accelerators_may_change_precision(tmp_path):
     from unlearn.recipe import from_dict
 
     def recipe(precision):
-        return from_dict({"method": "finetune", "data": {"forget_class": [3]},
-                          "train": {"mixed_precision": precision, "cpu": True}})
+        return from_dict(
+            {
+                "method": "finetune",
+                "data": {"forget_class": [3]},
+                "train": {"mixed_precision": precision, "cpu": True},
+            }
+        )
 
     first = pipeline_accelerator(recipe("no"), tmp_path / "a")
     assert first.mixed_precision == "no"
@@ -180,8 +202,9 @@ def test_gradient_accumulation_matches_a_larger_batch():
 
     accumulated, large = train(8, 2), train(16, 1)
     single = train(8, 1)
-    for (name, a), b, c in zip(accumulated.state_dict().items(), large.state_dict().values(),
-                               single.state_dict().values()):
+    for (name, a), b, c in zip(
+        accumulated.state_dict().items(), large.state_dict().values(), single.state_dict().values()
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} differs")
         assert not torch.allclose(a, c, rtol=1e-3, atol=1e-4), "accumulation had no effect"
 
@@ -197,8 +220,14 @@ def test_gradient_clipping_bounds_every_step():
         return 1e6 * cross_entropy(model, batch)
 
     opt = make_optimizer(model.parameters(), "sgd", lr=lr, momentum=0.0)
-    fit(model, [Phase(make_loader(dataset(), 16), huge_loss)], opt, make_accelerator(), epochs=2,
-        max_grad_norm=max_norm)
+    fit(
+        model,
+        [Phase(make_loader(dataset(), 16), huge_loss)],
+        opt,
+        make_accelerator(),
+        epochs=2,
+        max_grad_norm=max_norm,
+    )
     states.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     moves = torch.stack([(b - a).norm() for a, b in zip(states, states[1:])])
     assert len(moves) == 8
@@ -227,7 +256,14 @@ def test_non_finite_loss_raises_training_error(bad):
 
     opt = make_optimizer(model.parameters(), "sgd", lr=0.1)
     with pytest.raises(TrainingError, match=r"loss became (nan|inf) at epoch 1.*learning rate"):
-        fit(model, [Phase(make_loader(dataset(), 16), diverged)], opt, make_accelerator(), epochs=2, stage="demo")
+        fit(
+            model,
+            [Phase(make_loader(dataset(), 16), diverged)],
+            opt,
+            make_accelerator(),
+            epochs=2,
+            stage="demo",
+        )
 
 
 def test_divergence_leaves_no_checkpoint(tmp_path):
@@ -235,8 +271,13 @@ def test_divergence_leaves_no_checkpoint(tmp_path):
     model = tiny_mlp()
     opt = make_optimizer(model.parameters(), "sgd", lr=0.1)
     with pytest.raises(TrainingError):
-        fit(model, [Phase(make_loader(dataset(), 16), lambda m, b: cross_entropy(m, b) * float("nan"))], opt,
-            make_accelerator(tmp_path), epochs=2)
+        fit(
+            model,
+            [Phase(make_loader(dataset(), 16), lambda m, b: cross_entropy(m, b) * float("nan"))],
+            opt,
+            make_accelerator(tmp_path),
+            epochs=2,
+        )
     assert not (tmp_path / "checkpoints" / "fit" / "state.pt").exists()
 
 
@@ -264,8 +305,16 @@ def train_resumable(project_dir, epochs: int = 4, interrupt_at: int | None = Non
     model = tiny_cnn()
     opt = make_optimizer(model.parameters(), "sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)
     phases = [Phase(make_loader(dataset(72), 16), InterruptAt(interrupt_at), "noisy")]
-    return fit(model, phases, opt, make_accelerator(project_dir), epochs, lr_schedule="cosine",
-               augment="crop_flip", log_every=1000)
+    return fit(
+        model,
+        phases,
+        opt,
+        make_accelerator(project_dir),
+        epochs,
+        lr_schedule="cosine",
+        augment="crop_flip",
+        log_every=1000,
+    )
 
 
 def read_log(path) -> list[dict]:
@@ -319,9 +368,20 @@ def test_jsonl_log_has_the_documented_fields(tmp_path):
     set_seed(0)
     model = tiny_mlp()
     opt = make_optimizer(model.parameters(), "sgd", lr=0.1)
-    phases = [Phase(make_loader(dataset(64), 16), cross_entropy, "forget"),
-              Phase(make_loader(dataset(32, seed=1), 16), cross_entropy, "retain")]
-    fit(model, phases, opt, make_accelerator(tmp_path), epochs=2, stage="demo", log_every=3, lr_schedule="linear")
+    phases = [
+        Phase(make_loader(dataset(64), 16), cross_entropy, "forget"),
+        Phase(make_loader(dataset(32, seed=1), 16), cross_entropy, "retain"),
+    ]
+    fit(
+        model,
+        phases,
+        opt,
+        make_accelerator(tmp_path),
+        epochs=2,
+        stage="demo",
+        log_every=3,
+        lr_schedule="linear",
+    )
     records = read_log(tmp_path / "train.jsonl")
     for record in records:
         assert set(record) == LOG_FIELDS
@@ -329,8 +389,12 @@ def test_jsonl_log_has_the_documented_fields(tmp_path):
         assert isinstance(record["loss"], float) and record["loss"] > 0
         assert isinstance(record["elapsed_s"], float) and record["elapsed_s"] >= 0
     assert [(r["epoch"], r["step"], r["phase"]) for r in records] == [
-        (1, 3, "forget"), (1, 6, "retain"), (1, 6, "epoch"),
-        (2, 9, "forget"), (2, 12, "retain"), (2, 12, "epoch"),
+        (1, 3, "forget"),
+        (1, 6, "retain"),
+        (1, 6, "epoch"),
+        (2, 9, "forget"),
+        (2, 12, "retain"),
+        (2, 12, "epoch"),
     ]
     lrs = [r["lr"] for r in records]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == 0.0  # linear decay to zero after the last step
@@ -356,13 +420,15 @@ def test_random_crop_flip_is_a_crop_of_the_padded_image():
     padded = F.pad(images, (2,) * 4)
     flipped = 0
     for i in range(len(images)):
-        crops = [
-            (dy, dx, flip)
-            for dy in range(5)
-            for dx in range(5)
-            for flip in (False, True)
-            if torch.equal(out[i], (lambda c: c.flip(-1) if flip else c)(padded[i, :, dy : dy + 10, dx : dx + 12]))
-        ]
+        crops = []
+        for dy in range(5):
+            for dx in range(5):
+                crop = padded[i, :, dy : dy + 10, dx : dx + 12]
+                crops += [
+                    (dy, dx, flip)
+                    for flip in (False, True)
+                    if torch.equal(out[i], crop.flip(-1) if flip else crop)
+                ]
         assert crops, f"image {i} is not a (flipped) crop of its padded image"
         flipped += crops[0][2]
     assert 0 < flipped < len(images), "flips should be random"

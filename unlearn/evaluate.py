@@ -69,13 +69,15 @@ def evaluate(model, data: UnlearnData, names=CLASSIFIER_METRICS, batch_size: int
     if "MIA" in names:
         # Members: the first |D_test| retain examples in dataset order (as the reference code takes them).
         members = min(len(data.test), len(data.retain))
-        mia = MIAEfficacy()
+        # No sync across processes: evaluate() sees the whole sets in one process (the pipeline scores on the
+        # main process only), and a sync would wait forever for processes that are not computing.
+        mia = MIAEfficacy(sync_on_compute=False)
         mia.update(retain[0][:members], retain[1][:members], MEMBER)
         mia.update(*test, NONMEMBER)
         mia.update(*forget, TARGET)
         results["MIA"] = float(mia.compute())
     if "per_class" in names:
-        per_class = PerClassAccuracy(data.num_classes)
+        per_class = PerClassAccuracy(data.num_classes, sync_on_compute=False)
         per_class.update(*_logits(model, ConcatDataset([data.test, data.test_forget]), batch_size, device))
         for c, value in enumerate(per_class.compute().tolist()):
             results[f"acc_class_{c}"] = value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -48,14 +49,38 @@ def make_accelerator(recipe: Recipe, output: Path):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    _reset_accelerate_state_if_changed(recipe.train.mixed_precision, recipe.train.cpu)
+    cpu = use_cpu(recipe)
+    _reset_accelerate_state_if_changed(recipe.train.mixed_precision, cpu)
     return Accelerator(
         mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
-        cpu=recipe.train.cpu,
+        cpu=cpu,
         project_dir=str(output),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # split_batches: a recipe's batch_size is the global batch, split across processes, so a multi-process
+        # run makes the same optimizer steps at the same batch size and schedule as a single-process one.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, split_batches=True),
     )
+
+
+def use_cpu(recipe: Recipe) -> bool:
+    """`train.cpu`, or a multi-process launch (`accelerate launch --multi_gpu`, `torchrun`) on a machine without
+    a GPU: accelerate builds its gloo process group only when told cpu=True; without it every launched process
+    would run the whole job on its own and write the same run folder."""
+    if recipe.train.cpu:
+        return True
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, XPU, MPS, ...
+        return launched and not torch.accelerator.is_available()
+    return launched and not torch.cuda.is_available()
+
+
+def shutdown() -> None:
+    """Destroy the process group of a multi-process launch, once the command's last run is done (not after
+    each run: the Retrain reference and `unlearn bench` run several in one process)."""
+    from accelerate import PartialState
+
+    if PartialState._shared_state:
+        PartialState().destroy_process_group()
 
 
 def _reset_accelerate_state_if_changed(mixed_precision: str, cpu: bool) -> None:
@@ -88,12 +113,18 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
         log(f"{output} is already complete; reusing its metrics.json")
         return json.loads(metrics_path.read_text())
     _refuse_overwriting_input(recipe, output)
-    log = _file_logger(output, log)
+    log = _file_logger(output, log, use_cpu(recipe))
     reference = _reference_metrics(recipe, output, log) if recipe.eval.reference else None
     accelerator = make_accelerator(recipe, output)
     main = accelerator.is_main_process
     set_seed(recipe.seed)
     method = recipe.build_method()
+    batch_size = getattr(method, "batch_size", None)
+    if isinstance(batch_size, int) and batch_size % accelerator.num_processes:
+        raise ConfigError(
+            f"method.batch_size {batch_size} must be a multiple of the {accelerator.num_processes} processes: "
+            "the recipe's batch is the global batch, split evenly across processes"
+        )
     data = build_data(recipe)
     with accelerator.main_process_first():
         model = recipe_model(recipe, data.num_classes)
@@ -135,7 +166,6 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
         )
         log(f"wrote {output}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return metrics
 
 
@@ -189,11 +219,11 @@ def _refuse_overwriting_input(recipe: Recipe, output: Path) -> None:
             )
 
 
-def _file_logger(output: Path, log):
+def _file_logger(output: Path, log, cpu: bool):
     """`log` that also appends to `output/run.log` (main process only)."""
     from accelerate import PartialState
 
-    if not PartialState().is_main_process:
+    if not PartialState(cpu=cpu).is_main_process:
         return lambda message: None
     output.mkdir(parents=True, exist_ok=True)
 
