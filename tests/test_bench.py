@@ -59,7 +59,9 @@ def test_bench_reuses_finished_runs(tmp_path, digits_world):
 
 def test_results_table_mean_std():
     results = {
-        "suite": "s", "seeds": [0, 1], "reference": "retrain",
+        "suite": "s",
+        "seeds": [0, 1],
+        "reference": "retrain",
         "summary": {
             "retrain": {k: {"mean": 50.0, "std": 1.0} for k in ("UA", "RA", "TA", "MIA", "avg_gap", "RTE_s")},
             "ft": {k: {"mean": 25.0, "std": 0.5} for k in ("UA", "RA", "TA", "MIA", "avg_gap", "RTE_s")},
@@ -72,12 +74,17 @@ def test_results_table_mean_std():
 
 def test_bad_suite_is_refused(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"name": "x", "recipes": "recipes/classifier/digits", "methods": ["ft"],
-                                    "colour": "red"}))
+    path.write_text(
+        yaml.safe_dump(
+            {"name": "x", "recipes": "recipes/classifier/digits", "methods": ["ft"], "colour": "red"}
+        )
+    )
     with pytest.raises(ConfigError):
         load_suite(path)
     assert main(["bench", str(path)]) == 2
-    path.write_text(yaml.safe_dump({"name": "x", "recipes": "recipes/classifier/digits", "methods": ["nope"]}))
+    path.write_text(
+        yaml.safe_dump({"name": "x", "recipes": "recipes/classifier/digits", "methods": ["nope"]})
+    )
     assert main(["bench", str(path)]) == 2
 
 

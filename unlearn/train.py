@@ -156,6 +156,11 @@ def fit(
         disable=not (accelerator.is_local_main_process and sys.stderr.isatty()),
     )
     started = time.perf_counter()
+
+    def log(phase_name: str) -> None:  # reads epoch, step and the running loss at call time
+        mean = loss_sum / max(loss_count, 1)
+        _log(log_path, accelerator, stage, epoch, step, phase_name, mean, scheduler, started)
+
     for epoch in range(start_epoch, epochs):
         _fork_rng_per_process(accelerator)
         model.train()
@@ -189,28 +194,8 @@ def fit(
                     step += 1
                     progress.update(1)
                     if step % log_every == 0:
-                        _log(
-                            log_path,
-                            accelerator,
-                            stage,
-                            epoch,
-                            step,
-                            phase.name,
-                            loss_sum / loss_count,
-                            scheduler,
-                            started,
-                        )
-        _log(
-            log_path,
-            accelerator,
-            stage,
-            epoch,
-            step,
-            "epoch",
-            loss_sum / max(loss_count, 1),
-            scheduler,
-            started,
-        )
+                        log(phase.name)
+        log("epoch")
         if checkpoint_dir is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
             _save_checkpoint(checkpoint_dir, epoch + 1, unwrapped, optimizer, scheduler, accelerator)
     progress.close()
