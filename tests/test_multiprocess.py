@@ -110,6 +110,8 @@ fit(model, [Phase(make_loader(data, 16), loss)], optimizer, accelerator, epochs=
 result = {"steps": steps, "after": torch.rand(2).tolist(), "weight": model.weight.item()}
 with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as handle:
     json.dump(result, handle)
+accelerator.wait_for_everyone()
+accelerator.end_training()  # destroy the gloo group: exiting with it alive can abort a process at teardown
 """
 
 
