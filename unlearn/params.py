@@ -59,3 +59,43 @@ class ParamMask:
     @classmethod
     def load(cls, path) -> ParamMask:
         return cls(load_state_dict(path))
+
+
+def saliency_mask(model: nn.Module, loss_fn, batches, sparsity: float = 0.5) -> ParamMask:
+    """SalUn's weight saliency: the weights where the forgetting loss is most sensitive.
+
+    As the reference code computes it (`generate_mask.py`; reference/methods.md §1.2): the model in eval mode,
+    the gradient of `loss_fn(model, batch)` summed over all `batches` (a signed sum), then its magnitude ranked
+    globally over every parameter of `model.trainable`; the largest `1 - sparsity` share may change, the rest
+    is pinned. sparsity 0.5 is the reference's `with_0.5.pt` (threshold at the global median).
+
+    Args:
+        model: a family adapter (its `trainable` part is masked).
+        loss_fn: `loss_fn(model, batch) -> Tensor`, the forgetting loss (e.g. -CE on the forget set).
+        batches: an iterable of batches on the model's device.
+        sparsity: share of the entries that are pinned, in [0, 1).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"saliency sparsity must lie in [0, 1), got {sparsity}")
+    trainable = getattr(model, "trainable", model)
+    params = {n: p for n, p in trainable.named_parameters() if p.requires_grad}
+    summed = {n: torch.zeros_like(p) for n, p in params.items()}
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        for name, param in params.items():
+            if param.grad is not None:
+                summed[name] += param.grad
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    magnitude = torch.cat([g.abs().flatten() for g in summed.values()])
+    keep_count = int(magnitude.numel() * (1.0 - sparsity))
+    flat = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
+    flat[torch.topk(magnitude, keep_count, sorted=False).indices] = True
+    masks, start = {}, 0
+    for name, grad in summed.items():
+        masks[name] = flat[start : start + grad.numel()].view_as(grad).cpu()
+        start += grad.numel()
+    return ParamMask(masks)

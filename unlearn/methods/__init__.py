@@ -7,12 +7,14 @@ import difflib
 from ..errors import ConfigError
 from .base import Method
 from .baselines import FineTune, GradAscent, RandomLabel, Retrain
+from .salun import SalUn
 
 METHODS: dict[str, type[Method]] = {
     "retrain": Retrain,
     "finetune": FineTune,
     "grad_ascent": GradAscent,
     "random_label": RandomLabel,
+    "salun": SalUn,
 }
 
 

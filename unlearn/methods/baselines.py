@@ -143,7 +143,7 @@ class RandomLabel(_Trained):
                 Phase(make_loader(data.retain, self.batch_size), cross_entropy, "retain"),
             ]
         else:
-            both = torch.utils.data.ConcatDataset([_Flagged(data.forget, True), _Flagged(data.retain, False)])
+            both = torch.utils.data.ConcatDataset([Flagged(data.forget, True), Flagged(data.retain, False)])
 
             def mixed_loss(model, batch):
                 images, labels, is_forget = batch
@@ -154,7 +154,7 @@ class RandomLabel(_Trained):
         return self._fit(model, phases, accelerator, "random_label")
 
 
-class _Flagged(torch.utils.data.Dataset):
+class Flagged(torch.utils.data.Dataset):
     """Adds a forget flag to each example of a dataset."""
 
     def __init__(self, dataset, flag: bool):
