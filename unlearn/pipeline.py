@@ -114,7 +114,7 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
         return json.loads(metrics_path.read_text())
     _refuse_overwriting_input(recipe, output)
     log = _file_logger(output, log, use_cpu(recipe))
-    reference = _reference_metrics(recipe, output, log) if recipe.eval.reference else None
+    reference, reference_dir = _reference(recipe, output, log) if recipe.eval.reference else (None, None)
     accelerator = make_accelerator(recipe, output)
     main = accelerator.is_main_process
     set_seed(recipe.seed)
@@ -134,6 +134,9 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
         log(f"{recipe.method} on {recipe.data.dataset}: {data.describe()}")
 
     metrics: dict = {}
+    model.to(accelerator.device)
+    representation = "representation" in recipe.eval.metrics and main
+    original_model = model.frozen_copy() if representation else None  # the teacher for CKA to the original
     if recipe.eval.original and main:
         original = evaluate(model.to(accelerator.device), data, recipe.eval.metrics, recipe.eval.batch_size)
         metrics.update({f"original_{k}": v for k, v in original.items()})
@@ -150,6 +153,14 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
     if main:
         results = evaluate(model, data, recipe.eval.metrics, recipe.eval.batch_size)
         results["RTE_s"] = seconds
+        if representation:
+            from .metrics.representation import representation_metrics
+
+            references = {"original": original_model}
+            if reference_dir is not None and (reference_dir / "model").exists():
+                retrained = load_classifier(reference_dir / "model", recipe.model.arch, data.num_classes)
+                references["retrain"] = retrained.to(accelerator.device)
+            results.update(representation_metrics(model, data, references, recipe.eval.batch_size))
         metrics = {**results, **metrics}
         if reference is not None:
             metrics.update(gap(results, reference))
@@ -185,15 +196,16 @@ def evaluate_run(path: str | Path, log=print) -> dict:
     return evaluate(model, data, recipe.eval.metrics, recipe.eval.batch_size)
 
 
-def _reference_metrics(recipe: Recipe, output: Path, log) -> dict:
-    """The Retrain reference: a finished run folder, or a recipe run once into `output/reference`."""
+def _reference(recipe: Recipe, output: Path, log) -> tuple[dict, Path]:
+    """The Retrain reference's metrics and run folder: a finished run folder, or a recipe run once into
+    `output/reference`."""
     ref = Path(recipe.eval.reference)
     if not ref.is_absolute() and recipe.source and not ref.exists():
         ref = Path(recipe.source).parent / ref
     if ref.is_dir():
         if not (ref / "metrics.json").exists():
             raise CheckpointNotFoundError(f"reference run {str(ref)!r} has no metrics.json")
-        return json.loads((ref / "metrics.json").read_text())
+        return json.loads((ref / "metrics.json").read_text()), ref
     if not ref.exists():
         raise CheckpointNotFoundError(
             f"reference {recipe.eval.reference!r} is neither a run folder nor a recipe"
@@ -206,7 +218,7 @@ def _reference_metrics(recipe: Recipe, output: Path, log) -> dict:
     reference.model = recipe.model
     reference.eval.original = False
     log(f"reference: {reference.method} ({ref})")
-    return run(reference, output / "reference", log=log)
+    return run(reference, output / "reference", log=log), output / "reference"
 
 
 def _refuse_overwriting_input(recipe: Recipe, output: Path) -> None:

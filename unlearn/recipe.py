@@ -45,7 +45,7 @@ class TrainSpec:
 
 @dataclass
 class EvalSpec:
-    metrics: list = field(default_factory=lambda: ["UA", "RA", "TA", "MIA", "per_class"])
+    metrics: list = field(default_factory=lambda: ["UA", "RA", "TA", "MIA", "per_class", "representation"])
     reference: str | None = None  # a recipe (relative to this one) or run folder giving the Retrain reference
     original: bool = True  # also score the model before unlearning (keys original_*)
     batch_size: int = 256

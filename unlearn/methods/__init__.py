@@ -7,6 +7,7 @@ import difflib
 from ..errors import ConfigError
 from .base import Method
 from .baselines import FineTune, GradAscent, RandomLabel, Retrain
+from .l1_sparse import L1Sparse
 from .salun import SalUn
 
 METHODS: dict[str, type[Method]] = {
@@ -15,6 +16,7 @@ METHODS: dict[str, type[Method]] = {
     "grad_ascent": GradAscent,
     "random_label": RandomLabel,
     "salun": SalUn,
+    "l1_sparse": L1Sparse,
 }
 
 

@@ -18,9 +18,18 @@ METRICS = {
     "RTE_s": "run-time of the unlearning call, seconds",
     "per_class": "test accuracy per class (keys acc_class_<c>), forgotten classes included",
     "avg_gap": "mean |metric - Retrain| over UA, RA, TA, MIA (needs a Retrain reference)",
+    "representation": "linear CKA of penultimate features to the original and Retrain models on forget and test "
+    "data (CKA_forget_<ref>, CKA_test_<ref>), and a linear probe / 5-NN reading the forgotten data out of "
+    "frozen features (probe_forget, knn_forget)",
 }
 
-_LAZY = {"MIAEfficacy": ".classification", "PerClassAccuracy": ".classification"}
+_LAZY = {
+    "MIAEfficacy": ".classification",
+    "PerClassAccuracy": ".classification",
+    "LinearCKA": ".representation",
+    "linear_cka": ".representation",
+    "representation_metrics": ".representation",
+}
 
 
 def __getattr__(name: str):

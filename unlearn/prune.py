@@ -1,0 +1,225 @@
+"""Weight pruning for "prune first, then unlearn" ("Model Sparsity Can Simplify Machine Unlearning", §2).
+
+The reference code (`pruner/utils.py:pruning_model`) prunes with
+`torch.nn.utils.prune.global_unstructured(..., pruning_method=L1Unstructured, amount=rate)` over the weights of
+every `nn.Conv2d` (linear layers, batch norm and biases are never pruned). This module does the same ranking
+with plain tensors and returns a `ParamMask` (True = the weight survives and may change, False = pruned):
+
+- `magnitude_mask` ranks |w| of all in-scope weights together and keeps the largest (1 - sparsity) share;
+  given a previous mask, it prunes a share of the *surviving* weights, as torch's pruning container does when
+  `global_unstructured` is called again on an already pruned model.
+- `apply_mask` zeroes the pruned entries; `fit(..., mask=...)` then keeps them at exactly 0.0 (it pins masked
+  entries to their start value), which replaces the reference's `prune.CustomFromMask` forward hooks.
+- `omp` is one-shot magnitude pruning of a trained model; `imp` is iterative magnitude pruning with rewinding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from .errors import ConfigError
+from .params import ParamMask
+
+SCOPES = ("conv", "conv+linear", "all")
+
+
+def prunable(module: nn.Module, scope: str = "conv") -> dict[str, nn.Parameter]:
+    """The weights `scope` prunes, by name relative to `module`.
+
+    Args:
+        module: the network (for a classifier adapter, `model.trainable`).
+        scope: "conv" (the weights of every `nn.Conv2d`, the reference's choice), "conv+linear" (also every
+            `nn.Linear` weight) or "all" (every parameter with more than one dimension).
+    """
+    if scope not in SCOPES:
+        raise ConfigError(f"unknown pruning scope {scope!r}; known: {', '.join(SCOPES)}")
+    if scope == "all":
+        chosen = {name: p for name, p in module.named_parameters() if p.dim() > 1}
+    else:
+        kinds = (nn.Conv2d,) if scope == "conv" else (nn.Conv2d, nn.Linear)
+        chosen = {}
+        for prefix, sub in module.named_modules():
+            if isinstance(sub, kinds) and isinstance(getattr(sub, "weight", None), nn.Parameter):
+                chosen[f"{prefix}.weight" if prefix else "weight"] = sub.weight
+    if not chosen:
+        raise ConfigError(f"the model has no weights in pruning scope {scope!r}")
+    return chosen
+
+
+@torch.no_grad()
+def magnitude_mask(
+    module: nn.Module, sparsity: float, scope: str = "conv", previous: ParamMask | None = None
+) -> ParamMask:
+    """Global unstructured L1 magnitude pruning: keep the largest |w| of all in-scope weights together.
+
+    Args:
+        module: the network whose weights are ranked (names in the mask are relative to it).
+        sparsity: share of the weights to prune, in [0, 1]. Without `previous`, the share of all in-scope
+            weights; with `previous`, the share of the weights `previous` keeps (torch's `amount` semantics
+            on an already pruned model). The count is `round(sparsity * n)`, as in torch's `L1Unstructured`.
+        scope: see `prunable`. Parameters outside the scope get no mask entry (they stay free).
+        previous: the mask of an earlier pruning round; its pruned entries stay pruned.
+
+    Returns:
+        A `ParamMask` with one entry per in-scope weight. Ties at the threshold are broken by `torch.topk`.
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise ConfigError(f"pruning sparsity must lie in [0, 1], got {sparsity}")
+    weights = prunable(module, scope)
+    if previous is not None:
+        missing = set(weights) - set(previous.masks)
+        if missing:
+            raise ConfigError(f"the previous mask lacks the in-scope weights {sorted(missing)}")
+    scores, alive = [], []
+    for name, weight in weights.items():
+        scores.append(weight.detach().abs().flatten().float())
+        keep = previous.masks[name].to(weight.device) if previous is not None else None
+        alive.append(keep.flatten() if keep is not None else torch.ones_like(scores[-1], dtype=torch.bool))
+    scores, alive = torch.cat(scores), torch.cat(alive)
+    to_prune = round(sparsity * int(alive.sum()))
+    keep = alive.clone()
+    if to_prune:
+        # Already pruned entries rank above every surviving one, so they are never counted twice.
+        ranked = torch.where(alive, scores, torch.full_like(scores, float("inf")))
+        keep[torch.topk(ranked, k=to_prune, largest=False).indices] = False
+    masks, start = {}, 0
+    for name, weight in weights.items():
+        masks[name] = keep[start : start + weight.numel()].view_as(weight).cpu()
+        start += weight.numel()
+    return ParamMask(masks)
+
+
+@torch.no_grad()
+def apply_mask(module: nn.Module, mask: ParamMask) -> None:
+    """Set the pruned (False) entries of `module`'s masked parameters to exactly +0.0, in place."""
+    mask.check(module)
+    params = dict(module.named_parameters())
+    for name, keep in mask.masks.items():
+        param = params[name]
+        param.masked_fill_(~keep.to(param.device), 0.0)
+
+
+@torch.no_grad()
+def sparsity(module: nn.Module, mask: ParamMask) -> float:
+    """The measured share of zeros among the entries of the parameters `mask` names."""
+    mask.check(module)
+    params = dict(module.named_parameters())
+    zeros = sum(int((params[name] == 0).sum()) for name in mask.masks)
+    total = sum(params[name].numel() for name in mask.masks)
+    return zeros / max(total, 1)
+
+
+def omp(model: nn.Module, sparsity: float = 0.95, scope: str = "conv") -> ParamMask:
+    """One-shot magnitude pruning (OMP) of a trained model, in place; returns the mask.
+
+    Zeroes the smallest-|w| `sparsity` share of the in-scope weights of `model.trainable` (or of `model` itself
+    for a bare module). Run any unlearning method on the result with `fit(..., mask=mask)`; the pruned
+    weights then stay exactly zero.
+
+    The reference's OMP (`main_imp.py --rate 0.95 --pruning_times 2`, Unlearn-Sparse issue #2) also rewinds
+    and retrains once after pruning; that is `imp(..., rounds=1, rate=sparsity)`. `omp` prunes the trained
+    weights without retraining.
+    """
+    trainable = getattr(model, "trainable", model)
+    mask = magnitude_mask(trainable, sparsity, scope)
+    apply_mask(trainable, mask)
+    return mask
+
+
+TrainFn = Callable[[nn.Module, ParamMask, int], object]
+
+
+def imp(
+    model: nn.Module,
+    data: Dataset | None,
+    accelerator=None,
+    *,
+    rounds: int,
+    rewind_state: Mapping[str, torch.Tensor],
+    rate: float = 0.2,
+    epochs: int = 1,
+    lr: float = 0.1,
+    batch_size: int = 256,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    lr_schedule: str = "cosine",
+    scope: str = "conv",
+    train_fn: TrainFn | None = None,
+) -> ParamMask:
+    """Iterative magnitude pruning with rewinding (IMP, lottery-ticket style), in place; returns the mask.
+
+    Each round r = 0 .. rounds - 1:
+        1. prune `rate` of the surviving in-scope weights of the trained model (global magnitude ranking);
+        2. rewind: load `rewind_state` into `model.trainable` and zero the pruned entries;
+        3. retrain with the mask pinned: `fit` on `data` for `epochs` epochs with a fresh SGD optimizer and LR
+           schedule (stage `imp_round{r}`, so an interrupted run resumes per round), or `train_fn(model,
+           mask, r)` if given.
+    After `rounds` rounds the pruned share is 1 - (1 - rate) ** rounds.
+
+    Mapping to the reference (`main_imp.py --prune_type rewind_lt --rate R --pruning_times N`): its state 0 is
+    the dense training run (which saves the rewind weights at `--rewind_epoch 8`); `model` here is that trained
+    dense model and `rounds` = N - 1. Each later state prunes `--rate` of the remaining conv weights
+    (`pruning_model`), rewinds to the epoch-8 weights and LR schedule (`rewind_lt`) and retrains for the full
+    schedule (182 epochs, MultiStepLR there; `epochs`/`lr_schedule` here). OMP in that script is N = 2 with
+    `--rate 0.95`, i.e. `rounds=1, rate=0.95`.
+
+    Args:
+        model: the trained model (adapter or bare module); edited in place.
+        data: the training set for retraining (ignored when `train_fn` is given).
+        accelerator: an `accelerate.Accelerator` for `fit` (ignored when `train_fn` is given).
+        rounds: pruning rounds (each followed by retraining).
+        rewind_state: a state dict of `model.trainable` saved early in training (all of its entries, buffers
+            included, are restored: the reference rewinds the whole network).
+        rate: share of the surviving weights pruned per round.
+        epochs, lr, batch_size, momentum, weight_decay, lr_schedule: the retraining run (cross-entropy).
+        scope: pruning scope (see `prunable`).
+        train_fn: a custom retraining step `train_fn(model, mask, round)`, which must train `model` in place
+            and keep the pruned entries at zero (e.g. by calling `fit(..., mask=mask)`).
+    """
+    if rounds < 1:
+        raise ConfigError(f"imp needs at least one pruning round, got rounds={rounds}")
+    if train_fn is None and (data is None or accelerator is None):
+        raise ConfigError("imp needs `data` and `accelerator` to retrain (or a `train_fn`)")
+    trainable = getattr(model, "trainable", model)
+    mask: ParamMask | None = None
+    for round_index in range(rounds):
+        mask = magnitude_mask(trainable, rate, scope, previous=mask)
+        trainable.load_state_dict(rewind_state)
+        apply_mask(trainable, mask)
+        if train_fn is not None:
+            train_fn(model, mask, round_index)
+        else:
+            _retrain(
+                model, data, accelerator, mask, round_index,
+                epochs, lr, batch_size, momentum, weight_decay, lr_schedule,
+            )  # fmt: skip
+        trainable = getattr(model, "trainable", model)
+    return mask
+
+
+def _retrain(
+    model, data, accelerator, mask, round_index, epochs, lr, batch_size, momentum, weight_decay, schedule
+):
+    from .train import Phase, fit, make_loader, make_optimizer
+
+    def cross_entropy(net, batch) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(net(images), labels)
+
+    optimizer = make_optimizer(model.parameters(), "sgd", lr, momentum, weight_decay)
+    phases = [Phase(make_loader(data, batch_size), cross_entropy, "retain")]
+    fit(
+        model,
+        phases,
+        optimizer,
+        accelerator,
+        epochs,
+        lr_schedule=schedule,
+        mask=mask,
+        stage=f"imp_round{round_index}",
+    )
