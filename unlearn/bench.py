@@ -15,7 +15,10 @@ from .errors import CheckpointNotFoundError, ConfigError
 from .metrics import gap
 from .recipe import apply_override, find_path, from_dict
 
-TABLE_KEYS = ("UA", "RA", "TA", "MIA", "avg_gap", "RTE_s")
+MAIN_KEYS = ("UA", "RA", "TA", "MIA", "RTE_s")
+# Representation columns ("Are We Truly Forgetting?"): CKA of forget / test features to the original and to
+# Retrain, and how well a linear probe still reads the forgotten data out of the frozen features.
+REPRESENTATION_KEYS = ("CKA_forget_original", "CKA_forget_retrain", "CKA_test_retrain", "probe_forget")
 
 
 @dataclass
@@ -114,7 +117,19 @@ def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -
 
 
 def _main(metrics: dict) -> dict:
-    return {k: metrics[k] for k in ("UA", "RA", "TA", "MIA", "RTE_s") if k in metrics}
+    return {k: metrics[k] for k in (*MAIN_KEYS, *REPRESENTATION_KEYS) if k in metrics}
+
+
+def _self_cka(reference: dict, row: str) -> dict:
+    """CKA columns of the `original` and Retrain rows, from the Retrain run's CKA to the original (CKA is
+    symmetric) and 100 for a model against itself."""
+    if "CKA_forget_original" not in reference:
+        return {}
+    between = {"forget": reference["CKA_forget_original"], "test": reference["CKA_test_original"]}
+    other = "retrain" if row == "original" else "original"
+    out = {f"CKA_{part}_{row}": 100.0 for part in between}
+    out.update({f"CKA_{part}_{other}": value for part, value in between.items()})
+    return out
 
 
 def _summarize(rows: list[dict]) -> dict:
@@ -136,18 +151,22 @@ def results_table(results: dict) -> str:
     lines = [
         f"## {results['suite']} ({len(results['seeds'])} seeds)",
         "",
-        "| method | UA | RA | TA | MIA | Avg. Gap | RTE (s) | RTE / Retrain |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | UA | RA | TA | MIA | Avg. Gap | CKA forget→orig | CKA forget→Retrain | CKA test→Retrain "
+        "| probe forget | RTE (s) | RTE / Retrain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, stats in results["summary"].items():
-        cells = [_pm(stats.get(k)) for k in ("UA", "RA", "TA", "MIA", "avg_gap", "RTE_s")]
+        keys = ("UA", "RA", "TA", "MIA", "avg_gap", *REPRESENTATION_KEYS, "RTE_s")
+        cells = [_pm(stats.get(k)) for k in keys]
         ratio = stats["RTE_s"]["mean"] / ref_time if ref_time and method != "original" else math.nan
         cells.append("–" if math.isnan(ratio) else f"{ratio:.2f}×")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "UA, RA, TA, MIA in percent (mean ± std over seeds); Avg. Gap = mean |metric − Retrain| over "
-        "UA, RA, TA, MIA, per seed; `original` is the model before unlearning.",
+        "UA, RA, TA, MIA, per seed; CKA = linear CKA (percent) of penultimate features on the forget / test "
+        "set to the original model and to Retrain; probe forget = accuracy of a linear probe on frozen features "
+        "on the forgotten data; `original` is the model before unlearning.",
         "",
     ]
     return "\n".join(lines)
