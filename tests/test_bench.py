@@ -38,8 +38,12 @@ def test_bench_writes_rows_summary_and_table(tmp_path, digits_world):
         assert {"method", "seed", "UA", "RA", "TA", "MIA", "avg_gap", "RTE_s"} <= row.keys()
         assert all(0 <= row[k] <= 100 for k in ("UA", "RA", "TA", "MIA"))
     for row in rows:
+        assert {"CKA_forget_original", "CKA_forget_retrain", "CKA_test_retrain"} <= row.keys()
         if row["method"] == "retrain":
             assert row["avg_gap"] == 0
+            assert row["CKA_forget_retrain"] == row["CKA_test_retrain"] == 100
+        if row["method"] == "original":
+            assert row["CKA_forget_original"] == 100
         if row["method"] == "original":
             assert row["UA"] < 10  # the original still knows class 3
     ft = [r["UA"] for r in rows if r["method"] == "finetune"]

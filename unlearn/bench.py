@@ -88,12 +88,15 @@ def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -
         ref_dir = output / "runs" / suite.reference / f"seed{seed}"
         reference = run(suite_recipe(suite, suite.reference, seed), ref_dir, log=log)
         original = {k[len("original_") :]: v for k, v in reference.items() if k.startswith("original_")}
-        rows.append(
-            {"method": "original", "seed": seed, **original, **gap(original, reference), "RTE_s": 0.0}
-        )
-        rows.append(
-            {"method": suite.reference, "seed": seed, **_main(reference), **gap(reference, reference)}
-        )
+        original = {
+            **_main(original),
+            **gap(original, reference),
+            "RTE_s": 0.0,
+            **_self_cka(reference, "original"),
+        }
+        rows.append({"method": "original", "seed": seed, **original})
+        retrain = {**_main(reference), **gap(reference, reference), **_self_cka(reference, "retrain")}
+        rows.append({"method": suite.reference, "seed": seed, **retrain})
         for method in suite.methods:
             recipe = suite_recipe(suite, method, seed)
             recipe.eval.reference = str(ref_dir)
