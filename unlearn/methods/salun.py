@@ -19,7 +19,9 @@ from .baselines import Flagged
 
 @dataclass
 class SalUn(Method):
-    """SalUn: random labelling restricted to the salient weights.
+    """SalUn: Empowering Machine Unlearning via Gradient-based Weight Saliency (Fan et al., ICLR 2024).
+
+    Random labelling restricted to the salient weights:
 
     1. Saliency mask: sum the gradient of the forgetting loss -CE over one pass of the forget set at the
        original weights, take its magnitude, keep the global top `1 - sparsity` share of entries
