@@ -35,3 +35,16 @@ def digits_world(world_cache):
         return prepare("digits", verbose=False)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate's state is a process-wide singleton (an Accelerator with another mixed_precision than the
+    first one raises ValueError): every test starts and leaves it empty."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -400,3 +400,28 @@ def test_preprocessor_normalisation_values(tmp_path, mean, expected):
             load_classifier(source, None, 10)
     else:
         assert load_classifier(source, None, 10).mean.flatten().tolist() == expected
+
+
+def test_atomic_writes_leave_the_old_file_or_folder_whole_when_interrupted(tmp_path):
+    from unlearn.checkpoints import atomic_path, write_json
+
+    target = tmp_path / "metrics.json"
+    write_json({"UA": 1.0}, target)
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text('{"UA": 2')  # half written, then the writer dies
+        raise RuntimeError("crash")
+    assert json.loads(target.read_text()) == {"UA": 1.0}
+    folder = tmp_path / "model"
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "a.txt").write_text("new")
+        raise RuntimeError("crash")
+    assert (folder / "a.txt").read_text() == "old"
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "b.txt").write_text("new")
+    assert sorted(p.name for p in folder.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "model"]  # no temporary leftovers

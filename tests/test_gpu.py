@@ -15,17 +15,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_fit_mixed_precision_on_cuda_keeps_pinned_weights(precision):
     from accelerate import Accelerator

@@ -12,17 +12,6 @@ from unlearn.errors import ConfigError
 from unlearn.params import ParamMask, saliency_mask
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def _ce_ascent(model, batch):
     return -F.cross_entropy(model(batch[0]), batch[1])
 

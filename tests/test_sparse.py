@@ -19,16 +19,6 @@ from unlearn.prune import apply_mask, imp, magnitude_mask, omp, prunable, sparsi
 from unlearn.train import Phase, fit, make_loader, make_optimizer
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate's state is a process-wide singleton; each test starts (and leaves) it empty."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     threads = torch.get_num_threads()

@@ -20,17 +20,6 @@ from unlearn.train import Phase, fit, make_loader, make_optimizer, random_crop_f
 LOG_FIELDS = {"stage", "epoch", "step", "phase", "loss", "lr", "elapsed_s"}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate's state is a process-wide singleton: an Accelerator with another mixed_precision than the
-    first one raises ValueError. Each test starts (and leaves) it empty."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models gain nothing from two threads, and lose much when another process shares the cores."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import DataLoader
 
 from .data import UnlearnData
 from .errors import ConfigError
@@ -57,6 +57,7 @@ def evaluate(model, data: UnlearnData, names=CLASSIFIER_METRICS, batch_size: int
     forget = _logits(model, data.forget, batch_size, device)
     retain = _logits(model, data.retain, batch_size, device)
     test = _logits(model, data.test, batch_size, device)
+    test_forget = _logits(model, data.test_forget, batch_size, device)
     results: dict[str, float] = {}
     if "UA" in names:
         results["UA"] = 100.0 - _accuracy(*forget)
@@ -65,7 +66,7 @@ def evaluate(model, data: UnlearnData, names=CLASSIFIER_METRICS, batch_size: int
     if "TA" in names:
         results["TA"] = _accuracy(*test)
     if data.forget_classes:
-        results["forget_test_acc"] = _accuracy(*_logits(model, data.test_forget, batch_size, device))
+        results["forget_test_acc"] = _accuracy(*test_forget)
     if "MIA" in names:
         # Members: the first |D_test| retain examples in dataset order (as the reference code takes them).
         members = min(len(data.test), len(data.retain))
@@ -78,7 +79,7 @@ def evaluate(model, data: UnlearnData, names=CLASSIFIER_METRICS, batch_size: int
         results["MIA"] = float(mia.compute())
     if "per_class" in names:
         per_class = PerClassAccuracy(data.num_classes, sync_on_compute=False)
-        per_class.update(*_logits(model, ConcatDataset([data.test, data.test_forget]), batch_size, device))
+        per_class.update(torch.cat([test[0], test_forget[0]]), torch.cat([test[1], test_forget[1]]))
         for c, value in enumerate(per_class.compute().tolist()):
             results[f"acc_class_{c}"] = value
     model.train(was_training)

@@ -37,7 +37,7 @@ class _Trained(Method):
     max_grad_norm: float | None = None
     augment: str = "none"
 
-    def _fit(self, model: Model, phases: list[Phase], accelerator, stage: str) -> Model:
+    def _fit(self, model: Model, phases: list[Phase], accelerator, stage: str, mask=None) -> Model:
         optimizer = make_optimizer(
             model.parameters(), self.optimizer, self.lr, self.momentum, self.weight_decay
         )
@@ -48,6 +48,7 @@ class _Trained(Method):
             accelerator,
             self.epochs,
             lr_schedule=self.lr_schedule,
+            mask=mask,
             max_grad_norm=self.max_grad_norm,
             augment=self.augment,
             stage=stage,
@@ -125,6 +126,10 @@ class RandomLabel(_Trained):
     exclude_true_label: bool = False
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
+        return self._fit(model, self.phases(data), accelerator, "random_label")
+
+    def phases(self, data: UnlearnData) -> list[Phase]:
+        """One epoch of RL: the forget pass with random labels and the retain pass (or one mixed pass)."""
         num_classes = data.num_classes
 
         def random_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -138,23 +143,21 @@ class RandomLabel(_Trained):
             return F.cross_entropy(model(images), random_labels(labels))
 
         if not self.mixed:
-            phases = [
+            return [
                 Phase(make_loader(data.forget, self.batch_size), forget_loss, "forget"),
                 Phase(make_loader(data.retain, self.batch_size), cross_entropy, "retain"),
             ]
-        else:
-            both = torch.utils.data.ConcatDataset([Flagged(data.forget, True), Flagged(data.retain, False)])
+        both = torch.utils.data.ConcatDataset([_Flagged(data.forget, True), _Flagged(data.retain, False)])
 
-            def mixed_loss(model, batch):
-                images, labels, is_forget = batch
-                labels = torch.where(is_forget, random_labels(labels), labels)
-                return F.cross_entropy(model(images), labels)
+        def mixed_loss(model, batch):
+            images, labels, is_forget = batch
+            labels = torch.where(is_forget, random_labels(labels), labels)
+            return F.cross_entropy(model(images), labels)
 
-            phases = [Phase(make_loader(both, self.batch_size), mixed_loss, "mixed")]
-        return self._fit(model, phases, accelerator, "random_label")
+        return [Phase(make_loader(both, self.batch_size), mixed_loss, "mixed")]
 
 
-class Flagged(torch.utils.data.Dataset):
+class _Flagged(torch.utils.data.Dataset):
     """Adds a forget flag to each example of a dataset."""
 
     def __init__(self, dataset, flag: bool):
