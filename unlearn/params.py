@@ -43,6 +43,13 @@ class ParamMask:
         total = sum(m.numel() for m in self.masks.values())
         return sum(int(m.sum()) for m in self.masks.values()) / max(total, 1)
 
+    def __and__(self, other: ParamMask) -> ParamMask:
+        """Weights that both masks let change (a parameter named by one mask only keeps that mask)."""
+        masks = dict(self.masks)
+        for name, keep in other.masks.items():
+            masks[name] = masks[name] & keep if name in masks else keep
+        return ParamMask(masks)
+
     def check(self, module: nn.Module) -> None:
         params = dict(module.named_parameters())
         for name, mask in self.masks.items():

@@ -98,6 +98,7 @@ def fit(
     stage: str = "fit",
     log_every: int = 20,
     checkpoint_every: int = 1,
+    after_step: Callable[[int, int], None] | None = None,
 ) -> nn.Module:
     """Train `model` for `epochs` epochs over `phases`; returns the trained (unwrapped) model.
 
@@ -111,10 +112,13 @@ def fit(
         epochs: number of epochs.
         lr_schedule: constant, cosine or linear decay over all optimizer steps.
         mask: pinned weights never move (gradients masked, values and optimizer state restored per step).
+            A pruned model's `pruning_mask` is always added: its pruned weights stay exactly zero.
         max_grad_norm: clip the gradient norm to this value.
         augment: batch augmentation of the images ("none" or "crop_flip").
         stage: name of this training stage (for logs and checkpoints).
         log_every: also log every `log_every` optimizer steps (besides the end of each epoch).
+        after_step: called as `after_step(step, total_steps)` after every optimizer step (pinned weights are
+            already restored; `step` counts steps so far, from 1), e.g. a proximal update of the weights.
 
     Each line of `train.jsonl` is one JSON object with the fields `stage`, `epoch` (1-based), `step` (optimizer
     steps so far), `phase` (the phase's name, or "epoch" for the end-of-epoch line), `loss` (mean loss of the
@@ -133,7 +137,7 @@ def fit(
         model, optimizer, *[phase.loader for phase in phases], device_placement=placement
     )
     model, optimizer, loaders = prepared[0], prepared[1], prepared[2:]
-    pinned = _pinned_params(unwrapped, mask)  # after prepare(): the masks live on the model's device
+    pinned = pinned_params(unwrapped, mask)  # after prepare(): the masks live on the model's device
     accum = accelerator.gradient_accumulation_steps
     steps_per_epoch = sum(math.ceil(len(loader) / accum) for loader in loaders)
     total_steps = epochs * steps_per_epoch
@@ -189,9 +193,11 @@ def fit(
                 loss_count += 1
                 if accelerator.sync_gradients:
                     if pinned:
-                        _restore_pinned(pinned, optimizer.optimizer)
+                        restore_pinned(pinned, optimizer.optimizer)
                     scheduler.step()
                     step += 1
+                    if after_step is not None:
+                        after_step(step, total_steps)
                     progress.update(1)
                     if step % log_every == 0:
                         log(phase.name)
@@ -274,11 +280,22 @@ def _optimizer_calls(optimizer, accelerator) -> tuple[Callable[[], None], Callab
     return target.step, lambda: target.zero_grad(set_to_none=True)
 
 
-def _pinned_params(model: nn.Module, mask: ParamMask | None):
-    """(parameter, keep-mask, value at start) for every masked parameter of `model.trainable`."""
+def pinned_params(model: nn.Module, mask: ParamMask | None):
+    """(parameter, keep-mask, value at start) for every masked parameter of `model.trainable`.
+
+    The model's own `pruning_mask` (set on a pruned model, "prune first, then unlearn") joins `mask`, and its
+    pruned entries are zeroed first, so they start, and stay, exactly 0.0 whatever the loop does (Retrain's
+    fresh weights included). A loop of its own calls this once and `restore_pinned` after every step.
+    """
+    pruning = getattr(model, "pruning_mask", None)
+    trainable = getattr(model, "trainable", model)
+    if pruning is not None:
+        from .prune import apply_mask
+
+        apply_mask(trainable, pruning)
+        mask = pruning if mask is None else mask & pruning
     if mask is None:
         return []
-    trainable = getattr(model, "trainable", model)
     mask.check(trainable)
     params = dict(trainable.named_parameters())
     return [
@@ -288,7 +305,7 @@ def _pinned_params(model: nn.Module, mask: ParamMask | None):
 
 
 @torch.no_grad()
-def _restore_pinned(pinned, optimizer: torch.optim.Optimizer) -> None:
+def restore_pinned(pinned, optimizer: torch.optim.Optimizer) -> None:
     """Put pinned weights back and clear their optimizer state (momentum, Adam moments)."""
     for param, keep, start in pinned:
         param.copy_(torch.where(keep.bool(), param, start))

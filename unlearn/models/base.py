@@ -10,11 +10,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..params import ParamMask
+
 
 class Model(nn.Module, ABC):
     """A family adapter: it knows an architecture and offers the family's primitives, nothing about unlearning."""
 
     family: ClassVar[str]
+    # Set on a pruned model ("prune first, then unlearn"): its False entries are pruned and stay exactly zero
+    # in every training loop (`unlearn.train.pinned_params`).
+    pruning_mask: ParamMask | None = None
 
     @property
     def trainable(self) -> nn.Module:
