@@ -293,3 +293,69 @@ def test_l1_sparse_resumes_after_an_interrupted_epoch(digits_world, digits_task,
     resumed = method.unlearn(world_model(), digits_task, make_accelerator(tmp_path / "cut"))
     for (name, a), b in zip(whole.trainable.state_dict().items(), resumed.trainable.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# --- prune first, then unlearn ----------------------------------------------------------------------------------
+
+
+def is_exact_zero(tensor: torch.Tensor) -> bool:
+    """+0.0 bit for bit (a -0.0 or a denormal would not do)."""
+    return torch.equal(tensor.view(torch.int32), torch.zeros_like(tensor).view(torch.int32))
+
+
+@pytest.mark.parametrize("method", ["grad_ascent", "random_label", "salun", "l1_sparse", "retrain"])
+def test_every_method_keeps_a_pruned_models_zeros(digits_world, digits_task, method):
+    """A model's `pruning_mask` binds every method, even Retrain's fresh weights and SalUn's own mask."""
+    from unlearn.methods import get_method
+
+    model = world_model()
+    mask = omp(model, 0.9)
+    model.pruning_mask = mask
+    set_seed(0)
+    result = get_method(method)(epochs=1).unlearn(model, digits_task, make_accelerator())
+    params = dict(result.trainable.named_parameters())
+    for name, keep in mask.masks.items():
+        assert is_exact_zero(params[name].detach()[~keep]), name
+        assert params[name].detach()[keep].abs().sum() > 0
+
+
+def test_prune_spec_is_validated():
+    from unlearn.recipe import load_recipe
+
+    base = "recipes/classifier/digits/finetune.yaml"
+    with pytest.raises(ConfigError, match="model.prune.method"):
+        load_recipe(base, ["model.prune={method: snip}"])
+    with pytest.raises(ConfigError, match="sparsity"):
+        load_recipe(base, ["model.prune={method: omp, sparsity: 1.5}"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_recipe(base, ["model.prune={method: omp, sparsty: 0.5}"])
+    resolved = load_recipe(base, ["model.prune={method: omp, sparsity: 0.5}"]).to_dict()
+    assert resolved["model"]["prune"]["scope"] == "conv" and resolved["model"]["prune"]["sparsity"] == 0.5
+
+
+def test_pipeline_prunes_first_then_unlearns_and_keeps_retrain_dense(digits_world, tmp_path):
+    """The run prunes the loaded model (OMP + one retraining epoch), fine-tunes the sparse model, scores the
+    pruned model as `original_*`, writes the mask and the pruned model, and its Retrain reference stays dense."""
+    from unlearn.checkpoints import load_state_dict
+    from unlearn.pipeline import run
+    from unlearn.recipe import load_recipe
+
+    recipe = load_recipe(
+        "recipes/classifier/digits/finetune.yaml",
+        [
+            "method.epochs=1",
+            "model.prune={method: omp, sparsity: 0.8, epochs: 1, lr: 0.05, batch_size: 64}",
+            "eval.metrics=[UA, RA, TA, MIA]",
+        ],
+    )
+    metrics = run(recipe, tmp_path / "run", log=lambda message: None)
+    assert metrics["pruned_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert metrics["original_RA"] > 90  # the retraining epoch recovered the pruned model
+    mask = ParamMask.load(tmp_path / "run" / "pruning_mask.safetensors")
+    final = load_state_dict(tmp_path / "run" / "model" / "model.safetensors")
+    pruned = load_state_dict(tmp_path / "run" / "pruned" / "model.safetensors")
+    for name, keep in mask.masks.items():
+        assert is_exact_zero(final[name][~keep]) and is_exact_zero(pruned[name][~keep])
+    assert not torch.equal(final["body.3.weight"], pruned["body.3.weight"])  # fine-tuning moved the survivors
+    reference = load_state_dict(tmp_path / "run" / "reference" / "model" / "model.safetensors")
+    assert (reference["body.3.weight"] == 0).float().mean() < 0.01

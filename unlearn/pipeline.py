@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -135,6 +136,8 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
 
     metrics: dict = {}
     model.to(accelerator.device)
+    if recipe.model.prune is not None:
+        metrics["pruned_sparsity"] = _prune_first(model, recipe, data, accelerator, output, log)
     representation = "representation" in recipe.eval.metrics and main
     original_model = model.frozen_copy() if representation else None  # the teacher for CKA to the original
     if recipe.eval.original and main:
@@ -215,10 +218,27 @@ def _reference(recipe: Recipe, output: Path, log) -> tuple[dict, Path]:
         raise ConfigError(f"reference recipe {str(ref)!r} must not itself name a reference")
     # Same task, same seed, same precision as the run it judges.
     reference.data, reference.seed, reference.train = recipe.data, recipe.seed, recipe.train
-    reference.model = recipe.model
+    reference.model = dataclasses.replace(recipe.model, prune=None)  # Retrain is the dense gold standard
     reference.eval.original = False
     log(f"reference: {reference.method} ({ref})")
     return run(reference, output / "reference", log=log), output / "reference"
+
+
+def _prune_first(model, recipe: Recipe, data: UnlearnData, accelerator, output: Path, log) -> float:
+    """"Prune first, then unlearn": make the loaded model sparse (retraining, if any, on forget + retain, the
+    original training set); the method then starts from it, and `original_*` metrics score it. Writes the mask
+    and the pruned model (`pruned/`, reusable with `model.prune={method: zeros}`); returns the share of zeros."""
+    from .prune import prune_model, sparsity
+
+    spec = recipe.model.prune_spec()
+    train_set = torch.utils.data.ConcatDataset([data.forget, data.retain])
+    mask = prune_model(model, spec, train_set, accelerator)
+    share = sparsity(model.trainable, mask)
+    if accelerator.is_main_process:
+        mask.save(output / "pruning_mask.safetensors")
+        model.save(output / "pruned")
+        log(f"pruned ({spec.method}, scope {spec.scope}): {100 * share:.1f} % of the weights are zero")
+    return share
 
 
 def _refuse_overwriting_input(recipe: Recipe, output: Path) -> None:

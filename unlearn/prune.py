@@ -202,6 +202,39 @@ def imp(
     return mask
 
 
+def prune_model(model, spec, train_set: Dataset, accelerator) -> ParamMask:
+    """Make `model` sparse as a recipe's `model.prune` says (a `PruneSpec`), in place; returns the mask.
+
+    "omp" without retraining zeroes the smallest weights once (`omp`); "omp" with `epochs` > 0 is the
+    reference's OMP, one round of `imp` at rate `sparsity`; "imp" runs `rounds` rounds at `rate`; "zeros"
+    takes the exact zeros of an already sparse checkpoint. The mask is also set as `model.pruning_mask`, so
+    every training loop keeps the pruned weights at exactly zero.
+    """
+    trainable = getattr(model, "trainable", model)
+    if spec.method == "zeros":
+        mask = ParamMask({name: weight.detach() != 0 for name, weight in prunable(trainable, spec.scope).items()})
+    elif spec.method == "omp" and spec.epochs == 0:
+        mask = omp(model, spec.sparsity, spec.scope)
+    else:
+        from .checkpoints import load_state_dict
+
+        if spec.rewind:
+            rewind_state = load_state_dict(spec.rewind)
+        else:
+            rewind_state = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
+        one_shot = spec.method == "omp"
+        mask = imp(
+            model, train_set, accelerator,
+            rounds=1 if one_shot else spec.rounds,
+            rewind_state=rewind_state,
+            rate=spec.sparsity if one_shot else spec.rate,
+            epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, momentum=spec.momentum,
+            weight_decay=spec.weight_decay, lr_schedule=spec.lr_schedule, scope=spec.scope,
+        )  # fmt: skip
+    model.pruning_mask = mask
+    return mask
+
+
 def _retrain(
     model, data, accelerator, mask, round_index, epochs, lr, batch_size, momentum, weight_decay, schedule
 ):

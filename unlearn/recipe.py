@@ -19,10 +19,45 @@ PRECISIONS = ("no", "fp16", "bf16")
 
 
 @dataclass
+class PruneSpec:
+    """"Prune first, then unlearn": how the loaded model is made sparse before the method runs (`unlearn.prune`).
+
+    method: "omp" (one-shot global magnitude pruning to `sparsity`), "imp" (`rounds` rounds pruning `rate` of
+        the surviving weights, each rewound and retrained), or "zeros" (the checkpoint is already sparse: its
+        zero weights in `scope` are the pruned ones, e.g. a `pruned/` model of an earlier run).
+    epochs: retraining epochs after each pruning step on the full training set (forget + retain: pruning
+        happens before any unlearning request); 0 = OMP without retraining. OMP with epochs > 0 is the
+        reference's OMP (prune, rewind, retrain once).
+    rewind: a state-dict file to rewind to before retraining (the reference rewinds to epoch 8 of the original
+        training); None rewinds to the loaded trained weights.
+    """
+
+    method: str = "omp"
+    sparsity: float = 0.95
+    scope: str = "conv"
+    rounds: int = 1
+    rate: float = 0.2
+    epochs: int = 0
+    lr: float = 0.1
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    rewind: str | None = None
+
+
+PRUNE_METHODS = ("omp", "imp", "zeros")
+
+
+@dataclass
 class ModelSpec:
     family: str = "classifier"
     arch: str | None = "digits_cnn"  # built-in name, "torchvision:<name>", or None for a transformers folder
     checkpoint: str | None = "world:digits"  # a path, "world:<name>", or None for fresh weights
+    prune: dict | None = None  # a PruneSpec: prune the loaded model first, then unlearn on the sparse model
+
+    def prune_spec(self) -> PruneSpec | None:
+        return None if self.prune is None else _build(PruneSpec, self.prune, "model.prune")
 
 
 @dataclass
@@ -77,6 +112,8 @@ class Recipe:
         out = {"method": method}
         for name in SECTIONS:
             out[name] = dataclasses.asdict(getattr(self, name))
+        if self.model.prune is not None:
+            out["model"]["prune"] = dataclasses.asdict(self.model.prune_spec())
         out["seed"] = self.seed
         out["output"] = self.output
         return out
@@ -165,6 +202,14 @@ def validate(recipe: Recipe) -> None:
     model, data, train, ev = recipe.model, recipe.data, recipe.train, recipe.eval
     if model.family not in FAMILIES:
         raise ConfigError(f"unknown model family {model.family!r}; known: {', '.join(FAMILIES)}")
+    prune = model.prune_spec()
+    if prune is not None:
+        if prune.method not in PRUNE_METHODS:
+            _unknown("model.prune.method", prune.method, PRUNE_METHODS)
+        if not 0.0 <= prune.sparsity < 1.0 or not 0.0 <= prune.rate < 1.0:
+            raise ConfigError("model.prune.sparsity and model.prune.rate must lie in [0, 1)")
+        if prune.rounds < 1 or prune.epochs < 0:
+            raise ConfigError("model.prune.rounds must be at least 1 and model.prune.epochs at least 0")
     cls = get_method(recipe.method, model.family)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in recipe.method_args.items():
