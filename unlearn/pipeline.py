@@ -225,7 +225,7 @@ def _reference(recipe: Recipe, output: Path, log) -> tuple[dict, Path]:
 
 
 def _prune_first(model, recipe: Recipe, data: UnlearnData, accelerator, output: Path, log) -> float:
-    """"Prune first, then unlearn": make the loaded model sparse (retraining, if any, on forget + retain, the
+    """Prune first, then unlearn: make the loaded model sparse (retraining, if any, on forget + retain, the
     original training set); the method then starts from it, and `original_*` metrics score it. Writes the mask
     and the pruned model (`pruned/`, reusable with `model.prune={method: zeros}`); returns the share of zeros."""
     from .prune import prune_model, sparsity

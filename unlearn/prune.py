@@ -212,7 +212,9 @@ def prune_model(model, spec, train_set: Dataset, accelerator) -> ParamMask:
     """
     trainable = getattr(model, "trainable", model)
     if spec.method == "zeros":
-        mask = ParamMask({name: weight.detach() != 0 for name, weight in prunable(trainable, spec.scope).items()})
+        mask = ParamMask(
+            {name: weight.detach() != 0 for name, weight in prunable(trainable, spec.scope).items()}
+        )
     elif spec.method == "omp" and spec.epochs == 0:
         mask = omp(model, spec.sparsity, spec.scope)
     else:

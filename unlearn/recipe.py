@@ -20,7 +20,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 
 @dataclass
 class PruneSpec:
-    """"Prune first, then unlearn": how the loaded model is made sparse before the method runs (`unlearn.prune`).
+    """Prune first, then unlearn: how the loaded model is made sparse before the method runs (`unlearn.prune`).
 
     method: "omp" (one-shot global magnitude pruning to `sparsity`), "imp" (`rounds` rounds pruning `rate` of
         the surviving weights, each rewound and retrained), or "zeros" (the checkpoint is already sparse: its
