@@ -37,7 +37,9 @@ class _Trained(Method):
     max_grad_norm: float | None = None
     augment: str = "none"
 
-    def _fit(self, model: Model, phases: list[Phase], accelerator, stage: str, mask=None) -> Model:
+    def _fit(
+        self, model: Model, phases: list[Phase], accelerator, stage: str, mask=None, after_step=None
+    ) -> Model:
         optimizer = make_optimizer(
             model.parameters(), self.optimizer, self.lr, self.momentum, self.weight_decay
         )
@@ -52,6 +54,7 @@ class _Trained(Method):
             max_grad_norm=self.max_grad_norm,
             augment=self.augment,
             stage=stage,
+            after_step=after_step,
         )
 
 
