@@ -148,6 +148,7 @@ def imp(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     lr_schedule: str = "cosine",
+    augment: str = "none",
     scope: str = "conv",
     train_fn: TrainFn | None = None,
 ) -> ParamMask:
@@ -176,7 +177,8 @@ def imp(
         rewind_state: a state dict of `model.trainable` saved early in training (all of its entries, buffers
             included, are restored: the reference rewinds the whole network).
         rate: share of the surviving weights pruned per round.
-        epochs, lr, batch_size, momentum, weight_decay, lr_schedule: the retraining run (cross-entropy).
+        epochs, lr, batch_size, momentum, weight_decay, lr_schedule, augment: the retraining run
+            (cross-entropy; augment "crop_flip" for CIFAR).
         scope: pruning scope (see `prunable`).
         train_fn: a custom retraining step `train_fn(model, mask, round)`, which must train `model` in place
             and keep the pruned entries at zero (e.g. by calling `fit(..., mask=mask)`).
@@ -196,7 +198,7 @@ def imp(
         else:
             _retrain(
                 model, data, accelerator, mask, round_index,
-                epochs, lr, batch_size, momentum, weight_decay, lr_schedule,
+                epochs, lr, batch_size, momentum, weight_decay, lr_schedule, augment,
             )  # fmt: skip
         trainable = getattr(model, "trainable", model)
     return mask
@@ -231,14 +233,26 @@ def prune_model(model, spec, train_set: Dataset, accelerator) -> ParamMask:
             rewind_state=rewind_state,
             rate=spec.sparsity if one_shot else spec.rate,
             epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, momentum=spec.momentum,
-            weight_decay=spec.weight_decay, lr_schedule=spec.lr_schedule, scope=spec.scope,
+            weight_decay=spec.weight_decay, lr_schedule=spec.lr_schedule, augment=spec.augment,
+            scope=spec.scope,
         )  # fmt: skip
     model.pruning_mask = mask
     return mask
 
 
 def _retrain(
-    model, data, accelerator, mask, round_index, epochs, lr, batch_size, momentum, weight_decay, schedule
+    model,
+    data,
+    accelerator,
+    mask,
+    round_index,
+    epochs,
+    lr,
+    batch_size,
+    momentum,
+    weight_decay,
+    schedule,
+    augment,
 ):
     from .train import Phase, fit, make_loader, make_optimizer
 
@@ -255,6 +269,7 @@ def _retrain(
         accelerator,
         epochs,
         lr_schedule=schedule,
+        augment=augment,
         mask=mask,
         stage=f"imp_round{round_index}",
     )

@@ -43,6 +43,7 @@ class PruneSpec:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"
+    augment: str = "none"
     rewind: str | None = None
 
 
