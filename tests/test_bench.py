@@ -95,3 +95,14 @@ def test_bad_suite_is_refused(tmp_path):
 def test_shipped_suites_validate():
     for name in ("evals/digits_classwise.yaml", "evals/digits_random10.yaml"):
         assert main(["check", name]) == 0
+
+
+def test_method_overrides_apply_to_their_method_only(tmp_path):
+    from unlearn.bench import check_suite, suite_recipe
+
+    suite = load_suite(_suite(tmp_path, method_overrides={"random_label": ["method.lr=0.003"]}))
+    assert suite_recipe(suite, "random_label", 0).method_args["lr"] == 0.003
+    assert suite_recipe(suite, "finetune", 0).method_args["lr"] != 0.003
+    suite = load_suite(_suite(tmp_path, method_overrides={"salun": ["method.lr=0.003"]}))
+    with pytest.raises(ConfigError, match="does not run"):
+        check_suite(suite)

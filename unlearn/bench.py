@@ -29,6 +29,7 @@ class Suite:
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     reference: str = "retrain"
     overrides: list = field(default_factory=list)
+    method_overrides: dict = field(default_factory=dict)  # {method: [overrides]}, the task's own settings
     description: str = ""
     source: str = ""
 
@@ -59,12 +60,13 @@ def load_suite(path: str | Path) -> Suite:
 
 
 def suite_recipe(suite: Suite, method: str, seed: int):
-    """The recipe of one (method, seed) cell: `<recipes>/<method>.yaml` plus the suite's overrides."""
+    """The recipe of one (method, seed) cell: `<recipes>/<method>.yaml`, the suite's overrides, then the
+    method's own (`method_overrides`: e.g. the learning rate a method needs for random forgetting)."""
     path = find_path(Path(suite.recipes) / f"{method}.yaml")
     if not path.exists():
         raise CheckpointNotFoundError(f"suite {suite.name!r}: recipe {str(path)!r} does not exist")
     raw = yaml.safe_load(path.read_text())
-    for item in suite.overrides:
+    for item in [*suite.overrides, *suite.method_overrides.get(method, [])]:
         apply_override(raw, item)
     raw["seed"] = seed
     raw.setdefault("eval", {})["reference"] = None
@@ -72,6 +74,11 @@ def suite_recipe(suite: Suite, method: str, seed: int):
 
 
 def check_suite(suite: Suite) -> None:
+    unknown = sorted(set(suite.method_overrides) - {suite.reference, *suite.methods})
+    if unknown:
+        raise ConfigError(
+            f"suite {suite.name!r}: method_overrides names {unknown[0]!r}, which the suite does not run"
+        )
     for method in [suite.reference, *suite.methods]:
         suite_recipe(suite, method, suite.seeds[0])
 
