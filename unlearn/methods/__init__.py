@@ -8,6 +8,7 @@ from ..errors import ConfigError
 from .base import Method
 from .baselines import FineTune, GradAscent, RandomLabel, Retrain
 from .l1_sparse import L1Sparse
+from .laf import LAF
 from .salun import SalUn
 
 METHODS: dict[str, type[Method]] = {
@@ -17,6 +18,7 @@ METHODS: dict[str, type[Method]] = {
     "random_label": RandomLabel,
     "salun": SalUn,
     "l1_sparse": L1Sparse,
+    "laf": LAF,
 }
 
 
