@@ -3,8 +3,30 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
+
+
+@contextmanager
+def one_torch_thread():
+    """One torch (OpenMP) thread: as fast for the tests' small models on an idle machine, and 6x faster (13 s
+    against 83 s to build the digits world) when another process keeps one of two cores busy, where two OpenMP
+    threads stall waiting for each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -23,18 +45,19 @@ def world_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_world(world_cache):
     """Paths of the digits world's models (trained on first use, about 15 s on 2 cores)."""
-    import torch
-
     from unlearn.worlds import prepare
 
-    # One thread: as fast for this small CNN on an idle machine, and 6x faster (13 s against 83 s) when another
-    # process keeps one of two cores busy, where two OpenMP threads stall waiting for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         return prepare("digits", verbose=False)
-    finally:
-        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits_task(digits_world):
+    """The class-wise task of the digits world: forget class 3."""
+    from unlearn.data import forget_classes
+    from unlearn.datasets import load_dataset
+
+    return forget_classes(load_dataset("digits", "train"), load_dataset("digits", "test"), [3])
 
 
 @pytest.fixture(autouse=True)

@@ -79,15 +79,6 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def one_thread():
-    """One OpenMP thread, as in conftest's `digits_world`: on two shared cores two threads stall each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def shrink(path: Path, checkpoint: Path, root: Path) -> list[str]:
     """Overrides that keep a recipe's wiring but make it tiny: one epoch of every training loop the method has
     (`epochs`, `retrain_epochs`, `prune_epochs`, ... above 1), batches of at most 32, the tmp checkpoint."""

@@ -17,22 +17,6 @@ from unlearn.params import ParamMask
 FAST = {"epochs": 2, "vae_epochs": 2}
 
 
-@pytest.fixture
-def one_thread():
-    """One OpenMP thread, as conftest's `digits_world`: on two shared cores two threads stall each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _digits_task():
-    from unlearn.data import forget_classes
-    from unlearn.datasets import load_dataset
-
-    return forget_classes(load_dataset("digits", "train"), load_dataset("digits", "test"), [3])
-
-
 def _relabel(data, make_labels):
     """The same task with the labels of D_f and D_r replaced by `make_labels(labels)`."""
     from unlearn.datasets import ImageTensorDataset
@@ -122,11 +106,11 @@ def test_fields_are_validated():
         LAF(temp=0)
 
 
-def test_laf_never_reads_a_label(digits_world, one_thread):
+def test_laf_never_reads_a_label(digits_world, one_thread, digits_task):
     """Same seed, true labels or garbage (all -1, or a permutation): bit-identical weights and buffers."""
     from unlearn.models import load_model
 
-    data = _digits_task()
+    data = digits_task
     true = _state(_run(data))
     for garbage in (lambda y: torch.full_like(y, -1), lambda y: y[torch.randperm(len(y))]):
         other = _state(_run(_relabel(data, garbage)))
@@ -140,9 +124,9 @@ def test_laf_never_reads_a_label(digits_world, one_thread):
     assert all(not n.startswith("fc.") and "running" not in n for n in moved), moved
 
 
-def test_repair_reads_labels_only_when_asked(digits_world, one_thread):
+def test_repair_reads_labels_only_when_asked(digits_world, one_thread, digits_task):
     """LAF+R: with repair_epochs > 0 the head (and only the head) follows the retain labels."""
-    data = _digits_task()
+    data = digits_task
     plain = _state(_run(data))
     repaired = _state(_run(data, repair_epochs=1))
     shuffled = _state(_run(_relabel(data, lambda y: y[torch.randperm(len(y))]), repair_epochs=1))
@@ -155,7 +139,7 @@ def test_repair_reads_labels_only_when_asked(digits_world, one_thread):
             assert torch.equal(repaired[name], shuffled[name]), name
 
 
-def test_pruned_weights_stay_exactly_zero(digits_world, one_thread):
+def test_pruned_weights_stay_exactly_zero(digits_world, one_thread, digits_task):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -172,7 +156,7 @@ def test_pruned_weights_stay_exactly_zero(digits_world, one_thread):
     )
     set_seed(0)
     method = LAF(epochs=1, vae_epochs=1, repair_epochs=1)
-    unlearned = method.unlearn(model, _digits_task(), Accelerator(cpu=True))
+    unlearned = method.unlearn(model, digits_task, Accelerator(cpu=True))
     params = dict(unlearned.trainable.named_parameters())
     for name, keep in model.pruning_mask.masks.items():
         assert torch.all(params[name].detach()[~keep] == 0.0), f"pruned entries of {name} moved"
@@ -180,14 +164,14 @@ def test_pruned_weights_stay_exactly_zero(digits_world, one_thread):
     assert all(p.requires_grad for p in unlearned.parameters()), "LAF left parameters frozen"
 
 
-def test_refuses_gradient_accumulation(digits_world):
+def test_refuses_gradient_accumulation(digits_world, digits_task):
     from accelerate import Accelerator
 
     from unlearn.models import load_model
 
     model = load_model("world:digits", "digits_cnn", 10)
     with pytest.raises(ConfigError, match="gradient accumulation"):
-        LAF().unlearn(model, _digits_task(), Accelerator(cpu=True, gradient_accumulation_steps=2))
+        LAF().unlearn(model, digits_task, Accelerator(cpu=True, gradient_accumulation_steps=2))
 
 
 def test_digits_recipe_forgets_class_3_without_labels(digits_world, one_thread, tmp_path):

@@ -44,21 +44,14 @@ def test_saliency_mask_refuses_bad_sparsity():
         saliency_mask(model, _ce_ascent, [], sparsity=1.0)
 
 
-def _digits_task():
-    from unlearn.data import forget_classes
-    from unlearn.datasets import load_dataset
-
-    return forget_classes(load_dataset("digits", "train"), load_dataset("digits", "test"), [3])
-
-
-def test_salun_moves_only_salient_weights_and_saves_its_mask(digits_world, tmp_path):
+def test_salun_moves_only_salient_weights_and_saves_its_mask(digits_world, tmp_path, digits_task):
     from accelerate import Accelerator
 
     from unlearn.evaluate import evaluate
     from unlearn.methods import get_method
     from unlearn.models import load_model
 
-    data = _digits_task()
+    data = digits_task
     model = load_model("world:digits", "digits_cnn", 10)
     before = {n: p.detach().clone() for n, p in model.network.named_parameters()}
     method = get_method("salun", "classifier")(epochs=3, weight_decay=5e-4, momentum=0.9)
@@ -76,13 +69,13 @@ def test_salun_moves_only_salient_weights_and_saves_its_mask(digits_world, tmp_p
     assert evaluate(unlearned, data, ["UA"])["UA"] >= 90
 
 
-def test_salun_reuses_a_saved_mask(digits_world, tmp_path):
+def test_salun_reuses_a_saved_mask(digits_world, tmp_path, digits_task):
     from accelerate import Accelerator
 
     from unlearn.methods.salun import SalUn
     from unlearn.models import load_model
 
-    data = _digits_task()
+    data = digits_task
     first = SalUn(epochs=1)
     mask = first.mask(
         load_model("world:digits", "digits_cnn", 10), data, Accelerator(cpu=True, project_dir=str(tmp_path))
@@ -94,15 +87,6 @@ def test_salun_reuses_a_saved_mask(digits_world, tmp_path):
 
 
 # SalUn-soft (`soft: true`, reference RL_proximal): the proximal step, its schedule, and a short run.
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: two OpenMP threads stall each other when the 2 cores are shared (see conftest)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_soft_threshold_matches_numpy():
@@ -171,7 +155,9 @@ def test_soft_k_is_constant_within_an_epoch_and_decays_over_epochs():
     assert [block[0] for block in per_epoch] == [4750, 3500, 2250, 1000]
 
 
-def test_salun_soft_forgets_and_pins_the_expected_share_after_one_epoch(digits_world, one_thread):
+def test_salun_soft_forgets_and_pins_the_expected_share_after_one_epoch(
+    digits_world, one_thread, digits_task
+):
     from accelerate import Accelerator
 
     from unlearn.evaluate import evaluate
@@ -179,7 +165,7 @@ def test_salun_soft_forgets_and_pins_the_expected_share_after_one_epoch(digits_w
     from unlearn.methods.salun import soft_k
     from unlearn.models import load_model
 
-    data = _digits_task()
+    data = digits_task
     model = load_model("world:digits", "digits_cnn", 10)
     assert evaluate(model, data, ["UA"])["UA"] < 10
     before = {n: p.detach().clone() for n, p in model.trainable.named_parameters()}
@@ -195,13 +181,13 @@ def test_salun_soft_forgets_and_pins_the_expected_share_after_one_epoch(digits_w
     assert evaluate(unlearned, data, ["UA"])["UA"] >= 90
 
 
-def test_salun_soft_keeps_pruned_weights_zero(digits_world, one_thread):
+def test_salun_soft_keeps_pruned_weights_zero(digits_world, one_thread, digits_task):
     from accelerate import Accelerator
 
     from unlearn.methods.salun import SalUn
     from unlearn.models import load_model
 
-    data = _digits_task()
+    data = digits_task
     model = load_model("world:digits", "digits_cnn", 10)
     generator = torch.Generator().manual_seed(0)
     model.pruning_mask = ParamMask(

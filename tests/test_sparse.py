@@ -18,13 +18,7 @@ from unlearn.params import ParamMask
 from unlearn.prune import apply_mask, imp, magnitude_mask, omp, prunable, sparsity
 from unlearn.train import Phase, fit, make_loader, make_optimizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_accelerator(project_dir=None) -> Accelerator:
@@ -214,14 +208,6 @@ def test_l1_schedule_follows_the_reference_formula():
         L1Sparse(schedule="cosine")
     with pytest.raises(ConfigError, match="no_l1_epochs"):
         L1Sparse(epochs=2, no_l1_epochs=3)
-
-
-@pytest.fixture(scope="module")
-def digits_task(digits_world):
-    from unlearn.data import forget_classes
-    from unlearn.datasets import load_dataset
-
-    return forget_classes(load_dataset("digits", "train"), load_dataset("digits", "test"), [3])
 
 
 def world_model():

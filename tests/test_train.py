@@ -19,14 +19,7 @@ from unlearn.train import Phase, fit, make_loader, make_optimizer, random_crop_f
 
 LOG_FIELDS = {"stage", "epoch", "step", "phase", "loss", "lr", "elapsed_s"}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from two threads, and lose much when another process shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_accelerator(project_dir=None, **kwargs) -> Accelerator:
@@ -425,14 +418,6 @@ def test_random_crop_flip_is_a_crop_of_the_padded_image():
 
 
 # --- the baselines keep their promises on the digits world -----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def digits_task(digits_world):
-    from unlearn.data import forget_classes
-    from unlearn.datasets import load_dataset
-
-    return forget_classes(load_dataset("digits", "train"), load_dataset("digits", "test"), [3])
 
 
 def load_world_model(digits_world):
