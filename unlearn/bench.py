@@ -19,6 +19,8 @@ MAIN_KEYS = ("UA", "RA", "TA", "MIA", "RTE_s")
 # Representation columns ("Are We Truly Forgetting?"): CKA of forget / test features to the original and to
 # Retrain, and how well a linear probe still reads the forgotten data out of the frozen features.
 REPRESENTATION_KEYS = ("CKA_forget_original", "CKA_forget_retrain", "CKA_test_retrain", "probe_forget")
+# Generative suites (concept / class erasure from diffusion models): judged generations and FID.
+GENERATIVE_KEYS = ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid", "clip_score")
 
 
 @dataclass
@@ -97,18 +99,18 @@ def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -
         original = {k[len("original_") :]: v for k, v in reference.items() if k.startswith("original_")}
         original = {
             **_main(original),
-            **gap(original, reference),
+            **_gap(original, reference),
             "RTE_s": 0.0,
             **_self_cka(reference, "original"),
         }
         rows.append({"method": "original", "seed": seed, **original})
-        retrain = {**_main(reference), **gap(reference, reference), **_self_cka(reference, "retrain")}
+        retrain = {**_main(reference), **_gap(reference, reference), **_self_cka(reference, "retrain")}
         rows.append({"method": suite.reference, "seed": seed, **retrain})
         for method in suite.methods:
             recipe = suite_recipe(suite, method, seed)
             recipe.eval.reference = str(ref_dir)
             metrics = run(recipe, output / "runs" / method / f"seed{seed}", log=log)
-            rows.append({"method": method, "seed": seed, **_main(metrics), **gap(metrics, reference)})
+            rows.append({"method": method, "seed": seed, **_main(metrics), **_gap(metrics, reference)})
     order = ["original", suite.reference, *suite.methods]
     summary = {m: _summarize([r for r in rows if r["method"] == m]) for m in order}
     results = {
@@ -127,7 +129,12 @@ def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -
 
 
 def _main(metrics: dict) -> dict:
-    return {k: metrics[k] for k in (*MAIN_KEYS, *REPRESENTATION_KEYS) if k in metrics}
+    return {k: metrics[k] for k in (*MAIN_KEYS, *REPRESENTATION_KEYS, *GENERATIVE_KEYS) if k in metrics}
+
+
+def _gap(metrics: dict, reference: dict) -> dict:
+    """SalUn's Avg. Gap for classifier rows; generative rows are compared column by column instead."""
+    return gap(metrics, reference) if "UA" in metrics else {}
 
 
 def _self_cka(reference: dict, row: str) -> dict:
@@ -158,6 +165,8 @@ def _summarize(rows: list[dict]) -> dict:
 def results_table(results: dict) -> str:
     """The table a paper would print: mean ± std over seeds, and RTE relative to the reference."""
     ref_time = results["summary"][results["reference"]]["RTE_s"]["mean"]
+    if "UA" not in results["summary"][results["reference"]]:
+        return _generative_table(results, ref_time)
     lines = [
         f"## {results['suite']} ({len(results['seeds'])} seeds)",
         "",
@@ -177,6 +186,31 @@ def results_table(results: dict) -> str:
         "UA, RA, TA, MIA, per seed; CKA = linear CKA (percent) of penultimate features on the forget / test "
         "set to the original model and to Retrain; probe forget = accuracy of a linear probe on frozen features "
         "on the forgotten data; `original` is the model before unlearning.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _generative_table(results: dict, ref_time: float) -> str:
+    lines = [
+        f"## {results['suite']} ({len(results['seeds'])} seed(s))",
+        "",
+        "| method | erasure (exact) | erasure (paraphrase) | retained acc. | FID (retained) | RTE (s) "
+        "| RTE / Retrain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, stats in results["summary"].items():
+        keys = ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid", "RTE_s")
+        cells = [_pm(stats.get(k)) for k in keys]
+        ratio = stats["RTE_s"]["mean"] / ref_time if ref_time and method != "original" else math.nan
+        cells.append("–" if math.isnan(ratio) else f"{ratio:.2f}×")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Erasure = share (percent) of generations from the erased concept's prompts (exact / paraphrases no "
+        "method saw) that the judge classifies as the concept; retained acc. = the judge's accuracy on "
+        "generations of the kept classes; FID between those generations and real images of the kept classes "
+        "(judge features); mean ± std over seeds; `original` is the model before unlearning.",
         "",
     ]
     return "\n".join(lines)

@@ -25,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     # Strings, not type=int: nargs="+" also swallows overrides that follow (`--forget-class 5 data.root=x`);
     # `_erase` hands those back to the overrides.
     erase.add_argument("--forget-class", nargs="+", metavar="N", help="class ids to forget")
+    erase.add_argument(
+        "--concept", help="diffusion: the concept to erase (overrides data.concept), e.g. three"
+    )
+    erase.add_argument("--anchor", help="diffusion: what the concept should become (overrides data.anchor)")
     erase.add_argument("-o", "--output", help="run folder (rerun the same folder to resume)")
 
     ev = sub.add_parser("eval", help="score a run folder, or the model a recipe names")
@@ -40,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate recipes or suites without running anything")
     check.add_argument("files", nargs="+")
 
-    prepare = sub.add_parser("prepare", help="build and cache an embedded world")
+    prepare = sub.add_parser(
+        "prepare", help="build and cache an embedded world (digits: classifier, DDPM, text-to-image; ~15 min)"
+    )
     prepare.add_argument("world", help="e.g. digits")
     return parser
 
@@ -60,7 +66,11 @@ def _erase(args) -> int:
     if args.arch:
         overrides.append(f"model.arch={json.dumps(args.arch)}")
     if classes:
-        overrides += [f"data.forget_class={classes}", "data.forget_fraction=null"]
+        overrides += [f"data.forget_class={classes}", "data.forget_fraction=null", "data.concept=null"]
+    if args.concept is not None:
+        overrides += [f"data.concept={json.dumps(args.concept)}", "data.forget_class=null"]
+    if args.anchor is not None:
+        overrides.append(f"data.anchor={json.dumps(args.anchor)}")
     recipe = load_recipe(find_path(args.recipe), overrides)
     run(recipe, args.output)
     shutdown()
@@ -85,11 +95,11 @@ def _bench(args) -> int:
 
 def _ls(args) -> int:
     if args.what == "methods":
-        from .methods import METHODS
+        from .methods import METHODS, families
 
-        for name, cls in METHODS.items():
-            summary = (cls.__doc__ or "").strip().splitlines()[0]
-            print(f"{name:14s} [{', '.join(cls.families)}]  {summary}")
+        for name, classes in METHODS.items():
+            summary = (classes[0].__doc__ or "").strip().splitlines()[0]
+            print(f"{name:14s} [{', '.join(families(name))}]  {summary}")
     elif args.what == "metrics":
         from .metrics import METRICS
 
@@ -129,7 +139,9 @@ def _check(args) -> int:
 def _prepare(args) -> int:
     from .worlds import prepare
 
-    for family, path in prepare(args.world).items():
+    # The command builds every model of the world (the digits DDPM and text-to-image model take minutes);
+    # `prepare(world)` from Python builds only the quick classifier unless asked for more.
+    for family, path in prepare(args.world, families="all").items():
         print(f"{family}: {path}")
     return 0
 

@@ -3,12 +3,53 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .datasets import ImageTensorDataset
 from .errors import DataError
+
+
+@dataclass
+class ConceptPrompts:
+    """What a generative model is asked to forget, in its own conditions, and how erasure is judged.
+
+    Conditions are prompts (text-to-image) or class ids (class-conditional DDPM).
+
+    Attributes:
+        concept: the erased concept as the user named it ("three", "nudity", "3").
+        forget: conditions that name the concept: the methods train on them, and `erasure_rate` is measured on
+            them (the exact prompts).
+        anchor: what the concept should turn into, one per forget condition (SalUn's pseudo prompt or class c',
+            ESD's anchor); the empty prompt / null class means "unconditional".
+        paraphrases: other wordings of the concept that no method sees: `erasure_rate_paraphrase` is measured
+            on them, because erasure that a synonym undoes is not erasure.
+        retain: conditions that must survive, with `retain_labels`, the judge label each should produce.
+        concept_label: the judge's label for the concept (None: no judge knows it).
+    """
+
+    concept: str
+    forget: list
+    anchor: list
+    paraphrases: list = field(default_factory=list)
+    retain: list = field(default_factory=list)
+    retain_labels: list = field(default_factory=list)
+    concept_label: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.forget:
+            raise DataError(
+                f"the forget set is empty: concept {self.concept!r} has no forget prompt or class"
+            )
+        if len(self.anchor) not in (1, len(self.forget)):
+            raise DataError(
+                f"give one anchor, or one per forget condition ({len(self.forget)}), not {len(self.anchor)}"
+            )
+        if len(self.anchor) == 1:
+            self.anchor = list(self.anchor) * len(self.forget)
+        if len(self.retain_labels) not in (0, len(self.retain)):
+            raise DataError("retain_labels must give one judge label per retain condition")
 
 
 @dataclass
@@ -23,6 +64,8 @@ class UnlearnData:
         test_forget: held-out examples of the forgotten classes (empty for random forgetting).
         num_classes: number of classes of the classifier.
         forget_classes: the forgotten class ids, or () for random-example forgetting.
+        prompts: for generative models, the concept's conditions (forget, anchor, paraphrases, retain). Their
+            forget / retain sets yield `(image, condition)` pairs: a class id, or a prompt.
     """
 
     forget: ImageTensorDataset
@@ -31,8 +74,15 @@ class UnlearnData:
     test_forget: ImageTensorDataset
     num_classes: int
     forget_classes: tuple[int, ...] = ()
+    prompts: ConceptPrompts | None = None
 
     def describe(self) -> str:
+        if self.prompts is not None:
+            return (
+                f"erase {self.prompts.concept!r}: {len(self.forget)} forget / {len(self.retain)} retain images, "
+                f"{len(self.prompts.forget)} forget / {len(self.prompts.paraphrases)} paraphrase / "
+                f"{len(self.prompts.retain)} retain conditions"
+            )
         what = f"classes {list(self.forget_classes)}" if self.forget_classes else "random examples"
         return f"forget {what}: {len(self.forget)} forget / {len(self.retain)} retain / {len(self.test)} test examples"
 
@@ -87,4 +137,126 @@ def forget_fraction(
         test_forget=test.subset(torch.zeros(0, dtype=torch.long)),
         num_classes=train.num_classes,
         forget_classes=(),
+    )
+
+
+def forget_digits_concept(
+    train: ImageTensorDataset,
+    test: ImageTensorDataset,
+    conditioning: str,
+    concept: str | None = None,
+    classes: Sequence[int] | None = None,
+    anchor: str | int | None = None,
+    seed: int = 0,
+) -> UnlearnData:
+    """Erasure in the digits world: a class of the class-conditional DDPM, or a digit concept ("three" / "3")
+    of the text-to-image model, whose exact prompts, paraphrases and retained captions come from the world.
+
+    The forget set holds the class's training images with their conditions (the class id, or one of the
+    concept's exact prompts); the retain set every other training image (with any caption of its class).
+    The default anchor is the next digit ((c + 1) mod 10, as SalUn's pseudo label), in the same wording.
+    """
+    from .datasets import CaptionedDataset
+    from .worlds.digits_text import CAPTIONS, concept_prompts
+
+    if conditioning == "class":
+        if not classes or len(classes) != 1:
+            raise DataError(
+                "a class-conditional diffusion model erases one class at a time: give one forget_class"
+            )
+        task = forget_classes(train, test, classes)
+        label = task.forget_classes[0]
+        kept = [c for c in range(train.num_classes) if c != label]
+        task.prompts = ConceptPrompts(
+            concept=str(label),
+            forget=[label],
+            anchor=[(label + 1) % train.num_classes if anchor is None else int(anchor)],
+            retain=kept,
+            retain_labels=kept,
+            concept_label=label,
+        )
+        return task
+    if conditioning != "text" or concept is None:
+        raise DataError("the digits text-to-image model erases a concept: give data.concept (e.g. three)")
+    label, exact, paraphrases = concept_prompts(concept)
+    task = forget_classes(train, test, [label])
+    if anchor is None:
+        key = concept.strip().lower()
+        next_label, _, _ = concept_prompts(str((label + 1) % 10))
+        next_key = str(next_label) if key.isdigit() else _digit_word(next_label)
+        anchors = [" ".join(next_key if w == key else w for w in p.split()) for p in exact]
+    else:
+        anchors = [str(anchor)]
+    kept = [c for c in range(10) if c != label]
+    retain = [caption for c in kept for caption in CAPTIONS[c]]
+    task.forget = CaptionedDataset(task.forget, {label: exact}, seed=seed)
+    task.retain = CaptionedDataset(task.retain, CAPTIONS, seed=seed)
+    task.prompts = ConceptPrompts(
+        concept=concept,
+        forget=exact,
+        anchor=anchors,
+        paraphrases=paraphrases,
+        retain=retain,
+        retain_labels=[c for c in kept for _ in CAPTIONS[c]],
+        concept_label=label,
+    )
+    return task
+
+
+def _digit_word(label: int) -> str:
+    from .worlds.digits_text import NUMBER_WORDS
+
+    return NUMBER_WORDS[label]
+
+
+def forget_generated_concept(
+    model,
+    concept: str,
+    forget_prompts: Sequence[str] | None = None,
+    paraphrases: Sequence[str] | None = None,
+    retain_prompts: Sequence[str] | None = None,
+    anchor: str | None = None,
+    num_images: int = 64,
+    concept_label: int | None = None,
+    retain_labels: Sequence[int] | None = None,
+    guidance: float = 7.5,
+    steps: int = 25,
+    seed: int = 0,
+) -> UnlearnData:
+    """Concept erasure without a dataset (Stable Diffusion): the original model draws its own forget and retain
+    images, `num_images` each, from the forget prompts and from the retain prompts (or the anchor), as SalUn's
+    SD code does for nudity (800 images of the nude prompt, 800 of the clothed one).
+    """
+    from .datasets import CaptionedDataset
+
+    forget_prompts = list(forget_prompts or [concept])
+    anchor = "" if anchor is None else str(anchor)
+    keep = list(retain_prompts or ([anchor] if anchor else []))
+    if not keep:
+        raise DataError("nothing to retain: give data.retain_prompts or a non-empty data.anchor")
+
+    def drawn(prompts: list[str], offset: int) -> CaptionedDataset:
+        conditions = [prompts[i % len(prompts)] for i in range(num_images)]
+        images = model.generate(conditions, steps=steps, guidance=guidance, seed=seed + offset)
+        labels = torch.tensor([i % len(prompts) for i in range(num_images)])
+        base = ImageTensorDataset(images, labels, len(prompts), "generated")
+        return CaptionedDataset(base, {i: [p] for i, p in enumerate(prompts)}, seed=seed)
+
+    forget, retain = drawn(forget_prompts, 0), drawn(keep, 1)
+    empty = ImageTensorDataset(forget.dataset.images[:0], torch.zeros(0, dtype=torch.long), 1, "generated")
+    return UnlearnData(
+        forget=forget,
+        retain=retain,
+        test=empty,
+        test_forget=empty,
+        num_classes=0,
+        prompts=ConceptPrompts(
+            concept=concept,
+            forget=forget_prompts,
+            anchor=[anchor],
+            paraphrases=list(paraphrases or []),
+            retain=keep,
+            retain_labels=list(retain_labels or []),
+            concept_label=concept_label,
+        ),
     )

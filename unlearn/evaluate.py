@@ -84,3 +84,120 @@ def evaluate(model, data: UnlearnData, names=CLASSIFIER_METRICS, batch_size: int
             results[f"acc_class_{c}"] = value
     model.train(was_training)
     return results
+
+
+@torch.no_grad()
+def evaluate_generation(
+    model,
+    data: UnlearnData,
+    names=("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid"),
+    judge=None,
+    samples: int = 100,
+    steps: int = 25,
+    guidance: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    fid_features: str = "judge",
+    fid_cache=None,
+    clip_model: str | None = None,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Score a diffusion model on a concept-erasure task by generating and judging (reference/evals.md §2).
+
+    Every set is generated from fixed seeds (image i of a set always starts from the same noise), so scores
+    and sample grids before and after unlearning compare the same draws.
+
+    - `erasure_rate`: share (percent) of `samples` generations from the forget conditions (the exact prompts,
+      or the class) that the judge classifies as the concept;
+    - `erasure_rate_paraphrase`: the same on the paraphrases no method saw;
+    - `retain_accuracy`: the judge's accuracy on `samples` generations per retained class (text models: spread
+      over that class's prompts);
+    - `fid`: Fréchet distance between the retained generations and the real retained images (the retain
+      set), on the judge's penultimate features (`fid_features: judge`, offline) or clean-fid's Inception;
+    - `clip_score`: CLIP score of forget and retain generations against their prompts, with a local CLIP.
+
+    Returns:
+        The metrics and the generated images by set ("forget", "paraphrase", "retain"), for sample grids.
+    """
+    from .metrics.generation import clip_score, fid, judge_labels
+
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ConfigError(f"unknown metric {unknown[0]!r}; known metrics: {', '.join(METRICS)}")
+    prompts = data.prompts
+    needs_judge = {"erasure_rate", "erasure_rate_paraphrase", "retain_accuracy"} & set(names)
+    if needs_judge and (judge is None or prompts.concept_label is None):
+        raise ConfigError(
+            f"metrics {sorted(needs_judge)} need a judge that knows the concept: set eval.judge and "
+            "eval.concept_label (or drop them from eval.metrics)"
+        )
+    results: dict[str, float] = {}
+    images: dict[str, torch.Tensor] = {}
+
+    def draw(conditions: list, offset: int) -> torch.Tensor:
+        return model.generate(
+            _as_conditions(model, conditions),
+            steps=steps,
+            guidance=guidance,
+            seed=seed + offset,
+            batch_size=batch_size,
+        )
+
+    forget = [prompts.forget[i % len(prompts.forget)] for i in range(samples)]
+    images["forget"] = draw(forget, 0)
+    if "erasure_rate" in names:
+        results["erasure_rate"] = _share(judge_labels(judge, images["forget"]) == prompts.concept_label)
+    if prompts.paraphrases:
+        paraphrases = [prompts.paraphrases[i % len(prompts.paraphrases)] for i in range(samples)]
+        images["paraphrase"] = draw(paraphrases, 1)
+        if "erasure_rate_paraphrase" in names:
+            results["erasure_rate_paraphrase"] = _share(
+                judge_labels(judge, images["paraphrase"]) == prompts.concept_label
+            )
+    retain, labels = _per_label(prompts.retain, prompts.retain_labels, samples)
+    if retain:
+        images["retain"] = draw(retain, 2)
+    if "retain_accuracy" in names and labels:
+        results["retain_accuracy"] = _share(judge_labels(judge, images["retain"]) == torch.tensor(labels))
+    if "fid" in names and retain:
+        real = torch.stack([data.retain[i][0] for i in range(len(data.retain))])
+        extractor = "inception" if fid_features == "inception" else _features_of(judge)
+        results["fid"] = fid(real, images["retain"], extractor, device=model.device, cache=fid_cache)
+    if "clip_score" in names or clip_model:
+        if clip_model is None:
+            raise ConfigError("clip_score needs a local CLIP model folder: set eval.clip_model")
+        if model.conditioning == "text":
+            results["clip_score_forget"] = clip_score(
+                images["forget"], forget, clip_model, device=model.device
+            )
+            if retain:
+                results["clip_score"] = clip_score(images["retain"], retain, clip_model, device=model.device)
+    return results, images
+
+
+def _as_conditions(model, conditions: list):
+    if model.conditioning == "class":
+        return torch.tensor([int(c) for c in conditions], dtype=torch.long)
+    return list(conditions)
+
+
+def _per_label(conditions: list, labels: list, per_label: int) -> tuple[list, list]:
+    """`per_label` conditions for each judge label, cycling through that label's conditions in order."""
+    if not labels:
+        return [conditions[i % len(conditions)] for i in range(per_label)] if conditions else [], []
+    by_label: dict = {}
+    for condition, label in zip(conditions, labels):
+        by_label.setdefault(label, []).append(condition)
+    chosen, chosen_labels = [], []
+    for label, group in by_label.items():
+        chosen += [group[i % len(group)] for i in range(per_label)]
+        chosen_labels += [label] * per_label
+    return chosen, chosen_labels
+
+
+def _features_of(judge):
+    """The judge's penultimate features (a `Classifier`), else its logits, as FID's feature extractor."""
+    return getattr(judge, "features", judge)
+
+
+def _share(hits: torch.Tensor) -> float:
+    return 100.0 * float(hits.float().mean()) if len(hits) else math.nan

@@ -68,7 +68,9 @@ class ParamMask:
         return cls(load_state_dict(path))
 
 
-def saliency_mask(model: nn.Module, loss_fn, batches, sparsity: float = 0.5) -> ParamMask:
+def saliency_mask(
+    model: nn.Module, loss_fn, batches, sparsity: float = 0.5, max_grad_norm: float | None = None
+) -> ParamMask:
     """SalUn's weight saliency: the weights where the forgetting loss is most sensitive.
 
     As the reference code computes it (`generate_mask.py`; reference/methods.md §1.2): the model in eval mode,
@@ -81,6 +83,7 @@ def saliency_mask(model: nn.Module, loss_fn, batches, sparsity: float = 0.5) -> 
         loss_fn: `loss_fn(model, batch) -> Tensor`, the forgetting loss (e.g. -CE on the forget set).
         batches: an iterable of batches on the model's device.
         sparsity: share of the entries that are pinned, in [0, 1).
+        max_grad_norm: clip each batch's gradient to this norm before summing (the DDPM reference does).
     """
     if not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"saliency sparsity must lie in [0, 1), got {sparsity}")
@@ -92,6 +95,8 @@ def saliency_mask(model: nn.Module, loss_fn, batches, sparsity: float = 0.5) -> 
     for batch in batches:
         model.zero_grad(set_to_none=True)
         loss_fn(model, batch).backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
         for name, param in params.items():
             if param.grad is not None:
                 summed[name] += param.grad

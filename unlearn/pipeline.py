@@ -12,7 +12,13 @@ from pathlib import Path
 import torch
 
 from .checkpoints import write_json, write_text
-from .data import UnlearnData, forget_classes, forget_fraction
+from .data import (
+    UnlearnData,
+    forget_classes,
+    forget_digits_concept,
+    forget_fraction,
+    forget_generated_concept,
+)
 from .datasets import load_dataset
 from .errors import CheckpointNotFoundError, ConfigError
 from .evaluate import evaluate
@@ -126,6 +132,8 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
             f"method.batch_size {batch_size} must be a multiple of the {accelerator.num_processes} processes: "
             "the recipe's batch is the global batch, split evenly across processes"
         )
+    if recipe.model.family == "diffusion":
+        return _run_diffusion(recipe, method, accelerator, output, reference, log)
     data = build_data(recipe)
     with accelerator.main_process_first():
         model = recipe_model(recipe, data.num_classes)
@@ -181,6 +189,159 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
         log(f"wrote {output}")
     accelerator.wait_for_everyone()
     return metrics
+
+
+def build_concept_data(recipe: Recipe, model) -> UnlearnData:
+    """The erasure task of a diffusion recipe: a digits class or concept, or a concept with generated data."""
+    spec = recipe.data
+    if spec.dataset == "digits":
+        train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+        return forget_digits_concept(
+            train, test, model.conditioning, spec.concept, spec.forget_class, spec.anchor, seed=recipe.seed
+        )
+    if model.conditioning != "text":
+        raise ConfigError(
+            "dataset: generated erases a concept from a text-to-image model; this one takes no text"
+        )
+    return forget_generated_concept(
+        model,
+        spec.concept,
+        spec.forget_prompts,
+        spec.paraphrases,
+        spec.retain_prompts,
+        spec.anchor,
+        spec.num_images,
+        concept_label=recipe.eval.concept_label,
+        guidance=recipe.eval.guidance,
+        steps=recipe.eval.steps,
+        seed=recipe.seed,
+    )
+
+
+JUDGED = ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy")
+
+
+def _run_diffusion(recipe: Recipe, method, accelerator, output: Path, reference: dict | None, log) -> dict:
+    """Erase a class or concept from a diffusion model, judge generations before and after, write the run."""
+    from accelerate.utils import set_seed
+
+    from .evaluate import evaluate_generation
+    from .metrics.generation import save_grid
+    from .report import write_generation_report
+
+    if accelerator.num_processes > 1:
+        raise ConfigError("diffusion erasure runs in a single process for now; launch it without --multi_gpu")
+    model = recipe_model(recipe, 0)
+    model.to(accelerator.device)
+    if recipe.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if recipe.train.mixed_precision != "no":  # trainable UNet weights stay fp32; frozen parts run in half
+        model.cast_frozen(torch.bfloat16 if recipe.train.mixed_precision == "bf16" else torch.float16)
+    data = build_concept_data(recipe, model)
+    output.mkdir(parents=True, exist_ok=True)
+    write_text(recipe.to_yaml(), output / "recipe.yaml")
+    log(f"{recipe.method} on {recipe.model.checkpoint}: {data.describe()}")
+
+    ev = recipe.eval
+    judge = _judge(recipe, accelerator.device)
+    names = list(ev.metrics)
+    if judge is None and set(JUDGED) & set(names):
+        names = [n for n in names if n not in JUDGED]
+        log("no judge (eval.judge): erasure rates and retained accuracy are not computed")
+    if judge is None and ev.fid_features == "judge" and "fid" in names:
+        names.remove("fid")
+        log("no judge to take FID features from: FID needs eval.judge or eval.fid_features: inception")
+    if data.prompts.concept_label is None and ev.concept_label is not None:
+        data.prompts.concept_label = ev.concept_label
+    fid_cache = None
+    if recipe.data.dataset == "digits" and ev.fid_features == "judge":
+        from .worlds import cache_dir
+
+        fid_cache = (
+            cache_dir() / "fid" / f"digits-retain-{data.prompts.concept}-{model.conditioning}-judge.npz"
+        )
+
+    def score(current) -> tuple[dict, dict]:
+        return evaluate_generation(
+            current,
+            data,
+            names,
+            judge,
+            ev.samples,
+            ev.steps,
+            ev.guidance,
+            recipe.seed,
+            ev.batch_size,
+            ev.fid_features,
+            fid_cache,
+            ev.clip_model,
+        )
+
+    metrics: dict = {}
+    before = {name: tensor.detach().cpu().clone() for name, tensor in model.unet.state_dict().items()}
+    original_images: dict = {}
+    if ev.original:
+        original, original_images = score(model)
+        metrics.update({f"original_{k}": v for k, v in original.items()})
+
+    set_seed(recipe.seed)
+    _sync(accelerator.device)
+    started = time.perf_counter()
+    model = method.unlearn(model, data, accelerator)
+    _sync(accelerator.device)
+    seconds = time.perf_counter() - started
+
+    results, images = score(model)
+    metrics = {**results, "RTE_s": seconds, **metrics}
+    if reference is not None:
+        metrics.update({f"retrain_{k}": reference[k] for k in (*results, "RTE_s") if k in reference})
+    metrics["device"] = str(accelerator.device)
+    metrics["num_processes"] = accelerator.num_processes
+    model.save(output / "model")
+    _save_edit(model, before, output / "edit.safetensors")
+    grids = {}
+    for name, after in images.items():
+        count = min(len(after), 40)
+        grids[name] = {"unlearned": save_grid(after[:count], output / f"samples_{name}.png", nrow=10).name}
+        if name in original_images:
+            path = save_grid(original_images[name][:count], output / f"samples_{name}_original.png", nrow=10)
+            grids[name]["original"] = path.name
+    write_json(metrics, output / "metrics.json")
+    write_generation_report(output, recipe, data, metrics, grids)
+    shutil.rmtree(output / "checkpoints", ignore_errors=True)
+    shown = "  ".join(
+        f"{k} {metrics[k]:.2f}"
+        for k in ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid")
+        if k in metrics
+    )
+    log(f"{shown}  RTE {seconds:.1f}s")
+    log(f"wrote {output}")
+    return metrics
+
+
+def _judge(recipe: Recipe, device):
+    """The classifier that tells which concept a generation shows: eval.judge, else the digits world's."""
+    from .metrics.generation import load_judge
+
+    if recipe.eval.judge:
+        judge = load_judge(recipe.eval.judge)
+    elif recipe.data.dataset == "digits":
+        from .worlds.digits import load_digits_classifier
+
+        judge = load_digits_classifier()
+    else:
+        return None
+    return judge.to(device) if isinstance(judge, torch.nn.Module) else judge
+
+
+def _save_edit(model, before: dict, path: Path) -> None:
+    """The edit alone: the UNet tensors the method changed, under their diffusers names (load them over the
+    original UNet with `load_state_dict(..., strict=False)`)."""
+    from .checkpoints import save_state_dict
+
+    after = model.unet.state_dict()
+    changed = {n: t.detach().cpu() for n, t in after.items() if not torch.equal(t.detach().cpu(), before[n])}
+    save_state_dict(changed, path)
 
 
 def evaluate_run(path: str | Path, log=print) -> dict:

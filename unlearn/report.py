@@ -61,3 +61,55 @@ def write_report(output: Path, recipe, data, metrics: dict) -> None:
         "",
     ]
     write_text("\n".join(lines), output / "report.md")
+
+
+GENERATIVE_KEYS = {
+    "erasure_rate": "erasure rate, exact prompts (%)",
+    "erasure_rate_paraphrase": "erasure rate, paraphrases (%)",
+    "retain_accuracy": "retained accuracy (%)",
+    "fid": "FID, retained classes",
+    "clip_score": "CLIP score, retained prompts",
+    "clip_score_forget": "CLIP score, forget prompts",
+}
+
+
+def write_generation_report(output: Path, recipe, data, metrics: dict, grids: dict) -> None:
+    """report.md of a diffusion run: the scores before / after / Retrain and the sample grids (same seeds)."""
+    prompts = data.prompts
+    lines = [
+        f"# {recipe.method}: erase {prompts.concept!r} from `{recipe.model.checkpoint}`",
+        "",
+        f"- task: {data.describe()}",
+        f"- forget conditions: {', '.join(map(repr, prompts.forget[:6]))}{' ...' if len(prompts.forget) > 6 else ''}",
+        f"- anchor: {', '.join(map(repr, dict.fromkeys(prompts.anchor)))}",
+        f"- paraphrases (never seen by the method): {', '.join(map(repr, prompts.paraphrases)) or '–'}",
+        f"- sampling: {recipe.eval.samples} images per set, {recipe.eval.steps} DDIM steps, guidance "
+        f"{recipe.eval.guidance}",
+        f"- run time (RTE): {metrics['RTE_s']:.1f} s on {metrics.get('device', '?')}",
+        "",
+        "| metric | original | unlearned | Retrain |",
+        "|---|---|---|---|",
+    ]
+    for key, text in GENERATIVE_KEYS.items():
+        if key in metrics:
+            lines.append(
+                f"| {text} | {_fmt(metrics.get(f'original_{key}'))} | {_fmt(metrics[key])} | "
+                f"{_fmt(metrics.get(f'retrain_{key}'))} |"
+            )
+    lines += [
+        "",
+        "Erasure rate: share of generations the judge classifies as the erased concept (lower is better). "
+        "Retained accuracy: share of generations for the other classes / prompts the judge classifies as asked.",
+    ]
+    for name, files in grids.items():
+        lines += ["", f"## Samples: {name} conditions (same seeds before and after)", ""]
+        if "original" in files:
+            lines += ["Original:", "", f"![original {name}]({files['original']})", ""]
+        lines += ["Unlearned:", "", f"![unlearned {name}]({files['unlearned']})"]
+    lines += [
+        "",
+        "Files: `model/` (a diffusers pipeline folder), `edit.safetensors` (the changed UNet tensors only), "
+        "`recipe.yaml`, `metrics.json`, `train.jsonl`, `run.log`.",
+        "",
+    ]
+    write_text("\n".join(lines), output / "report.md")

@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoints import atomic_path, load_into, load_state_dict, save_state_dict
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, DataError, TrainingError
 from .params import ParamMask
 
 LossFn = Callable[[nn.Module, tuple], torch.Tensor]
@@ -40,6 +40,15 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_wor
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, drop_last=False
     )
+
+
+def endless(dataset: Dataset, batch_size: int) -> Iterator:
+    """Shuffled batches of `dataset` forever, reshuffled at every pass (step-counted loops draw from it)."""
+    if len(dataset) == 0:
+        raise DataError("cannot draw batches from an empty dataset")
+    loader = make_loader(dataset, batch_size)
+    while True:
+        yield from loader
 
 
 def make_optimizer(
@@ -208,6 +217,57 @@ def fit(
     accelerator.wait_for_everyone()
     _sync_rng(accelerator)
     return accelerator.unwrap_model(model)
+
+
+def train_steps(
+    model: nn.Module,
+    loss_fn: Callable[[int], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    accelerator,
+    steps: int,
+    *,
+    mask: ParamMask | None = None,
+    max_grad_norm: float | None = None,
+    stage: str = "train",
+    log_every: int = 50,
+) -> nn.Module:
+    """`steps` optimizer steps on `loss_fn(step)`: the step-counted loop of the generative methods.
+
+    The diffusion objectives draw their own batches (a forget batch and a retain batch per step, partial
+    trajectories sampled from the model itself), so the loss function, not the loop, owns the data. The loop
+    owns the rest: mixed precision (autocast; fp16 loss scaling through the prepared optimizer), gradient masks
+    and pinned weights (`mask` and the model's `pruning_mask`, as in `fit`), clipping, NaN detection and
+    `train.jsonl` logging. Single process: the model is not wrapped for data parallelism.
+    """
+    optimizer = accelerator.prepare(optimizer)
+    pinned = pinned_params(model, mask)
+    params = [p for group in optimizer.optimizer.param_groups for p in group["params"]]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda step: 1.0)
+    project = Path(accelerator.project_dir) if accelerator.project_dir else None
+    log_path = project / "train.jsonl" if project else None
+    started = time.perf_counter()
+    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+    model.train()
+    for step in range(1, steps + 1):
+        with accelerator.autocast():
+            loss = loss_fn(step)
+        accelerator.backward(loss)
+        for param, keep, _ in pinned:
+            if param.grad is not None:
+                param.grad.mul_(keep)
+        if max_grad_norm:
+            accelerator.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if pinned:
+            restore_pinned(pinned, optimizer.optimizer)
+        loss_sum += loss.detach().float()
+        loss_count += 1
+        if step % log_every == 0 or step == steps:
+            _log(log_path, accelerator, stage, 0, step, "steps", loss_sum / loss_count, scheduler, started)
+            loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+    model.eval()
+    return model
 
 
 def _rng_types(accelerator) -> list[str]:

@@ -6,20 +6,29 @@ import difflib
 
 from ..errors import ConfigError
 from .base import Method
-from .baselines import FineTune, GradAscent, RandomLabel, Retrain
+from .baselines import FineTune, GradAscent, GradAscentDiffusion, RandomLabel, Retrain, RetrainDiffusion
+from .esd import ESD
 from .l1_sparse import L1Sparse
 from .laf import LAF
-from .salun import SalUn
+from .salun import SalUn, SalUnDiffusion
 
-METHODS: dict[str, type[Method]] = {
-    "retrain": Retrain,
-    "finetune": FineTune,
-    "grad_ascent": GradAscent,
-    "random_label": RandomLabel,
-    "salun": SalUn,
-    "l1_sparse": L1Sparse,
-    "laf": LAF,
+# name -> its implementations, one per model family (a method's objective differs by family, so do its
+# hyperparameters: SalUn trains a classifier in epochs with SGD, a diffusion model in steps with Adam).
+METHODS: dict[str, tuple[type[Method], ...]] = {
+    "retrain": (Retrain, RetrainDiffusion),
+    "finetune": (FineTune,),
+    "grad_ascent": (GradAscent, GradAscentDiffusion),
+    "random_label": (RandomLabel,),
+    "salun": (SalUn, SalUnDiffusion),
+    "l1_sparse": (L1Sparse,),
+    "laf": (LAF,),
+    "esd": (ESD,),
 }
+
+
+def families(name: str) -> tuple[str, ...]:
+    """The model families a registered method supports."""
+    return tuple(family for cls in METHODS[name] for family in cls.families)
 
 
 def get_method(name: str, family: str | None = None) -> type[Method]:
@@ -28,12 +37,14 @@ def get_method(name: str, family: str | None = None) -> type[Method]:
         close = difflib.get_close_matches(name, METHODS, n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ConfigError(f"unknown method {name!r}; {hint}known methods: {', '.join(METHODS)}")
-    cls = METHODS[name]
-    if family is not None and family not in cls.families:
-        raise ConfigError(
-            f"method {name!r} does not support the {family} family; it supports: {', '.join(cls.families)}"
-        )
-    return cls
+    if family is None:
+        return METHODS[name][0]
+    for cls in METHODS[name]:
+        if family in cls.families:
+            return cls
+    raise ConfigError(
+        f"method {name!r} does not support the {family} family; it supports: {', '.join(families(name))}"
+    )
 
 
-__all__ = ["METHODS", "Method", "get_method"]
+__all__ = ["METHODS", "Method", "families", "get_method"]

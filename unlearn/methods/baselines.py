@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..data import UnlearnData
 from ..models.base import Model
-from ..train import Phase, fit, make_loader, make_optimizer
+from ..train import Phase, endless, fit, make_loader, make_optimizer, train_steps
 from .base import Method
 
 
@@ -172,3 +172,82 @@ class _Flagged(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image, label = self.dataset[index]
         return image, label, torch.tensor(self.flag)
+
+
+# -- diffusion models --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RetrainDiffusion(Method):
+    """Retrain for diffusion models: the UNet trained from scratch on the retain set only.
+
+    1. Draw fresh UNet weights (the text encoder and VAE are kept: they are what the concept is *spelt* with,
+       and no method edits them).
+    2. Train with the ordinary diffusion loss on D_r for `steps` steps, dropping the condition with
+       probability `uncond_prob` (classifier-free guidance needs the unconditional branch).
+
+    The defaults are the digits DDPM world's training recipe, so Retrain is the original minus the class.
+    """
+
+    families = ("diffusion",)
+    steps: int = 3000
+    lr: float = 2e-3
+    batch_size: int = 128
+    uncond_prob: float = 0.1
+    max_grad_norm: float | None = 1.0
+
+    def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
+        model.reinitialize()
+        chosen = model.train_only("full")
+        retain = endless(data.retain, self.batch_size)
+        optimizer = torch.optim.AdamW(chosen.values(), lr=self.lr, weight_decay=0.0)
+
+        def loss_fn(step: int) -> torch.Tensor:
+            return model.loss(next(retain), uncond_prob=self.uncond_prob)
+
+        return train_steps(
+            model,
+            loss_fn,
+            optimizer,
+            accelerator,
+            self.steps,
+            max_grad_norm=self.max_grad_norm,
+            stage="retrain",
+        )
+
+
+@dataclass
+class GradAscentDiffusion(Method):
+    """Gradient ascent for diffusion models: maximise the diffusion loss on the concept's examples.
+
+    1. For `steps` steps: loss = -MSE(ε, ε_θ(x_t | c_f)) on a forget batch, plus `alpha` times the ordinary
+       diffusion loss on a retain batch (alpha 0 = plain GA; the SalUn DDPM code's `--method ga` adds the retain
+       term the same way). Unbounded: steps and lr must stay small.
+    """
+
+    families = ("diffusion",)
+    steps: int = 100
+    lr: float = 1e-5
+    batch_size: int = 64
+    alpha: float = 0.0
+    params: str | list = "full"
+    max_grad_norm: float | None = 1.0
+
+    def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
+        chosen = model.train_only(self.params)
+        forget, retain = endless(data.forget, self.batch_size), endless(data.retain, self.batch_size)
+        optimizer = torch.optim.Adam(chosen.values(), lr=self.lr)
+
+        def loss_fn(step: int) -> torch.Tensor:
+            loss = -model.loss(next(forget))
+            return loss + self.alpha * model.loss(next(retain)) if self.alpha else loss
+
+        return train_steps(
+            model,
+            loss_fn,
+            optimizer,
+            accelerator,
+            self.steps,
+            max_grad_norm=self.max_grad_norm,
+            stage="grad_ascent",
+        )

@@ -21,6 +21,11 @@ METRICS = {
     "representation": "linear CKA of penultimate features to the original and Retrain models on forget and test "
     "data (CKA_forget_<ref>, CKA_test_<ref>), and a linear probe / 5-NN reading the forgotten data out of "
     "frozen features (probe_forget, knn_forget)",
+    "erasure_rate": "percent of generations from the erased concept's prompts the judge still calls it",
+    "erasure_rate_paraphrase": "erasure_rate on paraphrased prompts of the erased concept (percent)",
+    "retain_accuracy": "percent of generations from other concepts' prompts the judge calls the prompted one",
+    "fid": "Frechet distance of generated to real images (clean-fid Inception or a custom extractor)",
+    "clip_score": "100 x mean cosine of CLIP image and prompt embeddings, clamped at 0 (local CLIP folder)",
 }
 
 _LAZY = {
@@ -29,6 +34,16 @@ _LAZY = {
     "LinearCKA": ".representation",
     "linear_cka": ".representation",
     "representation_metrics": ".representation",
+    "ConceptRate": ".generation",
+    "JudgeAccuracy": ".generation",
+    "judge_labels": ".generation",
+    "load_judge": ".generation",
+    "fid": ".generation",
+    "fid_from_features": ".generation",
+    "image_features": ".generation",
+    "clip_score": ".generation",
+    "grid_image": ".generation",
+    "save_grid": ".generation",
 }
 
 

@@ -13,10 +13,18 @@ def load_model(
     from ..errors import ConfigError
     from ..worlds import resolve
 
-    if family != "classifier":
-        raise ConfigError(f"unknown model family {family!r}; known: classifier")
+    if family not in ("classifier", "diffusion"):
+        raise ConfigError(f"unknown model family {family!r}; known: classifier, diffusion")
     if checkpoint and str(checkpoint).startswith("world:"):
         checkpoint = str(resolve(str(checkpoint)))
+    if family == "diffusion":
+        from .diffusion import load_diffusion
+
+        if not checkpoint:
+            raise ConfigError(
+                "a diffusion recipe needs model.checkpoint: a diffusers pipeline folder or hub id"
+            )
+        return load_diffusion(checkpoint)
     return load_classifier(checkpoint, arch, num_classes)
 
 

@@ -1,0 +1,124 @@
+"""Tiny diffusion pipelines built from configs, the way diffusers' own tests build them (no download)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# A word-level CLIP vocabulary: every word below is one token, so prompts differ token by token.
+WORDS = ["a", "photo", "of", "the", "cat", "dog", "tree", "house", "painting", "style", "nude", "person"]
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """A CLIP tokenizer (vocab.json + merges.txt) whose every word in WORDS is one BPE token."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = ["<unk>", "<|startoftext|>", "<|endoftext|>"], ["#version: 0.2"]
+    for word in WORDS:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        for piece in pieces:
+            if piece not in vocab:
+                vocab.append(piece)
+        while len(pieces) > 1:
+            merge = f"{pieces[0]} {pieces[1]}"
+            if merge not in merges:
+                merges.append(merge)
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            if pieces[0] not in vocab:
+                vocab.append(pieces[0])
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=12)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def tiny_sd_pipeline(folder: Path, vae: bool = True, cross_attention_dim: int = 8):
+    """A Stable-Diffusion pipeline of ~40k parameters saved to `folder` (diffusers' dummy components)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(write_tokenizer(folder.parent / f"{folder.name}-tokenizer"))
+    )
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4 if vae else 1,
+        out_channels=4 if vae else 1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=2,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    autoencoder = None
+    if vae:
+        torch.manual_seed(0)
+        autoencoder = AutoencoderKL(
+            block_out_channels=[4, 8],
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            latent_channels=4,
+            norm_num_groups=2,
+        )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            hidden_size=cross_attention_dim,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+        )
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=autoencoder,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(str(folder))
+    return folder
+
+
+def tiny_ddpm_pipeline(folder: Path, num_classes: int = 3):
+    """A class-conditional DDPM (UNet2DModel, `num_classes` + 1 null class) at 8x8 saved to `folder`."""
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=num_classes + 1,
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(str(folder))
+    return folder

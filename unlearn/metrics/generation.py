@@ -1,0 +1,563 @@
+"""Metrics for generative unlearning (concept erasure): a judge classifier, FID, CLIP score, image grids.
+
+Images everywhere are float tensors in [0, 1] with shape (N, C, H, W), C = 1 or 3.
+
+- `judge_labels` / `load_judge`: classify generations with a judge (a classifier folder, a
+  "module:function" factory, or any callable returning logits).
+- `ConceptRate` (the erasure rate: the share of generations the judge still calls the erased concept) and
+  `JudgeAccuracy` (the share the judge calls the prompted concept), as torchmetrics `Metric`s, in percent.
+- `fid`: the Fréchet distance computed as clean-fid computes it, on clean-fid's Inception ("clean" mode) or
+  on any feature extractor (e.g. the judge's penultimate features), with optional cached real statistics.
+- `clip_score`: torchmetrics' `CLIPScore` on a local CLIP folder, made to work with transformers 5.
+- `grid_image` / `save_grid`: a PNG contact sheet of generations.
+
+Heavy modules (clean-fid, transformers, torchmetrics) are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoints import atomic_path
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, DataError
+
+# Where clean-fid (non-Windows) looks for, and otherwise downloads, its TorchScript Inception weights.
+INCEPTION_WEIGHTS = Path("/tmp/inception-2015-12-05.pt")
+INCEPTION_URL = (
+    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+)
+INCEPTION_SIZE = (299, 299)
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+Extractor = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Judge
+
+
+def _owner_module(fn) -> nn.Module | None:
+    """The `nn.Module` behind a callable: the module itself, or the owner of a bound method."""
+    if isinstance(fn, nn.Module):
+        return fn
+    owner = getattr(fn, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def _module_device(module: nn.Module | None) -> torch.device:
+    if module is not None:
+        for tensor in module.parameters():
+            return tensor.device
+        for tensor in module.buffers():
+            return tensor.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(module: nn.Module | None):
+    """Switch `module` to eval mode for the block and restore its previous mode afterwards."""
+    if module is None:
+        yield
+        return
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _check_images(images: torch.Tensor, what: str = "images") -> None:
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] not in (1, 3):
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise DataError(f"{what} must be a float tensor of shape (N, C, H, W) with C = 1 or 3, got {shape}")
+
+
+def judge_labels(judge: Extractor, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Class predictions of a judge classifier on generated images.
+
+    Args:
+        judge: an `nn.Module` or callable mapping images in [0, 1] to logits of shape (N, K), e.g. a
+            `unlearn.models.classifier.Classifier`. A module runs in eval mode (its mode is restored after).
+        images: float tensor (N, C, H, W) in [0, 1].
+        batch_size: images per forward pass.
+
+    Returns:
+        LongTensor (N,) on the CPU: the argmax class of each image.
+    """
+    _check_images(images)
+    module = _owner_module(judge)
+    device = _module_device(module)
+    labels = []
+    with _eval_mode(module), torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            logits = judge(images[start : start + batch_size].to(device))
+            logits = logits.logits if hasattr(logits, "logits") else logits
+            labels.append(logits.argmax(dim=1).cpu())
+    return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+
+
+def load_judge(spec: str | Path | Extractor, num_classes: int | None = None) -> Extractor:
+    """Bring a judge classifier from a spec.
+
+    Args:
+        spec: a folder written by `Classifier.save` or a transformers image-classification folder; a
+            "module:function" string naming a Python callable that takes no arguments and returns the judge;
+            or a callable, returned as is.
+        num_classes: the judge's number of classes; read from the folder when None.
+
+    Returns:
+        A callable mapping images in [0, 1] to logits (a module is put in eval mode).
+
+    Raises:
+        ConfigError: the spec is neither an existing folder, nor an importable "module:function" factory,
+            nor a callable, or the factory does not return a callable.
+        CheckpointError: the folder cannot be loaded as a classifier.
+    """
+    if callable(spec):
+        return spec
+    if not isinstance(spec, (str, Path)):
+        raise ConfigError(f"a judge must be a folder, a 'module:function' string or a callable, got {spec!r}")
+    path = Path(spec)
+    if path.is_dir():
+        from ..models.classifier import load_classifier
+
+        judge = load_classifier(path, None, num_classes or _folder_classes(path))
+        return judge.eval()
+    text = str(spec)
+    if _FACTORY.match(text):
+        return _judge_from_factory(text)
+    if path.exists():
+        raise ConfigError(
+            f"judge {text!r} is a file; give a classifier folder or a 'module:function' factory"
+        )
+    raise ConfigError(
+        f"judge {text!r} is neither an existing classifier folder nor a 'module:function' factory "
+        "(e.g. 'my_judges:load_resnet')"
+    )
+
+
+def _judge_from_factory(text: str) -> Extractor:
+    module_name, attr = text.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"judge {text!r}: cannot import module {module_name!r} ({err})") from err
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"judge {text!r}: module {module_name!r} has no callable {attr!r}")
+    judge = factory()
+    if not callable(judge):
+        raise ConfigError(f"judge {text!r}: {attr}() returned {type(judge).__name__}, not a callable")
+    if isinstance(judge, nn.Module):
+        judge.eval()
+    return judge
+
+
+def _folder_classes(path: Path) -> int:
+    """The number of classes a classifier folder declares (unlearn_model.json or transformers config.json)."""
+    from ..models.classifier import CONFIG_NAME
+
+    for name, keys in ((CONFIG_NAME, ("num_classes",)), ("config.json", ("num_labels", "id2label"))):
+        file = path / name
+        if not file.exists():
+            continue
+        try:
+            config = json.loads(file.read_text())
+        except ValueError as err:
+            raise CheckpointError(f"{str(file)!r} is not valid JSON ({err})") from err
+        for key in keys:
+            if key in config:
+                value = config[key]
+                return len(value) if isinstance(value, dict) else int(value)
+    raise CheckpointError(
+        f"cannot tell the number of classes of judge folder {str(path)!r}; pass num_classes"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Erasure rate and judge accuracy
+
+
+def _labels(predicted: torch.Tensor) -> torch.Tensor:
+    """Labels from labels (N,) or logits (N, K)."""
+    return predicted.argmax(dim=1) if predicted.ndim == 2 else predicted
+
+
+def _define_metrics():
+    """Define the `Metric` subclasses (importing torchmetrics takes seconds, so this runs on first use)."""
+    from torchmetrics import Metric
+
+    class ConceptRate(Metric):
+        """Percent of generations the judge classifies as one concept (the erasure rate; NaN if none).
+
+        For concept erasure, feed the judge's predictions on generations from the erased concept's prompts:
+        the result is the share that still shows the concept, so lower means more erased.
+        """
+
+        higher_is_better = False
+        full_state_update = False
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.add_state("hits", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+            self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+        def update(self, predicted_labels: torch.Tensor, concept_label: int) -> None:
+            """Count predictions (labels (N,), or logits (N, K)) equal to `concept_label`."""
+            labels = _labels(predicted_labels)
+            self.hits += (labels == int(concept_label)).sum().to(self.hits.device)
+            self.total += labels.numel()
+
+        def compute(self) -> torch.Tensor:
+            return 100.0 * self.hits.double() / self.total.double()  # 0/0 -> NaN
+
+    class JudgeAccuracy(Metric):
+        """Percent of generations whose judge prediction equals the prompted class (NaN if none)."""
+
+        higher_is_better = True
+        full_state_update = False
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+            self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+        def update(self, predicted: torch.Tensor, targets: torch.Tensor) -> None:
+            """Count predictions (labels (N,), or logits (N, K)) equal to `targets` (N,)."""
+            labels = _labels(predicted)
+            targets = torch.as_tensor(targets, device=labels.device)
+            if labels.shape != targets.shape:
+                raise DataError(f"{labels.shape[0]} predictions for {targets.shape} targets")
+            self.correct += (labels == targets).sum().to(self.correct.device)
+            self.total += labels.numel()
+
+        def compute(self) -> torch.Tensor:
+            return 100.0 * self.correct.double() / self.total.double()
+
+    for cls in (ConceptRate, JudgeAccuracy):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__  # picklable as module attributes
+    return ConceptRate, JudgeAccuracy
+
+
+# --------------------------------------------------------------------------------------------------------
+# FID
+
+
+def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
+    """Fréchet distance between two feature sets, exactly as clean-fid computes it.
+
+    Args:
+        real: features (N1, D).
+        fake: features (N2, D).
+
+    Returns:
+        ‖μ1 − μ2‖² + Tr Σ1 + Tr Σ2 − 2 Tr sqrtm(Σ1 Σ2), with μ from `np.mean` and Σ from
+        `np.cov(rowvar=False)` (`cleanfid.fid.frechet_distance`).
+    """
+    return _frechet(*_statistics(real), *_statistics(fake))
+
+
+def _statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise DataError(f"FID needs at least 2 feature vectors of shape (N, D), got shape {features.shape}")
+    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+def _frechet(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    from cleanfid.fid import frechet_distance
+
+    if mu1.shape != mu2.shape:
+        raise DataError(f"feature sizes differ: {mu1.shape[0]} (real) vs {mu2.shape[0]} (generated)")
+    return float(frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def image_features(
+    images: torch.Tensor, extractor: Extractor, batch_size: int = 64, device: str | torch.device | None = None
+) -> np.ndarray:
+    """Features of images, batch by batch, under `no_grad`.
+
+    Args:
+        images: float tensor (N, C, H, W), passed to the extractor as given.
+        extractor: a callable (or `nn.Module`, or a bound method of one such as `Classifier.features`)
+            returning (B, D) features; a module runs in eval mode.
+        batch_size: images per call.
+        device: where the batches go; by default the device of the extractor's module, else the CPU.
+
+    Returns:
+        float64 array (N, D).
+    """
+    module = _owner_module(extractor)
+    device = torch.device(device) if device is not None else _module_device(module)
+    chunks = []
+    with _eval_mode(module), torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            feats = extractor(images[start : start + batch_size].to(device))
+            chunks.append(feats.detach().flatten(1).cpu().double().numpy())
+    if not chunks:
+        raise DataError("no images to compute features of")
+    return np.concatenate(chunks)
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats to uint8 RGB (grey repeated to 3 channels), rounded as a saved PNG would be."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return (images.detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def inception_extractor(device: str | torch.device = "cpu") -> Extractor:
+    """clean-fid's "clean" feature path: PIL bicubic resize to 299 (float, no re-quantisation) of uint8 RGB,
+    then the TorchScript Inception's 2048-d pool features of [0, 255] floats.
+
+    Raises:
+        ConfigError: the Inception weights are not at `INCEPTION_WEIGHTS` (clean-fid would download them).
+    """
+    if not INCEPTION_WEIGHTS.exists():
+        raise ConfigError(
+            f"clean-fid's Inception weights are missing: place them at {INCEPTION_WEIGHTS} (download "
+            f"{INCEPTION_URL}) or pass a custom feature extractor (e.g. extractor=judge.features)"
+        )
+    from cleanfid import features
+    from cleanfid.resize import make_resizer
+
+    device = torch.device(device)
+    model = features.build_feature_extractor("clean", device=device, use_dataparallel=False)
+    resize = make_resizer("PIL", False, "bicubic", INCEPTION_SIZE)
+
+    def extract(batch: torch.Tensor) -> torch.Tensor:
+        pixels = _to_uint8(batch).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3) uint8
+        resized = np.stack([resize(image) for image in pixels])  # (B, 299, 299, 3) float32 in [0, 255]
+        return model(torch.from_numpy(resized).permute(0, 3, 1, 2).contiguous().to(device))
+
+    return extract
+
+
+def fid(
+    real_images: torch.Tensor | None,
+    fake_images: torch.Tensor,
+    extractor: str | Extractor = "inception",
+    device: str | torch.device = "cpu",
+    cache: str | Path | None = None,
+    batch_size: int = 64,
+) -> float:
+    """Fréchet distance between real and generated images.
+
+    Args:
+        real_images: float tensor (N, C, H, W) in [0, 1]; may be None when `cache` already holds the
+            real statistics.
+        fake_images: generated images, same layout.
+        extractor: "inception" for clean-fid's Inception in "clean" mode (needs the weights at
+            `INCEPTION_WEIGHTS`), or a callable mapping a batch of images in [0, 1] to (B, D) features,
+            e.g. a judge's `Classifier.features`; the images go to the device of its module.
+        device: where Inception runs.
+        cache: an .npz file for the real statistics (mu, sigma): read when it exists, otherwise computed
+            and written there. The path is the key: use one path per real set and extractor.
+        batch_size: images per feature pass.
+
+    Returns:
+        The FID (lower means closer).
+    """
+    _check_images(fake_images, "generated images")
+    if isinstance(extractor, str):
+        if extractor != "inception":
+            raise ConfigError(f"unknown FID extractor {extractor!r}: use 'inception' or a callable")
+        extract, feature_device = inception_extractor(device), torch.device("cpu")
+    elif callable(extractor):
+        extract, feature_device = extractor, None
+    else:
+        raise ConfigError(f"FID extractor must be 'inception' or a callable, got {type(extractor).__name__}")
+
+    def features(images: torch.Tensor) -> np.ndarray:
+        return image_features(images, extract, batch_size, device=feature_device)
+
+    cache = Path(cache) if cache is not None else None
+    if cache is not None and cache.exists():
+        mu_real, sigma_real = _read_stats(cache)
+    else:
+        if real_images is None:
+            raise ConfigError("FID needs real images (or a cache file that holds their statistics)")
+        _check_images(real_images, "real images")
+        mu_real, sigma_real = _statistics(features(real_images))
+        if cache is not None:
+            _write_stats(cache, mu_real, sigma_real)
+    mu_fake, sigma_fake = _statistics(features(fake_images))
+    return _frechet(mu_real, sigma_real, mu_fake, sigma_fake)
+
+
+def _read_stats(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path) as stats:
+            return stats["mu"], stats["sigma"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"FID cache {str(path)!r} is not an .npz file with mu and sigma ({err})"
+        ) from err
+
+
+def _write_stats(path: Path, mu: np.ndarray, sigma: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a file object: np.savez adds no suffix
+        np.savez(handle, mu=mu, sigma=sigma)
+
+
+# --------------------------------------------------------------------------------------------------------
+# CLIP score
+
+
+class CLIPFeatures(nn.Module):
+    """A `CLIPModel` whose `get_image_features` / `get_text_features` return tensors.
+
+    transformers 5 returns an output object (the projected embedding in `.pooler_output`), which torchmetrics
+    1.9's `CLIPScore` cannot use; this wrapper gives it the tensors and the model's `.config`.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return _embedding(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return _embedding(self.model.get_text_features(*args, **kwargs))
+
+
+def _embedding(out) -> torch.Tensor:
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def load_clip(path: str | Path):
+    """A local CLIP folder as (`CLIPFeatures` wrapper, `CLIPProcessor`), without touching the network."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"CLIP model folder {str(path)!r} does not exist")
+    try:
+        model = CLIPModel.from_pretrained(str(path), local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"cannot load a CLIP model and processor from {str(path)!r}: {reason}") from err
+    return CLIPFeatures(model.eval()), processor
+
+
+def clip_score(
+    images: torch.Tensor,
+    prompts: str | Sequence[str],
+    clip_model_path: str | Path,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+) -> float:
+    """CLIP score of images against their prompts, with torchmetrics' `CLIPScore` on a local CLIP folder.
+
+    Args:
+        images: float tensor (N, C, H, W) in [0, 1] (grey is repeated to 3 channels).
+        prompts: one prompt per image, or a single prompt for all.
+        clip_model_path: a folder holding a `CLIPModel` and its `CLIPProcessor` (`save_pretrained`).
+        device: where CLIP runs.
+        batch_size: pairs per update.
+
+    Returns:
+        max(100 · mean cos(image embedding, prompt embedding), 0), as torchmetrics computes it.
+    """
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    _check_images(images)
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != len(images):
+        raise DataError(f"{len(images)} images but {len(prompts)} prompts")
+    model, processor = load_clip(clip_model_path)
+    metric = CLIPScore(model_name_or_path=lambda: (model, processor)).to(device)
+    pixels = _to_uint8(images)
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch_size):
+            stop = start + batch_size
+            metric.update(pixels[start:stop].to(device), prompts[start:stop])
+    return float(metric.compute())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Image grids
+
+
+def grid_image(images: torch.Tensor, nrow: int, scale: int = 4):
+    """A grid of images as a PIL image.
+
+    Args:
+        images: float tensor (N, C, H, W) in [0, 1].
+        nrow: images per row.
+        scale: nearest-neighbour upscaling factor of every image.
+
+    Returns:
+        A PIL image ("L" for grey, "RGB" for colour): cells of (H·scale, W·scale) with a 1-pixel white gap
+        between neighbours and no outer border; unused cells of the last row stay white.
+    """
+    from PIL import Image
+
+    _check_images(images)
+    if nrow < 1 or scale < 1:
+        raise ConfigError(f"grid needs nrow >= 1 and scale >= 1, got nrow={nrow}, scale={scale}")
+    if len(images) == 0:
+        raise DataError("no images to put in a grid")
+    n, channels, height, width = images.shape
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    pixels = (images.detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
+    pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    cell_h, cell_w = height * scale, width * scale
+    canvas = torch.full((channels, rows * (cell_h + 1) - 1, cols * (cell_w + 1) - 1), 255, dtype=torch.uint8)
+    for index, image in enumerate(pixels):
+        top, left = (index // cols) * (cell_h + 1), (index % cols) * (cell_w + 1)
+        canvas[:, top : top + cell_h, left : left + cell_w] = image
+    array = canvas.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if channels == 1 else array)  # uint8: "L" or "RGB"
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4) -> Path:
+    """Write `grid_image(images, nrow, scale)` as a PNG at `path` (atomically) and return the path."""
+    image = grid_image(images, nrow, scale)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+def __getattr__(name: str):
+    # ConceptRate and JudgeAccuracy subclass torchmetrics.Metric: defined on first access.
+    if name in ("ConceptRate", "JudgeAccuracy"):
+        concept_rate, judge_accuracy = _define_metrics()
+        globals().update(ConceptRate=concept_rate, JudgeAccuracy=judge_accuracy)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "INCEPTION_WEIGHTS",
+    "CLIPFeatures",
+    "ConceptRate",  # noqa: F822 (defined on first access, see __getattr__)
+    "JudgeAccuracy",  # noqa: F822
+    "clip_score",
+    "fid",
+    "fid_from_features",
+    "grid_image",
+    "image_features",
+    "inception_extractor",
+    "judge_labels",
+    "load_clip",
+    "load_judge",
+    "save_grid",
+]
