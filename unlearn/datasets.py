@@ -148,3 +148,35 @@ def _imagefolder(split: str, root: str | None, image_size: int | None) -> ImageT
     except RuntimeError as err:  # images of different sizes
         raise DataError(f"images under {str(folder)!r} differ in size; set data.image_size ({err})") from err
     return ImageTensorDataset(images, torch.as_tensor(targets), num_classes=len(classes), name="imagefolder")
+
+
+class CaptionedDataset(Dataset):
+    """Images paired with captions of their class: `(image, caption)`, for text-to-image training.
+
+    Each image gets one caption, `captions[label][k]`, with `k` drawn once at construction from a generator
+    seeded with `seed`; the dataset is thus a fixed list of pairs, and the same seed gives the same pairs.
+
+    Args:
+        dataset: an `ImageTensorDataset` (its `.labels` choose the captions).
+        captions: the captions of each class id.
+        seed: seed of the caption draw.
+    """
+
+    def __init__(self, dataset: ImageTensorDataset, captions: dict[int, list[str]], seed: int = 0):
+        missing = sorted({int(y) for y in dataset.labels.tolist()} - {k for k, v in captions.items() if v})
+        if missing:
+            raise DataError(f"no captions for class ids {missing}")
+        self.dataset = dataset
+        self.labels = dataset.labels
+        self.captions = captions
+        generator = torch.Generator().manual_seed(seed)
+        draws = torch.rand(len(dataset), generator=generator)
+        self.texts = [
+            captions[int(y)][int(u * len(captions[int(y)]))] for y, u in zip(dataset.labels.tolist(), draws)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index][0], self.texts[index]

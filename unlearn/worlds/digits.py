@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from ..checkpoints import write_json
 from ..datasets import load_dataset
+from ..errors import ConfigError
 from ..models.classifier import CONFIG_NAME, build_classifier, load_classifier
 from . import cache_dir
 
@@ -26,12 +28,40 @@ WEIGHT_DECAY = 5e-4
 MIN_TEST_ACCURACY = 95.0
 
 
-def prepare_digits(verbose: bool = True) -> dict[str, Path]:
+FAMILIES = ("classifier", "ddpm", "t2i")
+
+
+def prepare_digits(verbose: bool = True, families: Sequence[str] | str | None = None) -> dict[str, Path]:
+    """Build (once, then cached) the digits world's models and return their folders by family.
+
+    The classifier (seconds) is always built: it judges the generative models. The DDPM and the text-to-image
+    model (several minutes each, `digits_diffusion`) are built only when asked for in `families` ("all" asks
+    for every family); when already cached they are returned whether asked for or not.
+    """
+    if families is None:
+        wanted: tuple[str, ...] = ("classifier",)
+    elif isinstance(families, str):
+        wanted = FAMILIES if families == "all" else (families,)
+    else:
+        wanted = tuple(families)
+    unknown = [f for f in wanted if f not in FAMILIES]
+    if unknown:
+        raise ConfigError(f"the digits world has no {unknown[0]!r} model; it has: {', '.join(FAMILIES)}")
     folder = cache_dir() / "digits"
     classifier = folder / "classifier"
     if not (classifier / CONFIG_NAME).exists():
         train_digits_classifier(classifier, verbose=verbose)
-    return {"classifier": classifier}
+    paths = {"classifier": classifier}
+    for family in ("ddpm", "t2i"):
+        path = folder / family
+        if not (path / "model_index.json").exists() and family in wanted:
+            from . import digits_diffusion
+
+            build = digits_diffusion.prepare_ddpm if family == "ddpm" else digits_diffusion.prepare_t2i
+            build(path, verbose=verbose)
+        if (path / "model_index.json").exists():
+            paths[family] = path
+    return paths
 
 
 def train_digits_classifier(path: Path, verbose: bool = True) -> float:
@@ -68,6 +98,7 @@ def train_digits_classifier(path: Path, verbose: bool = True) -> float:
 
 
 def load_digits_classifier():
+    """The digits classifier (trained on first use): the judge of the digits world's generative models."""
     path = prepare_digits()["classifier"]
     return load_classifier(path, None, 10)
 
