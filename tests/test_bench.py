@@ -106,3 +106,32 @@ def test_method_overrides_apply_to_their_method_only(tmp_path):
     suite = load_suite(_suite(tmp_path, method_overrides={"salun": ["method.lr=0.003"]}))
     with pytest.raises(ConfigError, match="does not run"):
         check_suite(suite)
+
+
+def test_generative_suites_get_the_erasure_table():
+    """A diffusion suite's table shows the judged erasure columns side by side (no classifier columns)."""
+    from unlearn.bench import results_table
+
+    def stats(**values):
+        return {k: {"mean": v, "std": 0.0} for k, v in values.items()}
+
+    results = {
+        "suite": "digits_t2i_concept",
+        "seeds": [0],
+        "reference": "retrain",
+        "summary": {
+            "original": stats(
+                erasure_rate=100.0, erasure_rate_paraphrase=100.0, retain_accuracy=100.0, fid=6.2, RTE_s=0.0
+            ),
+            "retrain": stats(
+                erasure_rate=1.0, erasure_rate_paraphrase=2.0, retain_accuracy=99.0, fid=7.0, RTE_s=400.0
+            ),
+            "salun": stats(
+                erasure_rate=3.0, erasure_rate_paraphrase=9.0, retain_accuracy=95.0, fid=9.5, RTE_s=100.0
+            ),
+        },
+    }
+    lines = results_table(results).splitlines()
+    assert "erasure (paraphrase)" in lines[2] and "UA" not in lines[2]
+    salun = next(line for line in lines if line.startswith("| salun |"))
+    assert "9.00 ± 0.00" in salun and "0.25×" in salun

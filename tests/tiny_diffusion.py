@@ -10,25 +10,16 @@ WORDS = ["a", "photo", "of", "the", "cat", "dog", "tree", "house", "painting", "
 
 
 def write_tokenizer(folder: Path) -> Path:
-    """A CLIP tokenizer (vocab.json + merges.txt) whose every word in WORDS is one BPE token."""
+    """A CLIP tokenizer (vocab.json + merges.txt) whose every word in WORDS is one BPE token, built the way the
+    digits world builds its shipped tokenizer."""
     from transformers import CLIPTokenizer
 
+    from unlearn.worlds.digits_text import tokenizer_vocab_and_merges
+
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = ["<unk>", "<|startoftext|>", "<|endoftext|>"], ["#version: 0.2"]
-    for word in WORDS:
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        for piece in pieces:
-            if piece not in vocab:
-                vocab.append(piece)
-        while len(pieces) > 1:
-            merge = f"{pieces[0]} {pieces[1]}"
-            if merge not in merges:
-                merges.append(merge)
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
-            if pieces[0] not in vocab:
-                vocab.append(pieces[0])
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
+    vocab, merges = tokenizer_vocab_and_merges(tuple(WORDS))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=12)
     tokenizer.save_pretrained(str(folder))
     return folder

@@ -162,57 +162,62 @@ def _summarize(rows: list[dict]) -> dict:
     return out
 
 
+CLASSIFIER_TABLE = (
+    ("UA", "UA"),
+    ("RA", "RA"),
+    ("TA", "TA"),
+    ("MIA", "MIA"),
+    ("avg_gap", "Avg. Gap"),
+    ("CKA_forget_original", "CKA forget→orig"),
+    ("CKA_forget_retrain", "CKA forget→Retrain"),
+    ("CKA_test_retrain", "CKA test→Retrain"),
+    ("probe_forget", "probe forget"),
+    ("RTE_s", "RTE (s)"),
+)
+CLASSIFIER_LEGEND = (
+    "UA, RA, TA, MIA in percent (mean ± std over seeds); Avg. Gap = mean |metric − Retrain| over "
+    "UA, RA, TA, MIA, per seed; CKA = linear CKA (percent) of penultimate features on the forget / test "
+    "set to the original model and to Retrain; probe forget = accuracy of a linear probe on frozen features "
+    "on the forgotten data; `original` is the model before unlearning."
+)
+GENERATIVE_TABLE = (
+    ("erasure_rate", "erasure (exact)"),
+    ("erasure_rate_paraphrase", "erasure (paraphrase)"),
+    ("retain_accuracy", "retained acc."),
+    ("fid", "FID (retained)"),
+    ("RTE_s", "RTE (s)"),
+)
+GENERATIVE_LEGEND = (
+    "Erasure = share (percent) of generations from the erased concept's prompts (exact / paraphrases no "
+    "method saw) that the judge classifies as the concept; retained acc. = the judge's accuracy on "
+    "generations of the kept classes; FID between those generations and real images of the kept classes "
+    "(judge features); mean ± std over seeds; `original` is the model before unlearning."
+)
+
+
 def results_table(results: dict) -> str:
-    """The table a paper would print: mean ± std over seeds, and RTE relative to the reference."""
-    ref_time = results["summary"][results["reference"]]["RTE_s"]["mean"]
-    if "UA" not in results["summary"][results["reference"]]:
-        return _generative_table(results, ref_time)
+    """The table a paper would print: mean ± std over seeds, and RTE relative to the reference. Classifier
+    suites show UA / RA / TA / MIA / Avg. Gap and the representation columns; generative suites the judged
+    erasure rates, retained accuracy and FID."""
+    summary = results["summary"]
+    ref_time = summary[results["reference"]]["RTE_s"]["mean"]
+    columns, legend = (
+        (CLASSIFIER_TABLE, CLASSIFIER_LEGEND)
+        if "UA" in summary[results["reference"]]
+        else (GENERATIVE_TABLE, GENERATIVE_LEGEND)
+    )
     lines = [
-        f"## {results['suite']} ({len(results['seeds'])} seeds)",
+        f"## {results['suite']} ({len(results['seeds'])} seed{'s' if len(results['seeds']) > 1 else ''})",
         "",
-        "| method | UA | RA | TA | MIA | Avg. Gap | CKA forget→orig | CKA forget→Retrain | CKA test→Retrain "
-        "| probe forget | RTE (s) | RTE / Retrain |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | " + " | ".join(title for _, title in columns) + " | RTE / Retrain |",
+        "|---|" + "---|" * (len(columns) + 1),
     ]
-    for method, stats in results["summary"].items():
-        keys = ("UA", "RA", "TA", "MIA", "avg_gap", *REPRESENTATION_KEYS, "RTE_s")
-        cells = [_pm(stats.get(k)) for k in keys]
+    for method, stats in summary.items():
+        cells = [_pm(stats.get(key)) for key, _ in columns]
         ratio = stats["RTE_s"]["mean"] / ref_time if ref_time and method != "original" else math.nan
         cells.append("–" if math.isnan(ratio) else f"{ratio:.2f}×")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "UA, RA, TA, MIA in percent (mean ± std over seeds); Avg. Gap = mean |metric − Retrain| over "
-        "UA, RA, TA, MIA, per seed; CKA = linear CKA (percent) of penultimate features on the forget / test "
-        "set to the original model and to Retrain; probe forget = accuracy of a linear probe on frozen features "
-        "on the forgotten data; `original` is the model before unlearning.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _generative_table(results: dict, ref_time: float) -> str:
-    lines = [
-        f"## {results['suite']} ({len(results['seeds'])} seed(s))",
-        "",
-        "| method | erasure (exact) | erasure (paraphrase) | retained acc. | FID (retained) | RTE (s) "
-        "| RTE / Retrain |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for method, stats in results["summary"].items():
-        keys = ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid", "RTE_s")
-        cells = [_pm(stats.get(k)) for k in keys]
-        ratio = stats["RTE_s"]["mean"] / ref_time if ref_time and method != "original" else math.nan
-        cells.append("–" if math.isnan(ratio) else f"{ratio:.2f}×")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Erasure = share (percent) of generations from the erased concept's prompts (exact / paraphrases no "
-        "method saw) that the judge classifies as the concept; retained acc. = the judge's accuracy on "
-        "generations of the kept classes; FID between those generations and real images of the kept classes "
-        "(judge features); mean ± std over seeds; `original` is the model before unlearning.",
-        "",
-    ]
+    lines += ["", legend, ""]
     return "\n".join(lines)
 
 

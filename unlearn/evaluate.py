@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -135,7 +136,7 @@ def evaluate_generation(
 
     def draw(conditions: list, offset: int) -> torch.Tensor:
         return model.generate(
-            _as_conditions(model, conditions),
+            model.as_conditions(conditions),
             steps=steps,
             guidance=guidance,
             seed=seed + offset,
@@ -159,7 +160,8 @@ def evaluate_generation(
     if "retain_accuracy" in names and labels:
         results["retain_accuracy"] = _share(judge_labels(judge, images["retain"]) == torch.tensor(labels))
     if "fid" in names and retain:
-        real = torch.stack([data.retain[i][0] for i in range(len(data.retain))])
+        cached = fid_cache is not None and Path(fid_cache).exists()  # real statistics computed once
+        real = None if cached else torch.stack([data.retain[i][0] for i in range(len(data.retain))])
         extractor = "inception" if fid_features == "inception" else _features_of(judge)
         results["fid"] = fid(real, images["retain"], extractor, device=model.device, cache=fid_cache)
     if "clip_score" in names or clip_model:
@@ -172,12 +174,6 @@ def evaluate_generation(
             if retain:
                 results["clip_score"] = clip_score(images["retain"], retain, clip_model, device=model.device)
     return results, images
-
-
-def _as_conditions(model, conditions: list):
-    if model.conditioning == "class":
-        return torch.tensor([int(c) for c in conditions], dtype=torch.long)
-    return list(conditions)
 
 
 def _per_label(conditions: list, labels: list, per_label: int) -> tuple[list, list]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..data import UnlearnData
 from ..models.base import Model
-from ..train import Phase, endless, fit, make_loader, make_optimizer, train_steps
+from ..train import Phase, endless, fit, make_loader, make_optimizer, train_diffusion, train_steps
 from .base import Method
 
 
@@ -183,37 +183,37 @@ class RetrainDiffusion(Method):
 
     1. Draw fresh UNet weights (the text encoder and VAE are kept: they are what the concept is *spelt* with,
        and no method edits them).
-    2. Train with the ordinary diffusion loss on D_r for `steps` steps, dropping the condition with
-       probability `uncond_prob` (classifier-free guidance needs the unconditional branch).
+    2. Train with the ordinary diffusion loss on D_r for `steps` steps with the loop that trains the digits
+       world (`unlearn.train.train_diffusion`: AdamW, `warmup_steps` of linear warmup then cosine decay,
+       gradients clipped at norm 1, the condition dropped with probability `uncond_prob` for classifier-free
+       guidance), seeded by the run's seed. fp32, single process.
 
     The defaults are the digits DDPM world's training recipe, so Retrain is the original minus the class.
     """
 
     families = ("diffusion",)
-    steps: int = 3000
+    steps: int = 1500
     lr: float = 2e-3
     batch_size: int = 128
     uncond_prob: float = 0.1
-    max_grad_norm: float | None = 1.0
+    warmup_steps: int = 100
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         model.reinitialize()
-        chosen = model.train_only("full")
-        retain = endless(data.retain, self.batch_size)
-        optimizer = torch.optim.AdamW(chosen.values(), lr=self.lr, weight_decay=0.0)
-
-        def loss_fn(step: int) -> torch.Tensor:
-            return model.loss(next(retain), uncond_prob=self.uncond_prob)
-
-        return train_steps(
+        model.train_only("full")
+        seed = torch.initial_seed() % 2**63
+        train_diffusion(
             model,
-            loss_fn,
-            optimizer,
-            accelerator,
+            data.retain,
             self.steps,
-            max_grad_norm=self.max_grad_norm,
-            stage="retrain",
+            self.batch_size,
+            self.lr,
+            self.uncond_prob,
+            seed,
+            log=accelerator.print,
+            warmup_steps=self.warmup_steps,
         )
+        return model
 
 
 @dataclass

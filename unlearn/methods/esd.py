@@ -61,9 +61,12 @@ class ESD(Method):
 
         def loss_fn(step: int) -> torch.Tensor:
             batch = [rng.choice(pairs) for _ in range(self.batch_size)]
-            conditions = _conditions(model, [c for c, _ in batch])
-            references = _conditions(model, [a for _, a in batch]) if self.use_anchor else None
-            references = references if references is not None else model.null_conditions(len(batch))
+            conditions = model.as_conditions(c for c, _ in batch)
+            references = (
+                model.as_conditions(a for _, a in batch)
+                if self.use_anchor
+                else model.null_conditions(len(batch))
+            )
             k = rng.randrange(self.ddim_steps)
             with torch.no_grad():
                 cond, uncond = model.encode(conditions), model.encode(model.null_conditions(len(batch)))
@@ -82,10 +85,3 @@ class ESD(Method):
         return train_steps(
             model, loss_fn, optimizer, accelerator, self.steps, max_grad_norm=self.max_grad_norm, stage="esd"
         )
-
-
-def _conditions(model, values: list):
-    """Prompts as a list, class ids as a tensor (what `Diffusion.encode` takes)."""
-    if model.conditioning == "class":
-        return torch.tensor([int(v) for v in values], dtype=torch.long)
-    return list(values)

@@ -215,7 +215,7 @@ class SalUnDiffusion(Method):
             noise = torch.randn_like(x0)
             t = model.sample_timesteps(len(x0))
             x_t = model.add_noise(x0, noise, t)
-            anchors = _like(conditions, [pseudo[_key(c)] for c in conditions])
+            anchors = model.as_conditions(pseudo[_key(c)] for c in conditions)
             forget_out = model(x_t, t, model.encode(conditions))
             pseudo_out = model(x_t, t, model.encode(anchors)).detach()
             forget_loss = F.mse_loss(forget_out.float(), pseudo_out.float())
@@ -259,10 +259,3 @@ class SalUnDiffusion(Method):
 def _key(condition):
     """A hashable form of one condition (a prompt, or a class id that may come as a 0-d tensor)."""
     return condition if isinstance(condition, str) else int(condition)
-
-
-def _like(conditions, values: list):
-    """`values` in the container type of a batch's `conditions`: a list of prompts or a tensor of class ids."""
-    if isinstance(conditions, torch.Tensor):
-        return torch.tensor([int(v) for v in values], dtype=torch.long)
-    return list(values)

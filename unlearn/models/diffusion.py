@@ -190,6 +190,12 @@ class Diffusion(Model):
             return labels
         return None
 
+    def as_conditions(self, values) -> list | torch.Tensor:
+        """A batch of conditions in the container `encode` takes: class ids as a tensor, prompts as a list."""
+        if self.conditioning == "class":
+            return torch.tensor([int(v) for v in values], dtype=torch.long)
+        return list(values)
+
     def null_conditions(self, n: int) -> list | torch.Tensor | None:
         """n unconditional conditions (the empty prompt, the null class), before encoding."""
         if self.conditioning == "text":

@@ -19,16 +19,16 @@ judge recognized 99.8 % (DDPM, guidance 1.5) and 100 % (t2i, guidance 3) of 1,00
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..checkpoints import write_json
 from ..datasets import CaptionedDataset, ImageTensorDataset, load_dataset
-from ..errors import DataError, TrainingError
+from ..errors import DataError
+from ..train import train_diffusion  # the world's training loop; Retrain runs the same one
 from .digits_text import CAPTIONS, MODEL_MAX_LENGTH, load_digits_tokenizer
 
 SEED = 0
@@ -140,89 +140,6 @@ def build_t2i(seed: int = SEED):
     return model
 
 
-def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor | list[str]]:
-    images = torch.stack([item[0] for item in items])
-    conditions = [item[1] for item in items]
-    if isinstance(conditions[0], str):
-        return images, conditions
-    return images, torch.stack([torch.as_tensor(c) for c in conditions])
-
-
-def train_diffusion(
-    model,
-    dataset,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    uncond_prob: float = UNCOND_PROB,
-    seed: int = SEED,
-    log: Callable[[str], None] | None = print,
-    warmup_steps: int = WARMUP_STEPS,
-    log_every: int = 500,
-) -> list[float]:
-    """Train a `Diffusion` model on `dataset` with its ordinary ε-MSE loss; deterministic for a fixed seed.
-
-    Trains every parameter of `model` that requires grad (the UNet; for the digits t2i world also its text
-    encoder), with AdamW, a linear warmup and a cosine decay of the learning rate to zero, gradients clipped
-    at norm 1, fp32. Batches are epochs of a permutation drawn from a `torch.Generator` seeded with `seed`;
-    the loss's noise, timesteps and condition dropout come from the global RNG, seeded with `seed` inside a
-    fork so the caller's RNG state is left as it was.
-
-    Args:
-        model: a `unlearn.models.diffusion.Diffusion`.
-        dataset: yields `(image, condition)`: images in [0, 1], conditions a class id or a caption.
-        steps: optimizer steps.
-        batch_size: images per step.
-        lr: peak learning rate.
-        uncond_prob: share of conditions replaced by the unconditional one (classifier-free guidance).
-        seed: seed of the batch order, the noise and the dropout.
-        log: called with a progress line every `log_every` steps; None for silence.
-        warmup_steps: steps of linear learning-rate warmup.
-        log_every: steps between progress lines.
-
-    Returns:
-        The loss of every step.
-    """
-    if len(dataset) == 0:
-        raise DataError("cannot train a diffusion model on an empty dataset")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, warmup_steps))
-        return warm * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    order_rng = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    losses: list[float] = []
-    started = time.perf_counter()
-    model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for step in range(steps):
-            if len(order) < batch_size:  # a new epoch; a batch may straddle two epochs
-                order += torch.randperm(len(dataset), generator=order_rng).tolist()
-            batch, order = _collate([dataset[i] for i in order[:batch_size]]), order[batch_size:]
-            loss = model.loss(batch, uncond_prob=uncond_prob)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"diffusion training diverged at step {step}: loss {loss.item()}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
-                recent = losses[-log_every:]
-                log(
-                    f"step {step + 1}/{steps}  loss {sum(recent) / len(recent):.4f}  "
-                    f"{time.perf_counter() - started:.0f} s"
-                )
-    model.eval()
-    return losses
-
-
 def _kept(dataset: ImageTensorDataset, exclude_classes: Sequence[int]) -> ImageTensorDataset:
     exclude = {int(c) for c in exclude_classes}
     unknown = sorted(exclude - set(range(dataset.num_classes)))
@@ -263,7 +180,9 @@ def _prepare(kind: str, folder: Path, exclude_classes: Sequence[int], verbose: b
         model, dataset = build_t2i(SEED), CaptionedDataset(train, CAPTIONS, seed=SEED)
         steps, batch_size, lr, guidance = T2I_STEPS, T2I_BATCH_SIZE, T2I_LR, T2I_GUIDANCE
     log = print if verbose else None
-    train_diffusion(model, dataset, steps, batch_size, lr, UNCOND_PROB, SEED, log=log)
+    train_diffusion(
+        model, dataset, steps, batch_size, lr, UNCOND_PROB, SEED, log=log, warmup_steps=WARMUP_STEPS
+    )
     if model.text_encoder is not None:
         model.text_encoder.requires_grad_(False)
     seconds = time.perf_counter() - started
