@@ -4,6 +4,7 @@ on tiny pipelines built from configs (no download)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -350,3 +351,17 @@ def test_erase_refuses_missing_and_non_pipeline_checkpoints(tmp_path, capsys):
         recipe = _recipe(tmp_path, checkpoint, {"name": "salun"}, {"forget_class": [3]})
         assert main(["erase", str(recipe), "-o", str(tmp_path / "run")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_sd_step_benchmark_runs_each_sd_recipe_on_a_tiny_pipeline(tmp_path, one_thread):
+    """benchmarks/sd_step.py (the GPU real-size check) runs every SD recipe's method through the same code."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("sd_step", root / "benchmarks" / "sd_step.py")
+    sd_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sd_step)
+    for name in sd_step.RECIPES:
+        row = sd_step.time_recipe(root / "recipes" / "diffusion" / "sd" / name, "tiny", "cpu", 1)
+        assert row["recipe"] == name and row["unet_parameters"] < 1e6
+        assert row["trainable_parameters"] > 0

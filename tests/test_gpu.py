@@ -61,3 +61,17 @@ def test_digits_erase_on_cuda_bf16(tmp_path, digits_world):
     assert abs(metrics["TA"] - metrics["retrain_TA"]) <= 3
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["UA"] == metrics["UA"]
+
+
+def test_sd_size_recipe_steps_on_cuda():
+    """The SD recipes' methods train a UNet of Stable Diffusion's size in bf16 (benchmarks/sd_step.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("sd_step", root / "benchmarks" / "sd_step.py")
+    sd_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sd_step)
+    row = sd_step.time_recipe(root / "recipes/diffusion/sd/esd_x_vangogh.yaml", "sd15", "cuda", 2)
+    assert row["unet_parameters"] > 800e6 and row["precision"] == "bf16"
+    assert row["steps_per_s"] and row["peak_gib"] > 0
