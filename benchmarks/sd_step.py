@@ -91,7 +91,11 @@ def build_pipeline(size: str):
     unet = UNet2DConditionModel(**(SD_UNET if size == "sd15" else TINY_UNET))
     vae = AutoencoderKL(**(SD_VAE if size == "sd15" else TINY_VAE))
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
     )
     return Diffusion(
         unet,
@@ -170,7 +174,9 @@ def main() -> None:
     rows = [time_recipe(folder / name, args.size, args.device, args.steps) for name in args.recipes]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"SD-shaped pipeline ({args.size}), {args.steps} timed steps per recipe on {device_name}")
-    print(f"{'recipe':24s} {'prec':5s} {'batch':>5s} {'UNet M':>7s} {'train M':>8s} {'steps/s':>8s} {'peak GiB':>9s}")
+    print(
+        f"{'recipe':24s} {'prec':5s} {'batch':>5s} {'UNet M':>7s} {'train M':>8s} {'steps/s':>8s} {'peak GiB':>9s}"
+    )
     for r in rows:
         print(
             f"{r['recipe']:24s} {r['precision']:5s} {r['batch_size']:5d} {r['unet_parameters'] / 1e6:7.1f} "
@@ -178,7 +184,10 @@ def main() -> None:
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device_name, "size": args.size, "steps": args.steps, "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps({"device": device_name, "size": args.size, "steps": args.steps, "rows": rows}, indent=2)
+        + "\n"
+    )
     print(f"wrote {out}")
 
 
