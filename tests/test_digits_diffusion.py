@@ -183,7 +183,7 @@ def test_prepare_refuses_unknown_families_and_classes(tiny, tmp_path):
     from unlearn.worlds import prepare, resolve
 
     with pytest.raises(ConfigError, match="ddpm, t2i"):
-        prepare("digits", families=("gan",))
+        prepare("digits", families=("vae",))
     with pytest.raises(ConfigError, match="has no 'vae' model"):
         resolve("world:digits/vae")
     with pytest.raises(DataError, match="not digits classes"):

@@ -21,6 +21,9 @@ MAIN_KEYS = ("UA", "RA", "TA", "MIA", "RTE_s")
 REPRESENTATION_KEYS = ("CKA_forget_original", "CKA_forget_retrain", "CKA_test_retrain", "probe_forget")
 # Generative suites (concept / class erasure from diffusion models): judged generations and FID.
 GENERATIVE_KEYS = ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid", "clip_score")
+# GAN suites (class erasure from an unconditional generator): the judged share of the class, its reduction,
+# judge confidence, FID to real retained images and to the original generator's retained-class samples.
+GAN_KEYS = ("erasure_reduction", "confident", "fid_original")
 
 
 @dataclass
@@ -129,7 +132,9 @@ def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -
 
 
 def _main(metrics: dict) -> dict:
-    return {k: metrics[k] for k in (*MAIN_KEYS, *REPRESENTATION_KEYS, *GENERATIVE_KEYS) if k in metrics}
+    return {
+        k: metrics[k] for k in (*MAIN_KEYS, *REPRESENTATION_KEYS, *GENERATIVE_KEYS, *GAN_KEYS) if k in metrics
+    }
 
 
 def _gap(metrics: dict, reference: dict) -> dict:
@@ -194,6 +199,23 @@ GENERATIVE_LEGEND = (
     "(judge features); mean ± std over seeds; `original` is the model before unlearning."
 )
 
+GAN_TABLE = (
+    ("erasure_rate", "erased class (%)"),
+    ("erasure_reduction", "reduction (%)"),
+    ("fid", "FID vs real (retained)"),
+    ("fid_original", "FID vs original (retained)"),
+    ("confident", "confident (%)"),
+    ("RTE_s", "RTE (s)"),
+)
+GAN_LEGEND = (
+    "Erased class = share (percent) of the generator's samples the judge classifies as the erased class; "
+    "reduction = 100·(1 − that share / the original's); FID (judge features) of the samples judged as retained "
+    "classes against real retained images and against the original generator's retained-class samples (the "
+    "original row's value is the sampling noise floor); confident = samples judged with probability ≥ 0.9; "
+    "mean ± std over seeds; `original` is the generator before unlearning; the RTE ratio is relative to the "
+    "suite's reference row."
+)
+
 
 def results_table(results: dict) -> str:
     """The table a paper would print: mean ± std over seeds, and RTE relative to the reference. Classifier
@@ -206,10 +228,16 @@ def results_table(results: dict) -> str:
         if "UA" in summary[results["reference"]]
         else (GENERATIVE_TABLE, GENERATIVE_LEGEND)
     )
+    if (
+        "fid_original" in summary[results["reference"]]
+        or "erasure_reduction" in summary[results["reference"]]
+    ):
+        columns, legend = GAN_TABLE, GAN_LEGEND
+    reference = "Retrain" if results["reference"] == "retrain" else results["reference"]
     lines = [
         f"## {results['suite']} ({len(results['seeds'])} seed{'s' if len(results['seeds']) > 1 else ''})",
         "",
-        "| method | " + " | ".join(title for _, title in columns) + " | RTE / Retrain |",
+        "| method | " + " | ".join(title for _, title in columns) + f" | RTE / {reference} |",
         "|---|" + "---|" * (len(columns) + 1),
     ]
     for method, stats in summary.items():

@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+")
 
     prepare = sub.add_parser(
-        "prepare", help="build and cache an embedded world (digits: classifier, DDPM, text-to-image; ~15 min)"
+        "prepare",
+        help="build and cache an embedded world (digits: classifier, DDPM, text-to-image, GAN; ~20 min)",
     )
     prepare.add_argument("world", help="e.g. digits")
     return parser

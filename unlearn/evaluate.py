@@ -197,3 +197,76 @@ def _features_of(judge):
 
 def _share(hits: torch.Tensor) -> float:
     return 100.0 * float(hits.float().mean()) if len(hits) else math.nan
+
+
+# --------------------------------------------------------------------------------------------------------
+# GANs (unconditional generators): judged samples
+
+
+@torch.no_grad()
+def evaluate_gan(
+    model,
+    label: int,
+    names=("erasure_rate", "class_histogram", "confident", "fid", "fid_original"),
+    judge=None,
+    samples: int = 2000,
+    seed: int = 0,
+    real_retained: torch.Tensor | None = None,
+    original_retained: torch.Tensor | None = None,
+    fid_cache=None,
+    batch_size: int = 256,
+    confidence: float = 0.9,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Score an unconditional generator on erasing the judge's class `label` (reference/methods.md §4.5).
+
+    `samples` images are drawn with `seed` (the same latents before and after unlearning) and judged:
+
+    - `erasure_rate`: share (percent) of samples the judge classifies as `label` (lower is better);
+    - `class_histogram`: the share of every judge class (keys `class_share_<c>`);
+    - `confident`: share of samples the judge classifies with probability >= `confidence` (a quality proxy);
+    - `fid`: Fréchet distance, on the judge's penultimate features, between the samples judged as a retained
+      class and `real_retained` (real images of the retained classes; skipped when None);
+    - `fid_original`: the same against `original_retained`, the original generator's samples judged as a
+      retained class (drawn once, from other latents, so the original model's own value is the noise floor).
+
+    Returns:
+        The metrics and the samples (for sample grids).
+    """
+    from .metrics.generation import fid
+
+    if judge is None:
+        raise ConfigError("scoring a GAN needs a judge classifier: set eval.judge (or use the digits world)")
+    images = model.sample(samples, seed=seed, batch_size=batch_size)
+    probs = _probabilities(judge, images, batch_size)
+    labels = probs.argmax(1)
+    results: dict[str, float] = {}
+    if "erasure_rate" in names:
+        results["erasure_rate"] = _share(labels == label)
+    if "class_histogram" in names:
+        for c in range(probs.shape[1]):
+            results[f"class_share_{c}"] = _share(labels == c)
+    if "confident" in names:
+        results["confident"] = _share(probs.max(1).values >= confidence)
+    kept = images[labels != label]
+    extractor = _features_of(judge)
+    device = model.device
+    if "fid" in names and real_retained is not None and len(kept) >= 2:
+        results["fid"] = fid(real_retained, kept, extractor, device=device, cache=fid_cache)
+    if "fid_original" in names and original_retained is not None and len(kept) >= 2:
+        results["fid_original"] = fid(original_retained, kept, extractor, device=device)
+    return results, images
+
+
+def _probabilities(judge, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The judge's softmax probabilities (N, K) on the CPU, the judge in eval mode."""
+    from .metrics.generation import _eval_mode, _module_device, _owner_module
+
+    module = _owner_module(judge)
+    device = _module_device(module)
+    out = []
+    with _eval_mode(module):
+        for start in range(0, len(images), batch_size):
+            logits = judge(images[start : start + batch_size].to(device))
+            logits = logits.logits if hasattr(logits, "logits") else logits
+            out.append(torch.softmax(logits.float(), dim=1).cpu())
+    return torch.cat(out)

@@ -134,6 +134,8 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
         )
     if recipe.model.family == "diffusion":
         return _run_diffusion(recipe, method, accelerator, output, reference, log)
+    if recipe.model.family == "gan":
+        return _run_gan(recipe, method, accelerator, output, log)
     data = build_data(recipe)
     with accelerator.main_process_first():
         model = recipe_model(recipe, data.num_classes)
@@ -152,13 +154,8 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
         original = evaluate(model.to(accelerator.device), data, recipe.eval.metrics, recipe.eval.batch_size)
         metrics.update({f"original_{k}": v for k, v in original.items()})
 
-    set_seed(recipe.seed)
     model.to(accelerator.device)
-    _sync(accelerator.device)
-    started = time.perf_counter()
-    model = method.unlearn(model, data, accelerator)
-    _sync(accelerator.device)
-    seconds = time.perf_counter() - started
+    model, seconds = _timed_unlearn(method, model, data, accelerator, recipe.seed)
     model = accelerator.unwrap_model(model)
 
     if main:
@@ -223,7 +220,6 @@ JUDGED = ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy")
 
 def _run_diffusion(recipe: Recipe, method, accelerator, output: Path, reference: dict | None, log) -> dict:
     """Erase a class or concept from a diffusion model, judge generations before and after, write the run."""
-    from accelerate.utils import set_seed
 
     from .evaluate import evaluate_generation
     from .metrics.generation import save_grid
@@ -284,12 +280,7 @@ def _run_diffusion(recipe: Recipe, method, accelerator, output: Path, reference:
         original, original_images = score(model)
         metrics.update({f"original_{k}": v for k, v in original.items()})
 
-    set_seed(recipe.seed)
-    _sync(accelerator.device)
-    started = time.perf_counter()
-    model = method.unlearn(model, data, accelerator)
-    _sync(accelerator.device)
-    seconds = time.perf_counter() - started
+    model, seconds = _timed_unlearn(method, model, data, accelerator, recipe.seed)
 
     results, images = score(model)
     metrics = {**results, "RTE_s": seconds, **metrics}
@@ -312,6 +303,124 @@ def _run_diffusion(recipe: Recipe, method, accelerator, output: Path, reference:
     shown = "  ".join(
         f"{k} {metrics[k]:.2f}"
         for k in ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid")
+        if k in metrics
+    )
+    log(f"{shown}  RTE {seconds:.1f}s")
+    log(f"wrote {output}")
+    return metrics
+
+
+def build_gan_data(recipe: Recipe) -> UnlearnData:
+    """The erasure task of a GAN recipe: one class of the feedback classifier. The dataset gives the real
+    images of the retained classes for FID (none for `dataset: generated`); the method never sees them."""
+    from .data import ConceptPrompts
+    from .datasets import ImageTensorDataset
+
+    spec = recipe.data
+    label = int(spec.forget_class[0])
+    if spec.dataset == "generated":
+        empty = ImageTensorDataset(torch.zeros(0, 1, 1, 1), torch.zeros(0, dtype=torch.long), 0, "generated")
+        data = UnlearnData(empty, empty, empty, empty, num_classes=0, forget_classes=(label,))
+        kept: list[int] = []
+    else:
+        data = build_data(recipe)
+        kept = [c for c in range(data.num_classes) if c != label]
+    data.prompts = ConceptPrompts(
+        concept=str(label),
+        forget=[label],
+        anchor=[label],
+        retain=kept,
+        retain_labels=kept,
+        concept_label=label,
+    )
+    return data
+
+
+def _run_gan(recipe: Recipe, method, accelerator, output: Path, log) -> dict:
+    """Erase a class from an unconditional GAN, judge its samples before and after, write the run folder."""
+
+    from .evaluate import evaluate_gan
+    from .metrics.generation import judge_labels, save_grid
+    from .report import write_gan_report
+
+    if accelerator.num_processes > 1:
+        raise ConfigError("GAN unlearning runs in a single process; launch it without --multi_gpu")
+    data = build_gan_data(recipe)
+    model = recipe_model(recipe, 0).to(accelerator.device)
+    output.mkdir(parents=True, exist_ok=True)
+    write_text(recipe.to_yaml(), output / "recipe.yaml")
+    label = data.prompts.concept_label
+    log(f"{recipe.method} on {recipe.model.checkpoint}: erase class {label}")
+
+    ev = recipe.eval
+    judge = _judge(recipe, accelerator.device)
+    names = list(ev.metrics)
+    if judge is None:
+        raise ConfigError(
+            "scoring a GAN needs a judge: set eval.judge (a classifier folder or module:function)"
+        )
+    real = None
+    fid_cache = None
+    if len(data.retain):
+        real = torch.stack([data.retain[i][0] for i in range(len(data.retain))])
+        if recipe.data.dataset == "digits":
+            from .worlds import cache_dir
+
+            fid_cache = cache_dir() / "fid" / f"digits-retain-{label}-gan-judge.npz"
+    # The original generator's retained-class samples, from other latents than the scored ones: the
+    # reference of `fid_original` (its value for the original model is the sampling noise floor).
+    reference_draw = model.sample(ev.samples, seed=recipe.seed + 1)
+    original_retained = reference_draw[judge_labels(judge, reference_draw) != label]
+
+    def score(current):
+        return evaluate_gan(
+            current,
+            label,
+            names,
+            judge,
+            ev.samples,
+            recipe.seed,
+            real,
+            original_retained,
+            fid_cache,
+            ev.batch_size,
+        )
+
+    metrics: dict = {}
+    original_images = None
+    if ev.original:
+        original, original_images = score(model)
+        original["erasure_reduction"] = 0.0
+        metrics.update({f"original_{k}": v for k, v in original.items()})
+
+    model, seconds = _timed_unlearn(method, model, data, accelerator, recipe.seed)
+
+    results, images = score(model)
+    if "erasure_rate" in results and metrics.get("original_erasure_rate"):
+        results["erasure_reduction"] = 100.0 * (
+            1.0 - results["erasure_rate"] / metrics["original_erasure_rate"]
+        )
+    metrics = {**results, "RTE_s": seconds, **metrics}
+    metrics["device"] = str(accelerator.device)
+    metrics["num_processes"] = accelerator.num_processes
+    model.save(output / "model")
+    count = min(len(images), 100)
+    grids = {"unlearned": save_grid(images[:count], output / "samples.png", nrow=10).name}
+    if original_images is not None:
+        grids["original"] = save_grid(original_images[:count], output / "samples_original.png", nrow=10).name
+    write_json(metrics, output / "metrics.json")
+    write_gan_report(output, recipe, data, metrics, grids)
+    shutil.rmtree(output / "checkpoints", ignore_errors=True)
+    shown = "  ".join(
+        f"{k} {metrics[k]:.2f}"
+        for k in (
+            "erasure_rate",
+            "original_erasure_rate",
+            "erasure_reduction",
+            "fid",
+            "original_fid",
+            "fid_original",
+        )
         if k in metrics
     )
     log(f"{shown}  RTE {seconds:.1f}s")
@@ -426,6 +535,18 @@ def _file_logger(output: Path, log, cpu: bool):
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
     return say
+
+
+def _timed_unlearn(method, model, data: UnlearnData, accelerator, seed: int):
+    """Run the method from a seeded state; return the model and its run time (RTE), device work included."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+    _sync(accelerator.device)
+    started = time.perf_counter()
+    model = method.unlearn(model, data, accelerator)
+    _sync(accelerator.device)
+    return model, time.perf_counter() - started
 
 
 def _sync(device) -> None:

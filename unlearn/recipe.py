@@ -14,8 +14,10 @@ from .errors import CheckpointNotFoundError, ConfigError
 from .methods import get_method
 from .metrics import METRICS
 
-FAMILIES = ("classifier", "diffusion")
+FAMILIES = ("classifier", "diffusion", "gan")
 GENERATIVE_METRICS = ["erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid"]
+# GAN (unconditional generator): judged erasure rate, class histogram, FID to real and to the original's samples.
+GAN_METRICS = ["erasure_rate", "class_histogram", "confident", "fid", "fid_original"]
 PRECISIONS = ("no", "fp16", "bf16")
 
 
@@ -212,6 +214,8 @@ def from_dict(raw: dict, source: str | None = None) -> Recipe:
         sections[name] = _build(cls, values, name)
     if sections["model"].family == "diffusion" and "metrics" not in (raw.get("eval") or {}):
         sections["eval"].metrics = list(GENERATIVE_METRICS)
+    if sections["model"].family == "gan" and "metrics" not in (raw.get("eval") or {}):
+        sections["eval"].metrics = list(GAN_METRICS)
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
@@ -248,6 +252,8 @@ def validate(recipe: Recipe) -> None:
         _check_type(f"method.{key}", fields[key].type, value)
     if model.family == "diffusion":
         _validate_concept(data)
+    elif model.family == "gan":
+        _validate_gan(data)
     else:
         if data.dataset not in DATASETS:
             _unknown("dataset", data.dataset, DATASETS)
@@ -266,9 +272,15 @@ def validate(recipe: Recipe) -> None:
         _unknown("train.mixed_precision", train.mixed_precision, PRECISIONS)
     if train.gradient_accumulation_steps < 1:
         raise ConfigError("train.gradient_accumulation_steps must be at least 1")
+    if model.family == "gan":
+        for name in ev.metrics:
+            if name not in GAN_METRICS:
+                _unknown("metric of a GAN recipe", name, GAN_METRICS)
+        return
+    known = [m for m in METRICS if m not in GAN_METRICS or m in ("erasure_rate", "fid")]
     for name in ev.metrics:
-        if name not in METRICS:
-            _unknown("metric", name, METRICS)
+        if name not in known:
+            _unknown("metric", name, known)
 
 
 def _validate_concept(data: DataSpec) -> None:
@@ -289,6 +301,20 @@ def _validate_concept(data: DataSpec) -> None:
         raise ConfigError("dataset: generated needs data.concept (and its prompts)")
     if data.num_images < 1:
         raise ConfigError("data.num_images must be at least 1")
+
+
+def _validate_gan(data: DataSpec) -> None:
+    """A GAN recipe erases one class (a label of the feedback classifier) from an unconditional generator. The
+    dataset only gives real images for FID (`generated`: none, FID to real data is skipped)."""
+    if data.dataset not in (*DATASETS, "generated"):
+        _unknown("dataset of a GAN recipe", data.dataset, (*DATASETS, "generated"))
+    if data.forget_fraction is not None or data.concept is not None:
+        raise ConfigError(
+            "a GAN erases a class or feature the feedback classifier names: give data.forget_class, "
+            "not forget_fraction or concept"
+        )
+    if data.forget_class is None or len(data.forget_class) != 1:
+        raise ConfigError("a GAN recipe erases one class at a time: give exactly one data.forget_class")
 
 
 def _build(cls, values: dict, section: str):

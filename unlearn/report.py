@@ -113,3 +113,59 @@ def write_generation_report(output: Path, recipe, data, metrics: dict, grids: di
         "",
     ]
     write_text("\n".join(lines), output / "report.md")
+
+
+GAN_KEYS = {
+    "erasure_rate": "erasure rate: samples judged as the erased class (%)",
+    "erasure_reduction": "reduction of that share vs the original (%)",
+    "confident": "samples judged with confidence >= 0.9 (%)",
+    "fid": "FID of retained-class samples vs real retained images",
+    "fid_original": "FID of retained-class samples vs the original generator's",
+}
+
+
+def write_gan_report(output: Path, recipe, data, metrics: dict, grids: dict) -> None:
+    """report.md of a GAN run: scores before / after, the per-class histogram of the judge and the sample
+    grids (same latents before and after)."""
+    label = data.prompts.concept_label
+    method = getattr(recipe, "method_args", {})
+    lines = [
+        f"# {recipe.method}: erase class {label} from `{recipe.model.checkpoint}`",
+        "",
+        f"- repulsion: {method.get('repulsion', 'default')}"
+        + (f", gamma {method['gamma']}" if "gamma" in method else ""),
+        f"- evaluation: {recipe.eval.samples} samples (seed {recipe.seed}) judged by "
+        f"{recipe.eval.judge or 'the digits classifier'}",
+        f"- run time (RTE): {metrics['RTE_s']:.1f} s on {metrics.get('device', '?')}",
+        "",
+        "| metric | original | unlearned |",
+        "|---|---|---|",
+    ]
+    for key, text in GAN_KEYS.items():
+        if key in metrics:
+            lines.append(f"| {text} | {_fmt(metrics.get(f'original_{key}'))} | {_fmt(metrics[key])} |")
+    shares = sorted(int(k.rsplit("_", 1)[1]) for k in metrics if k.startswith("class_share_"))
+    if shares:
+        lines += [
+            "",
+            "Share of samples per judged class (percent; the erased class marked *):",
+            "",
+            "| class | " + " | ".join(f"{c}{'*' if c == label else ''}" for c in shares) + " |",
+            "|---|" + "---|" * len(shares),
+            "| original | "
+            + " | ".join(_fmt(metrics.get(f"original_class_share_{c}")) for c in shares)
+            + " |",
+            "| unlearned | " + " | ".join(_fmt(metrics.get(f"class_share_{c}")) for c in shares) + " |",
+        ]
+    lines += ["", "## Samples (same latents before and after)", ""]
+    if "original" in grids:
+        lines += ["Original:", "", f"![original]({grids['original']})", ""]
+    lines += ["Unlearned:", "", f"![unlearned]({grids['unlearned']})"]
+    lines += [
+        "",
+        "Files: `model/` (the unlearned GAN: gan_config.json, generator / discriminator safetensors), "
+        "`adapted_generator_<k>.safetensors` (stage 1's adapted weights, reusable with method.adapted_path), "
+        "`recipe.yaml`, `metrics.json`, `train.jsonl`, `run.log`.",
+        "",
+    ]
+    write_text("\n".join(lines), output / "report.md")

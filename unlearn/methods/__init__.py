@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 
 from ..errors import ConfigError
+from .adapt_then_unlearn import AdaptThenUnlearn
 from .base import Method
 from .baselines import FineTune, GradAscent, GradAscentDiffusion, RandomLabel, Retrain, RetrainDiffusion
 from .esd import ESD
@@ -23,6 +24,7 @@ METHODS: dict[str, tuple[type[Method], ...]] = {
     "l1_sparse": (L1Sparse,),
     "laf": (LAF,),
     "esd": (ESD,),
+    "adapt_then_unlearn": (AdaptThenUnlearn,),
 }
 
 

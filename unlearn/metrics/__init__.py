@@ -26,6 +26,9 @@ METRICS = {
     "retain_accuracy": "percent of generations from other concepts' prompts the judge calls the prompted one",
     "fid": "Frechet distance of generated to real images (clean-fid Inception or a custom extractor)",
     "clip_score": "100 x mean cosine of CLIP image and prompt embeddings, clamped at 0 (local CLIP folder)",
+    "class_histogram": "GAN: percent of samples the judge assigns to each class (keys class_share_<c>)",
+    "confident": "GAN: percent of samples the judge classifies with probability >= 0.9",
+    "fid_original": "GAN: Frechet distance of retained-class samples to the original generator's (judge features)",
 }
 
 _LAZY = {

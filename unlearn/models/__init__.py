@@ -13,10 +13,16 @@ def load_model(
     from ..errors import ConfigError
     from ..worlds import resolve
 
-    if family not in ("classifier", "diffusion"):
-        raise ConfigError(f"unknown model family {family!r}; known: classifier, diffusion")
+    if family not in ("classifier", "diffusion", "gan"):
+        raise ConfigError(f"unknown model family {family!r}; known: classifier, diffusion, gan")
     if checkpoint and str(checkpoint).startswith("world:"):
         checkpoint = str(resolve(str(checkpoint)))
+    if family == "gan":
+        from .gan import build_gan, load_gan
+
+        if not checkpoint:  # fresh weights of a built-in architecture (tests, training from scratch)
+            return build_gan(arch or "dcgan_digits")
+        return load_gan(checkpoint)
     if family == "diffusion":
         from .diffusion import load_diffusion
 

@@ -28,15 +28,16 @@ WEIGHT_DECAY = 5e-4
 MIN_TEST_ACCURACY = 95.0
 
 
-FAMILIES = ("classifier", "ddpm", "t2i")
+FAMILIES = ("classifier", "ddpm", "t2i", "gan")
 
 
 def prepare_digits(verbose: bool = True, families: Sequence[str] | str | None = None) -> dict[str, Path]:
     """Build (once, then cached) the digits world's models and return their folders by family.
 
     The classifier (seconds) is always built: it judges the generative models. The DDPM and the text-to-image
-    model (several minutes each, `digits_diffusion`) are built only when asked for in `families` ("all" asks
-    for every family); when already cached they are returned whether asked for or not.
+    model (several minutes each, `digits_diffusion`) and the GAN (minutes, `digits_gan`) are built only when
+    asked for in `families` ("all" asks for every family); when already cached they are returned whether asked
+    for or not.
     """
     if families is None:
         wanted: tuple[str, ...] = ("classifier",)
@@ -61,6 +62,13 @@ def prepare_digits(verbose: bool = True, families: Sequence[str] | str | None = 
             build(path, verbose=verbose)
         if (path / "model_index.json").exists():
             paths[family] = path
+    gan = folder / "gan"
+    if not (gan / "gan_config.json").exists() and "gan" in wanted:
+        from .digits_gan import prepare_gan
+
+        prepare_gan(gan, verbose=verbose)
+    if (gan / "gan_config.json").exists():
+        paths["gan"] = gan
     return paths
 
 
