@@ -428,9 +428,8 @@ def load_diffusion(path: str | Path) -> Diffusion:
         index = json.loads((local / "model_index.json").read_text())
         nulls = {name: None for name, value in index.items() if value == [None, None]}
         if "safety_checker" in nulls and index.get("requires_safety_checker"):
-            nulls["requires_safety_checker"] = (
-                False  # there is none to require; diffusers would warn at length
-            )
+            # there is no safety checker to require; diffusers would warn at length on every load
+            nulls["requires_safety_checker"] = False
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
