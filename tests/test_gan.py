@@ -232,6 +232,18 @@ def test_fisher_is_mean_squared_per_sample_gradient_of_the_discriminator_logit()
     assert torch.allclose(gan.generator.lin.bias.grad, 10.0 * fisher["lin.bias"] * 0.5)
 
 
+def test_fisher_works_on_the_batch_norm_dcgan_in_training_mode():
+    """The configurable DCGAN (the GPU recipe's) has batch norm: one-sample gradients need eval statistics."""
+    from unlearn.models.gan import build_gan
+
+    torch.manual_seed(0)
+    gan = build_gan("dcgan", image_size=16, width=4).train()
+    fisher = fisher_information(gan, samples=2)
+    assert gan.generator.training  # the mode is given back
+    assert all(torch.isfinite(f).all() for f in fisher.values())
+    assert sum(f.sum() for f in fisher.values()) > 0
+
+
 def test_collect_keeps_flagged_or_unflagged_samples():
     model = tiny()
     judge = toy_judge()

@@ -345,10 +345,14 @@ def collect(model, flag, want: bool, count: int, max_draws: int, chunk: int = 10
 
 def fisher_information(model, samples: int) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of the generator's weights: mean over `samples` latents of (∂D(G(z))/∂θ)², one
-    backward pass per latent (the discriminator's logit as the log-likelihood, as the reference code does)."""
+    backward pass per latent (the discriminator's logit as the log-likelihood, as the reference code does).
+    The generator runs in eval mode: batch norm uses its running statistics, so each gradient is one sample's
+    (and a batch of one is allowed)."""
     params = dict(model.generator.named_parameters())
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     model.requires_grad_(True)
+    was_training = model.generator.training
+    model.generator.eval()
     z = model.random_latents(samples)
     for i in range(samples):
         logit = model.discriminate(model.generate(z[i : i + 1])).sum()
@@ -356,6 +360,7 @@ def fisher_information(model, samples: int) -> dict[str, torch.Tensor]:
         for (name, _), grad in zip(params.items(), grads):
             if grad is not None:
                 fisher[name] += grad.detach() ** 2 / samples
+    model.generator.train(was_training)
     return fisher
 
 
