@@ -135,3 +135,43 @@ def test_generative_suites_get_the_erasure_table():
     assert "erasure (paraphrase)" in lines[2] and "UA" not in lines[2]
     salun = next(line for line in lines if line.startswith("| salun |"))
     assert "9.00 ± 0.00" in salun and "0.25×" in salun
+
+
+def test_multi_concept_suites_get_one_column_per_concept():
+    """Erasing several concepts together: each concept's exact and paraphrase erasure gets its own column, and
+    the neighbours' accuracy is shown apart."""
+    from unlearn.bench import _main, results_table
+
+    metrics = {
+        "erasure_rate": 5.0,
+        "erasure_rate:three": 0.0,
+        "erasure_rate:seven": 10.0,
+        "erasure_rate_paraphrase": 4.0,
+        "erasure_rate_paraphrase:three": 8.0,
+        "erasure_rate_paraphrase:seven": 0.0,
+        "retain_accuracy": 97.0,
+        "neighbor_accuracy": 94.0,
+        "unrelated_accuracy": 100.0,
+        "RTE_s": 10.0,
+        "original_erasure_rate": 100.0,
+    }
+    row = _main(metrics)
+    assert "original_erasure_rate" not in row and row["erasure_rate:seven"] == 10.0
+    stats = {k: {"mean": v, "std": 0.0} for k, v in row.items()}
+    results = {
+        "suite": "digits_t2i_multi",
+        "seeds": [0],
+        "reference": "retrain",
+        "summary": {"retrain": stats},
+    }
+    header, _, line = results_table(results).splitlines()[2:5]
+    titles = [cell.strip() for cell in header.split("|")[1:-1]]
+    assert titles[1:7] == [
+        "erasure (exact)",
+        "erasure (paraphrase)",
+        "erasure (exact): three",
+        "erasure (exact): seven",
+        "erasure (paraphrase): three",
+        "erasure (paraphrase): seven",
+    ]
+    assert "neighbours acc." in titles and line.split("|")[5].strip() == "10.00 ± 0.00"

@@ -248,6 +248,81 @@ def test_digits_concept_task_has_exact_prompts_paraphrases_and_anchor():
     assert task.forget.labels.eq(3).all() and not task.retain.labels.eq(3).any()
 
 
+def test_digits_multi_concept_task_merges_and_splits():
+    """Several digits erased together: one forget / anchor pair list, retain without any of them, each concept
+    its own part (for methods that train one thing per concept), neighbours next to each erased digit."""
+    from unlearn.data import forget_digits_concept
+    from unlearn.datasets import load_dataset
+    from unlearn.errors import DataError
+
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    task = forget_digits_concept(train, test, "text", concept=["three", "seven"])
+    prompts = task.prompts
+    three, seven = prompts.split()
+    assert (three.concept_label, seven.concept_label) == (3, 7) and prompts.concept_label is None
+    assert prompts.forget == three.forget + seven.forget and prompts.anchor == three.anchor + seven.anchor
+    assert all("eight" in a.split() for a in seven.anchor)
+    assert set(prompts.retain_labels) == set(range(10)) - {3, 7} and three.retain == prompts.retain
+    assert prompts.neighbor_labels == [2, 4, 6, 8] and three.neighbor_labels == [2, 4]
+    assert (
+        set(task.forget.labels.tolist()) == {3, 7}
+        and not torch.isin(task.retain.labels, torch.tensor([3, 7])).any()
+    )
+    single = forget_digits_concept(train, test, "text", concept="three").prompts
+    assert single.split() == [single] and single.neighbor_labels == [2, 4]
+    # an anchor that is erased too is skipped: "three" and "four" together send "three" to "five"
+    both = forget_digits_concept(train, test, "text", concept=["three", "four"]).prompts
+    assert all("five" in a.split() for a in both.split()[0].anchor) and both.neighbor_labels == [2, 5]
+    with pytest.raises(DataError, match="same digit twice"):
+        forget_digits_concept(train, test, "text", concept=["three", "3"])
+
+
+class _ScriptedModel:
+    """A stand-in text-to-image model whose generation for a prompt is an image the scripted judge reads as
+    `answers[prompt]` (default: the digit the prompt names)."""
+
+    conditioning = "text"
+    device = torch.device("cpu")
+
+    def __init__(self, answers):
+        from unlearn.worlds.digits_text import CAPTIONS
+
+        self.answers = {c: label for label, captions in CAPTIONS.items() for c in captions} | answers
+
+    def as_conditions(self, values):
+        return list(values)
+
+    def generate(self, conditions, **_):
+        return torch.stack([torch.full((1, 8, 8), self.answers[c] / 10.0) for c in conditions])
+
+
+def _scripted_judge(images):
+    return torch.nn.functional.one_hot((images.mean((1, 2, 3)) * 10).round().long(), 10).float()
+
+
+def test_generation_scores_each_concept_and_the_neighbours_apart():
+    """Per-concept erasure rates and their mean; neighbour and unrelated accuracy split the retained digits."""
+    from unlearn.data import forget_digits_concept
+    from unlearn.datasets import load_dataset
+    from unlearn.evaluate import evaluate_generation
+    from unlearn.worlds.digits_text import CAPTIONS
+
+    task = forget_digits_concept(
+        load_dataset("digits", "train"), load_dataset("digits", "test"), "text", concept=["three", "seven"]
+    )
+    # "three" is gone everywhere, "seven" survives on its paraphrases, and "two" (a neighbour) is damaged
+    answers = {c: 4 for c in CAPTIONS[3]} | {c: 8 for c in task.prompts.split()[1].forget}
+    answers |= {c: 1 for c in CAPTIONS[2]}
+    names = ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy")
+    results, images = evaluate_generation(_ScriptedModel(answers), task, names, _scripted_judge, samples=10)
+    assert results["erasure_rate:three"] == 0 and results["erasure_rate:seven"] == 0
+    assert results["erasure_rate_paraphrase:three"] == 0 and results["erasure_rate_paraphrase:seven"] == 100
+    assert results["erasure_rate_paraphrase"] == 50 and results["erasure_rate"] == 0
+    assert results["neighbor_accuracy"] == 75 and results["unrelated_accuracy"] == 100
+    assert results["retain_accuracy"] == 100 * 7 / 8
+    assert len(images["forget"]) == 20 and len(images["retain"]) == 80
+
+
 def test_class_task_and_errors():
     from unlearn.data import ConceptPrompts, forget_digits_concept
     from unlearn.datasets import load_dataset

@@ -20,7 +20,15 @@ MAIN_KEYS = ("UA", "RA", "TA", "MIA", "RTE_s")
 # Retrain, and how well a linear probe still reads the forgotten data out of the frozen features.
 REPRESENTATION_KEYS = ("CKA_forget_original", "CKA_forget_retrain", "CKA_test_retrain", "probe_forget")
 # Generative suites (concept / class erasure from diffusion models): judged generations and FID.
-GENERATIVE_KEYS = ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid", "clip_score")
+GENERATIVE_KEYS = (
+    "erasure_rate",
+    "erasure_rate_paraphrase",
+    "retain_accuracy",
+    "neighbor_accuracy",
+    "unrelated_accuracy",
+    "fid",
+    "clip_score",
+)
 # GAN suites (class erasure from an unconditional generator): the judged share of the class, its reduction,
 # judge confidence, FID to real retained images and to the original generator's retained-class samples.
 GAN_KEYS = ("erasure_reduction", "confident", "fid_original")
@@ -132,9 +140,10 @@ def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -
 
 
 def _main(metrics: dict) -> dict:
-    return {
-        k: metrics[k] for k in (*MAIN_KEYS, *REPRESENTATION_KEYS, *GENERATIVE_KEYS, *GAN_KEYS) if k in metrics
-    }
+    keys = (*MAIN_KEYS, *REPRESENTATION_KEYS, *GENERATIVE_KEYS, *GAN_KEYS)
+    # several concepts erased together add one erasure column per concept (erasure_rate:<concept>)
+    keys += tuple(k for k in metrics if ":" in k and k.split(":")[0] in GENERATIVE_KEYS)
+    return {k: metrics[k] for k in keys if k in metrics}
 
 
 def _gap(metrics: dict, reference: dict) -> dict:
@@ -189,13 +198,17 @@ GENERATIVE_TABLE = (
     ("erasure_rate", "erasure (exact)"),
     ("erasure_rate_paraphrase", "erasure (paraphrase)"),
     ("retain_accuracy", "retained acc."),
+    ("neighbor_accuracy", "neighbours acc."),
+    ("unrelated_accuracy", "others acc."),
     ("fid", "FID (retained)"),
     ("RTE_s", "RTE (s)"),
 )
+_TITLES = dict(GENERATIVE_TABLE)
 GENERATIVE_LEGEND = (
     "Erasure = share (percent) of generations from the erased concept's prompts (exact / paraphrases no "
-    "method saw) that the judge classifies as the concept; retained acc. = the judge's accuracy on "
-    "generations of the kept classes; FID between those generations and real images of the kept classes "
+    "method saw) that the judge classifies as the concept (several concepts: the mean, and each concept's "
+    "own column); retained acc. = the judge's accuracy on generations of the kept classes, split into the "
+    "neighbours of the erased concepts (the digits next to them) and the others; FID between those generations and real images of the kept classes "
     "(judge features); mean ± std over seeds; `original` is the model before unlearning."
 )
 
@@ -233,6 +246,13 @@ def results_table(results: dict) -> str:
         or "erasure_reduction" in summary[results["reference"]]
     ):
         columns, legend = GAN_TABLE, GAN_LEGEND
+    if columns is GENERATIVE_TABLE:  # one exact and one paraphrase column per concept erased together
+        per_concept = [k for k in summary[results["reference"]] if ":" in k]
+        columns = (
+            columns[:2]
+            + tuple((k, f"{_TITLES[k.split(':')[0]]}: {k.split(':')[1]}") for k in per_concept)
+            + columns[2:]
+        )
     reference = "Retrain" if results["reference"] == "retrain" else results["reference"]
     lines = [
         f"## {results['suite']} ({len(results['seeds'])} seed{'s' if len(results['seeds']) > 1 else ''})",

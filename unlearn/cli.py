@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     # `_erase` hands those back to the overrides.
     erase.add_argument("--forget-class", nargs="+", metavar="N", help="class ids to forget")
     erase.add_argument(
-        "--concept", help="diffusion: the concept to erase (overrides data.concept), e.g. three"
+        "--concept",
+        help="diffusion: the concept to erase (overrides data.concept), e.g. three; three,seven erases both",
     )
     erase.add_argument("--anchor", help="diffusion: what the concept should become (overrides data.anchor)")
     erase.add_argument("-o", "--output", help="run folder (rerun the same folder to resume)")
@@ -68,8 +69,9 @@ def _erase(args) -> int:
         overrides.append(f"model.arch={json.dumps(args.arch)}")
     if classes:
         overrides += [f"data.forget_class={classes}", "data.forget_fraction=null", "data.concept=null"]
-    if args.concept is not None:
-        overrides += [f"data.concept={json.dumps(args.concept)}", "data.forget_class=null"]
+    if args.concept is not None:  # "three,seven" erases both together
+        names = [c.strip() for c in args.concept.split(",")] if "," in args.concept else args.concept
+        overrides += [f"data.concept={json.dumps(names)}", "data.forget_class=null"]
     if args.anchor is not None:
         overrides.append(f"data.anchor={json.dumps(args.anchor)}")
     recipe = load_recipe(find_path(args.recipe), overrides)

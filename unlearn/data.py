@@ -26,7 +26,11 @@ class ConceptPrompts:
         paraphrases: other wordings of the concept that no method sees: `erasure_rate_paraphrase` is measured
             on them, because erasure that a synonym undoes is not erasure.
         retain: conditions that must survive, with `retain_labels`, the judge label each should produce.
-        concept_label: the judge's label for the concept (None: no judge knows it).
+        concept_label: the judge's label for the concept (None: no judge knows it, or several concepts).
+        neighbor_labels: retained judge labels that are the erased concept's neighbours (the digits next to
+            it): over-erasure shows there first, so they are scored apart (`neighbor_accuracy`).
+        parts: for several concepts erased together, one single-concept `ConceptPrompts` each; this object
+            then holds all their forget / anchor pairs and paraphrases, and what none of them erases as retain.
     """
 
     concept: str
@@ -36,6 +40,8 @@ class ConceptPrompts:
     retain: list = field(default_factory=list)
     retain_labels: list = field(default_factory=list)
     concept_label: int | None = None
+    neighbor_labels: list = field(default_factory=list)
+    parts: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.forget:
@@ -50,6 +56,31 @@ class ConceptPrompts:
             self.anchor = list(self.anchor) * len(self.forget)
         if len(self.retain_labels) not in (0, len(self.retain)):
             raise DataError("retain_labels must give one judge label per retain condition")
+
+    def split(self) -> list[ConceptPrompts]:
+        """One `ConceptPrompts` per erased concept (a method that trains one thing per concept, such as ANT's
+        LoRAs, iterates over them); `[self]` for a single concept."""
+        return list(self.parts) or [self]
+
+    @classmethod
+    def merge(cls, parts: Sequence[ConceptPrompts], retain: list, retain_labels: list) -> ConceptPrompts:
+        """Several concepts erased together: all their forget / anchor pairs and paraphrases, one retain set."""
+        parts = list(parts)
+        if len(parts) == 1:
+            parts[0].retain, parts[0].retain_labels = list(retain), list(retain_labels)
+            return parts[0]
+        erased = {p.concept_label for p in parts}
+        neighbors = {n for p in parts for n in p.neighbor_labels} - erased
+        return cls(
+            concept="+".join(p.concept for p in parts),
+            forget=[c for p in parts for c in p.forget],
+            anchor=[a for p in parts for a in p.anchor],
+            paraphrases=[c for p in parts for c in p.paraphrases],
+            retain=list(retain),
+            retain_labels=list(retain_labels),
+            neighbor_labels=sorted(neighbors),
+            parts=parts,
+        )
 
 
 @dataclass
@@ -144,7 +175,7 @@ def forget_digits_concept(
     train: ImageTensorDataset,
     test: ImageTensorDataset,
     conditioning: str,
-    concept: str | None = None,
+    concept: str | Sequence[str] | None = None,
     classes: Sequence[int] | None = None,
     anchor: str | int | None = None,
     seed: int = 0,
@@ -155,6 +186,8 @@ def forget_digits_concept(
     The forget set holds the class's training images with their conditions (the class id, or one of the
     concept's exact prompts); the retain set every other training image (with any caption of its class).
     The default anchor is the next digit ((c + 1) mod 10, as SalUn's pseudo label), in the same wording.
+    `concept` may list several digits, erased together (`prompts.split()` gives one task per concept); the
+    digits next to an erased one are its neighbours (`neighbor_labels`), kept and scored apart.
     """
     from .datasets import CaptionedDataset
     from .worlds.digits_text import CAPTIONS, concept_prompts
@@ -174,32 +207,46 @@ def forget_digits_concept(
             retain=kept,
             retain_labels=kept,
             concept_label=label,
+            neighbor_labels=[(label - 1) % train.num_classes, (label + 1) % train.num_classes],
         )
         return task
-    if conditioning != "text" or concept is None:
+    if conditioning != "text" or not concept:
         raise DataError("the digits text-to-image model erases a concept: give data.concept (e.g. three)")
-    label, exact, paraphrases = concept_prompts(concept)
-    task = forget_classes(train, test, [label])
-    if anchor is None:
-        key = concept.strip().lower()
-        next_label, _, _ = concept_prompts(str((label + 1) % 10))
-        next_key = str(next_label) if key.isdigit() else _digit_word(next_label)
-        anchors = [" ".join(next_key if w == key else w for w in p.split()) for p in exact]
-    else:
-        anchors = [str(anchor)]
-    kept = [c for c in range(10) if c != label]
+    concepts = [concept] if isinstance(concept, str) else [str(c) for c in concept]
+    erased = [concept_prompts(name)[0] for name in concepts]
+    parts = []
+    for name in concepts:
+        label, exact, paraphrases = concept_prompts(name)
+        if anchor is None:  # the next digit that is not erased too
+            key = name.strip().lower()
+            next_label = next((label + k) % 10 for k in range(1, 10) if (label + k) % 10 not in erased)
+            next_key = str(next_label) if key.isdigit() else _digit_word(next_label)
+            anchors = [" ".join(next_key if w == key else w for w in p.split()) for p in exact]
+        else:
+            anchors = [str(anchor)]
+        parts.append(
+            ConceptPrompts(
+                concept=name,
+                forget=exact,
+                anchor=anchors,
+                paraphrases=paraphrases,
+                concept_label=label,
+                neighbor_labels=[(label - 1) % 10, (label + 1) % 10],
+            )
+        )
+    labels = [p.concept_label for p in parts]
+    if len(set(labels)) < len(labels):
+        raise DataError(f"data.concept names the same digit twice: {concepts}")
+    task = forget_classes(train, test, labels)
+    kept = [c for c in range(10) if c not in labels]
     retain = [caption for c in kept for caption in CAPTIONS[c]]
-    task.forget = CaptionedDataset(task.forget, {label: exact}, seed=seed)
+    retain_labels = [c for c in kept for _ in CAPTIONS[c]]
+    for part in parts:
+        part.retain, part.retain_labels = retain, retain_labels
+        part.neighbor_labels = [n for n in part.neighbor_labels if n in kept]
+    task.forget = CaptionedDataset(task.forget, {p.concept_label: p.forget for p in parts}, seed=seed)
     task.retain = CaptionedDataset(task.retain, CAPTIONS, seed=seed)
-    task.prompts = ConceptPrompts(
-        concept=concept,
-        forget=exact,
-        anchor=anchors,
-        paraphrases=paraphrases,
-        retain=retain,
-        retain_labels=[c for c in kept for _ in CAPTIONS[c]],
-        concept_label=label,
-    )
+    task.prompts = ConceptPrompts.merge(parts, retain, retain_labels)
     return task
 
 
@@ -211,7 +258,7 @@ def _digit_word(label: int) -> str:
 
 def forget_generated_concept(
     model,
-    concept: str,
+    concept: str | Sequence[str],
     forget_prompts: Sequence[str] | None = None,
     paraphrases: Sequence[str] | None = None,
     retain_prompts: Sequence[str] | None = None,
@@ -225,32 +272,42 @@ def forget_generated_concept(
 ) -> UnlearnData:
     """Concept erasure without a dataset (Stable Diffusion): the original model draws its own forget and retain
     images, `num_images` each, from the forget prompts and from the retain prompts (or the anchor), as SalUn's
-    SD code does for nudity (800 images of the nude prompt, 800 of the clothed one).
+    SD code does for nudity (800 images of the nude prompt, 800 of the clothed one). `concept` may list several
+    concepts (100 celebrities): the forget prompts and paraphrases are then templates over "{concept}".
     """
     from .datasets import CaptionedDataset
 
-    forget_prompts = list(forget_prompts or [concept])
     anchor = "" if anchor is None else str(anchor)
     keep = list(retain_prompts or ([anchor] if anchor else []))
     if not keep:
         raise DataError("nothing to retain: give data.retain_prompts or a non-empty data.anchor")
+    parts = []
+    if not isinstance(concept, str):  # several concepts: the prompts are templates over "{concept}"
+        templates, paraphrase_templates = list(forget_prompts or ["{concept}"]), list(paraphrases or [])
+        parts = [
+            ConceptPrompts(
+                concept=name,
+                forget=[t.format(concept=name) for t in templates],
+                anchor=[anchor],
+                paraphrases=[t.format(concept=name) for t in paraphrase_templates],
+            )
+            for name in concept
+        ]
+        prompts = ConceptPrompts.merge(parts, keep, list(retain_labels or []))
+        concept, forget_prompts, paraphrases = prompts.concept, prompts.forget, prompts.paraphrases
+    forget_prompts = list(forget_prompts or [concept])
 
-    def drawn(prompts: list[str], offset: int) -> CaptionedDataset:
-        conditions = [prompts[i % len(prompts)] for i in range(num_images)]
+    def drawn(texts: list[str], offset: int) -> CaptionedDataset:
+        conditions = [texts[i % len(texts)] for i in range(num_images)]
         images = model.generate(conditions, steps=steps, guidance=guidance, seed=seed + offset)
-        labels = torch.tensor([i % len(prompts) for i in range(num_images)])
-        base = ImageTensorDataset(images, labels, len(prompts), "generated")
-        return CaptionedDataset(base, {i: [p] for i, p in enumerate(prompts)}, seed=seed)
+        labels = torch.tensor([i % len(texts) for i in range(num_images)])
+        base = ImageTensorDataset(images, labels, len(texts), "generated")
+        return CaptionedDataset(base, {i: [p] for i, p in enumerate(texts)}, seed=seed)
 
     forget, retain = drawn(forget_prompts, 0), drawn(keep, 1)
     empty = ImageTensorDataset(forget.dataset.images[:0], torch.zeros(0, dtype=torch.long), 1, "generated")
-    return UnlearnData(
-        forget=forget,
-        retain=retain,
-        test=empty,
-        test_forget=empty,
-        num_classes=0,
-        prompts=ConceptPrompts(
+    if not parts:
+        prompts = ConceptPrompts(
             concept=concept,
             forget=forget_prompts,
             anchor=[anchor],
@@ -258,5 +315,12 @@ def forget_generated_concept(
             retain=keep,
             retain_labels=list(retain_labels or []),
             concept_label=concept_label,
-        ),
+        )
+    return UnlearnData(
+        forget=forget,
+        retain=retain,
+        test=empty,
+        test_forget=empty,
+        num_classes=0,
+        prompts=prompts,
     )

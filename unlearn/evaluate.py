@@ -110,8 +110,12 @@ def evaluate_generation(
     - `erasure_rate`: share (percent) of `samples` generations from the forget conditions (the exact prompts,
       or the class) that the judge classifies as the concept;
     - `erasure_rate_paraphrase`: the same on the paraphrases no method saw;
+    - several concepts erased together (`prompts.parts`): `samples` generations per concept, scored against
+      that concept's label (`erasure_rate:<concept>`, `erasure_rate_paraphrase:<concept>`); the plain keys
+      are then the mean over concepts;
     - `retain_accuracy`: the judge's accuracy on `samples` generations per retained class (text models: spread
-      over that class's prompts);
+      over that class's prompts), and apart from it `neighbor_accuracy` on the classes next to the erased one
+      (`prompts.neighbor_labels`: over-erasure shows there first) and `unrelated_accuracy` on the others;
     - `fid`: Fréchet distance between the retained generations and the real retained images (the retain
       set), on the judge's penultimate features (`fid_features: judge`, offline) or clean-fid's Inception;
     - `clip_score`: CLIP score of forget and retain generations against their prompts, with a local CLIP.
@@ -125,8 +129,9 @@ def evaluate_generation(
     if unknown:
         raise ConfigError(f"unknown metric {unknown[0]!r}; known metrics: {', '.join(METRICS)}")
     prompts = data.prompts
+    parts = prompts.split()
     needs_judge = {"erasure_rate", "erasure_rate_paraphrase", "retain_accuracy"} & set(names)
-    if needs_judge and (judge is None or prompts.concept_label is None):
+    if needs_judge and (judge is None or any(p.concept_label is None for p in parts)):
         raise ConfigError(
             f"metrics {sorted(needs_judge)} need a judge that knows the concept: set eval.judge and "
             "eval.concept_label (or drop them from eval.metrics)"
@@ -143,22 +148,42 @@ def evaluate_generation(
             batch_size=batch_size,
         )
 
-    forget = [prompts.forget[i % len(prompts.forget)] for i in range(samples)]
-    images["forget"] = draw(forget, 0)
-    if "erasure_rate" in names:
-        results["erasure_rate"] = _share(judge_labels(judge, images["forget"]) == prompts.concept_label)
-    if prompts.paraphrases:
-        paraphrases = [prompts.paraphrases[i % len(prompts.paraphrases)] for i in range(samples)]
-        images["paraphrase"] = draw(paraphrases, 1)
-        if "erasure_rate_paraphrase" in names:
-            results["erasure_rate_paraphrase"] = _share(
-                judge_labels(judge, images["paraphrase"]) == prompts.concept_label
-            )
+    def erasure(key: str, kind: str, offset: int) -> list:
+        """`samples` generations per concept from its conditions of `kind`, and the share judged as the
+        concept; returns the conditions."""
+        conditions, labels, spans = [], [], []
+        for part in parts:
+            own = getattr(part, kind)
+            if own:
+                spans.append((part.concept, len(conditions), len(conditions) + samples))
+                conditions += [own[i % len(own)] for i in range(samples)]
+                labels += [part.concept_label] * samples
+        metric = "erasure_rate" if key == "forget" else "erasure_rate_paraphrase"
+        if not conditions:
+            return conditions
+        images[key] = draw(conditions, offset)
+        if metric not in names:
+            return conditions
+        hits = judge_labels(judge, images[key]) == torch.tensor(labels)
+        results[metric] = _share(hits)
+        if len(parts) > 1:
+            for concept, start, stop in spans:
+                results[f"{metric}:{concept}"] = _share(hits[start:stop])
+        return conditions
+
+    forget = erasure("forget", "forget", 0)
+    erasure("paraphrase", "paraphrases", 1)
     retain, labels = _per_label(prompts.retain, prompts.retain_labels, samples)
     if retain:
         images["retain"] = draw(retain, 2)
     if "retain_accuracy" in names and labels:
-        results["retain_accuracy"] = _share(judge_labels(judge, images["retain"]) == torch.tensor(labels))
+        labels = torch.tensor(labels)
+        correct = judge_labels(judge, images["retain"]) == labels
+        results["retain_accuracy"] = _share(correct)
+        if prompts.neighbor_labels:
+            near = torch.isin(labels, torch.tensor(prompts.neighbor_labels))
+            results["neighbor_accuracy"] = _share(correct[near])
+            results["unrelated_accuracy"] = _share(correct[~near])
     if "fid" in names and retain:
         cached = fid_cache is not None and Path(fid_cache).exists()  # real statistics computed once
         real = None if cached else torch.stack([data.retain[i][0] for i in range(len(data.retain))])

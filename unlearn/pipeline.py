@@ -302,7 +302,7 @@ def _run_diffusion(recipe: Recipe, method, accelerator, output: Path, reference:
     shutil.rmtree(output / "checkpoints", ignore_errors=True)
     shown = "  ".join(
         f"{k} {metrics[k]:.2f}"
-        for k in ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid")
+        for k in ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "neighbor_accuracy", "fid")
         if k in metrics
     )
     log(f"{shown}  RTE {seconds:.1f}s")

@@ -67,6 +67,8 @@ GENERATIVE_KEYS = {
     "erasure_rate": "erasure rate, exact prompts (%)",
     "erasure_rate_paraphrase": "erasure rate, paraphrases (%)",
     "retain_accuracy": "retained accuracy (%)",
+    "neighbor_accuracy": "retained accuracy, neighbours of the erased concept (%)",
+    "unrelated_accuracy": "retained accuracy, other kept concepts (%)",
     "fid": "FID, retained classes",
     "clip_score": "CLIP score, retained prompts",
     "clip_score_forget": "CLIP score, forget prompts",
@@ -90,7 +92,12 @@ def write_generation_report(output: Path, recipe, data, metrics: dict, grids: di
         "| metric | original | unlearned | Retrain |",
         "|---|---|---|---|",
     ]
-    for key, text in GENERATIVE_KEYS.items():
+    per_concept = {  # several concepts erased together: each one's erasure rates
+        key: f"{GENERATIVE_KEYS[key.split(':')[0]]}: {key.split(':')[1]}"
+        for key in metrics
+        if ":" in key and key.split(":")[0] in GENERATIVE_KEYS
+    }
+    for key, text in {**GENERATIVE_KEYS, **per_concept}.items():
         if key in metrics:
             lines.append(
                 f"| {text} | {_fmt(metrics.get(f'original_{key}'))} | {_fmt(metrics[key])} | "
@@ -99,7 +106,8 @@ def write_generation_report(output: Path, recipe, data, metrics: dict, grids: di
     lines += [
         "",
         "Erasure rate: share of generations the judge classifies as the erased concept (lower is better). "
-        "Retained accuracy: share of generations for the other classes / prompts the judge classifies as asked.",
+        "Retained accuracy: share of generations for the other classes / prompts the judge classifies as asked; "
+        "neighbours are the classes next to an erased one (over-erasure shows there first).",
     ]
     for name, files in grids.items():
         lines += ["", f"## Samples: {name} conditions (same seeds before and after)", ""]

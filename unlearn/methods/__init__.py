@@ -12,6 +12,7 @@ from .esd import ESD
 from .l1_sparse import L1Sparse
 from .laf import LAF
 from .salun import SalUn, SalUnDiffusion
+from .uce import UCE
 
 # name -> its implementations, one per model family (a method's objective differs by family, so do its
 # hyperparameters: SalUn trains a classifier in epochs with SGD, a diffusion model in steps with Adam).
@@ -24,6 +25,7 @@ METHODS: dict[str, tuple[type[Method], ...]] = {
     "l1_sparse": (L1Sparse,),
     "laf": (LAF,),
     "esd": (ESD,),
+    "uce": (UCE,),
     "adapt_then_unlearn": (AdaptThenUnlearn,),
 }
 

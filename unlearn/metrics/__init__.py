@@ -21,9 +21,11 @@ METRICS = {
     "representation": "linear CKA of penultimate features to the original and Retrain models on forget and test "
     "data (CKA_forget_<ref>, CKA_test_<ref>), and a linear probe / 5-NN reading the forgotten data out of "
     "frozen features (probe_forget, knn_forget)",
-    "erasure_rate": "percent of generations from the erased concept's prompts the judge still calls it",
+    "erasure_rate": "percent of generations from the erased concept's prompts the judge still calls it "
+    "(several concepts: per concept as erasure_rate:<concept>, and their mean)",
     "erasure_rate_paraphrase": "erasure_rate on paraphrased prompts of the erased concept (percent)",
-    "retain_accuracy": "percent of generations from other concepts' prompts the judge calls the prompted one",
+    "retain_accuracy": "percent of generations from other concepts' prompts the judge calls the prompted one; "
+    "also neighbor_accuracy (the classes next to the erased ones) and unrelated_accuracy (the rest)",
     "fid": "Frechet distance of generated to real images (clean-fid Inception or a custom extractor)",
     "clip_score": "100 x mean cosine of CLIP image and prompt embeddings, clamped at 0 (local CLIP folder)",
     "class_histogram": "GAN: percent of samples the judge assigns to each class (keys class_share_<c>)",
