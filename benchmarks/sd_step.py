@@ -7,7 +7,9 @@ encoder, the SD VAE; random weights, no download; the shipped digits tokenizer s
 each SD recipe's method exactly as `unlearn erase` would (the recipe's precision, gradient checkpointing, frozen
 parts cast to half, batch size, trainable parameters) on a forget/retain set the model draws itself. Each
 method runs once for 1 step and once for 1 + `--steps` steps; the difference divided by `--steps` is the time of
-one training step (the mask pass, the frozen teacher copy and the data drawing cancel out). Prints a table and
+one training step (the mask pass, the frozen teacher copy and the data drawing cancel out); a closed-form
+method (UCE) is timed once, its whole edit; ANT's saliency pass is cut to one gradient map and multi-concept
+recipes to their first two concepts (neither changes the cost of a step). Prints a table and
 writes `benchmarks/results/sd_step.json`. `--size tiny` runs the same code on a tiny pipeline (CPU smoke test).
 """
 
@@ -20,7 +22,16 @@ from pathlib import Path
 
 import torch
 
-RECIPES = ("salun_nudity.yaml", "esd_x_vangogh.yaml", "esd_u_nudity.yaml")
+RECIPES = (
+    "salun_nudity.yaml",
+    "esd_x_vangogh.yaml",
+    "esd_u_nudity.yaml",
+    "uce_artists.yaml",
+    "doco_vangogh.yaml",
+    "realera_celebrities.yaml",
+    "ant_nudity.yaml",
+    "ant_celebrities_100.yaml",
+)
 SD_UNET = dict(
     sample_size=64,
     in_channels=4,
@@ -127,15 +138,29 @@ def time_recipe(recipe_path: Path, size: str, device: str, steps: int) -> dict:
         model.enable_gradient_checkpointing()
     if precision != "no":
         model.cast_frozen(torch.bfloat16 if precision == "bf16" else torch.float16)
-    batch = recipe.method_args.get("batch_size", 1)
+    batch = recipe.method_args.get("batch_size", recipe.method_args.get("lora_batch_size", 1))
+    # A step costs the same whatever the number of concepts: multi-concept recipes (100 celebrities) are timed on
+    # their first two, so that ANT's one-LoRA-per-concept loop stays short.
+    concept = recipe.data.concept[:2] if isinstance(recipe.data.concept, list) else recipe.data.concept
     with accelerator.autocast():
         data = forget_generated_concept(
-            model, recipe.data.concept, recipe.data.forget_prompts, None, recipe.data.retain_prompts,
+            model, concept, recipe.data.forget_prompts, None, recipe.data.retain_prompts,
             recipe.data.anchor, num_images=batch, steps=2, guidance=recipe.eval.guidance,
         )  # fmt: skip
+    cls = type(recipe.build_method())
+    fields = cls.__dataclass_fields__
+    # The trained stage's step count: `steps`, or RealEra's LoRA stage after its closed-form edit. A
+    # closed-form method (UCE) has none: its one "step" is the whole edit. DoCo's discriminator-only warm-up is
+    # skipped so that every timed step updates the UNet too.
+    step_field = next((f for f in ("steps", "lora_steps") if f in fields), None)
+    counts = (1, 1 + steps) if step_field else (1,)
     seconds = {}
-    for count in (1, 1 + steps):
-        method = type(recipe.build_method())(**{**recipe.method_args, "steps": count})
+    for count in counts:
+        args = {**recipe.method_args, **({step_field: count} if step_field else {})}
+        args.update({"warm_up": 0} if "warm_up" in fields else {})
+        if "mask_iterations" in fields:  # ANT's saliency pass (20 maps x 10 trajectories) cancels out: one map
+            args.update(mask_iterations=1, mask_seeds=[0], mask_prompts=None)
+        method = cls(**args)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -144,7 +169,7 @@ def time_recipe(recipe_path: Path, size: str, device: str, steps: int) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         seconds[count] = time.perf_counter() - started
-    step = (seconds[1 + steps] - seconds[1]) / steps
+    step = (seconds[1 + steps] - seconds[1]) / steps if len(counts) == 2 else seconds[1]
     trainable = sum(p.numel() for p in model.unet.parameters() if p.requires_grad)
     return {
         "recipe": recipe_path.name,

@@ -277,6 +277,27 @@ def test_digits_multi_concept_task_merges_and_splits():
         forget_digits_concept(train, test, "text", concept=["three", "3"])
 
 
+def test_generated_multi_concept_task_fills_templates(pipelines, one_thread):
+    """Stable Diffusion style: several concepts (celebrities, artists) share prompt templates over {concept}."""
+    from unlearn.data import forget_generated_concept
+
+    model = _load(pipelines["sd"])
+    task = forget_generated_concept(
+        model,
+        ["cat", "dog"],
+        ["a photo of the {concept}", "{concept}"],
+        ["the {concept}"],
+        ["a house"],
+        "a tree",
+        num_images=2,
+        steps=2,
+    )
+    cat, dog = task.prompts.split()
+    assert cat.forget == ["a photo of the cat", "cat"] and dog.paraphrases == ["the dog"]
+    assert task.prompts.forget == cat.forget + dog.forget and task.prompts.anchor == ["a tree"] * 4
+    assert task.prompts.concept == "cat+dog" and task.prompts.retain == ["a house"] and len(task.forget) == 2
+
+
 class _ScriptedModel:
     """A stand-in text-to-image model whose generation for a prompt is an image the scripted judge reads as
     `answers[prompt]` (default: the digit the prompt names)."""

@@ -6,11 +6,14 @@ import difflib
 
 from ..errors import ConfigError
 from .adapt_then_unlearn import AdaptThenUnlearn
+from .ant import ANT
 from .base import Method
 from .baselines import FineTune, GradAscent, GradAscentDiffusion, RandomLabel, Retrain, RetrainDiffusion
+from .doco import DoCo
 from .esd import ESD
 from .l1_sparse import L1Sparse
 from .laf import LAF
+from .realera import RealEra
 from .salun import SalUn, SalUnDiffusion
 from .uce import UCE
 
@@ -25,7 +28,10 @@ METHODS: dict[str, tuple[type[Method], ...]] = {
     "l1_sparse": (L1Sparse,),
     "laf": (LAF,),
     "esd": (ESD,),
+    "doco": (DoCo,),
+    "ant": (ANT,),
     "uce": (UCE,),
+    "realera": (RealEra,),
     "adapt_then_unlearn": (AdaptThenUnlearn,),
 }
 

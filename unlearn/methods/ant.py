@@ -1,0 +1,368 @@
+"""ANT: Set You Straight: Auto-Steering Denoising Trajectories to Sidestep Unwanted Concepts (Li et al., 2025)."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data import ConceptPrompts, UnlearnData
+from ..errors import ConfigError
+from ..models.base import Model
+from ..params import ParamMask
+from ..train import train_steps
+from .base import Method
+
+MODES = ("auto", "saliency", "lora")
+MASK_SCOPES = ("tensor", "global")
+
+
+def draw_indices(rng: random.Random, split_step: int, ddim_steps: int) -> tuple[int, int]:
+    """One early and one late DDIM index, counted from pure noise (index 0 = the noisiest timestep).
+
+    The early index lies in [0, split_step): the first, high-noise steps that lay out the image's structure,
+    where ANT keeps the original conditional direction. The late index lies in [split_step, ddim_steps): the
+    mid-to-late steps that fill in the concept, where ANT reverses it.
+    """
+    return rng.randrange(split_step), rng.randrange(split_step, ddim_steps)
+
+
+def top_share(grads: dict[str, torch.Tensor], keep: float, scope: str = "tensor") -> dict[str, torch.Tensor]:
+    """Boolean masks of the largest `keep` share of |grad|: per tensor (the reference's `generate_mask.py`
+    ranks each tensor on its own) or over all tensors at once (`scope="global"`, SalUn's convention).
+
+    Per tensor the count is ceil(keep·numel), the reference's `rank < keep·numel`, so a one-entry tensor keeps
+    its entry. Entries whose gradient is exactly zero are never salient (a tie at zero would otherwise be
+    broken arbitrarily).
+    """
+    if scope not in MASK_SCOPES:
+        raise ConfigError(f"unknown mask scope {scope!r}; known: {', '.join(MASK_SCOPES)}")
+    masks = {}
+    if scope == "tensor":
+        for name, grad in grads.items():
+            magnitude = grad.detach().abs().flatten().float()
+            count = min(math.ceil(magnitude.numel() * keep), magnitude.numel())
+            flat = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
+            flat[torch.topk(magnitude, count, sorted=False).indices] = True
+            masks[name] = (flat & (magnitude > 0)).view_as(grad).cpu()
+        return masks
+    magnitude = torch.cat([g.detach().abs().flatten().float() for g in grads.values()])
+    flat = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
+    flat[torch.topk(magnitude, int(magnitude.numel() * keep), sorted=False).indices] = True
+    flat &= magnitude > 0
+    start = 0
+    for name, grad in grads.items():
+        masks[name] = flat[start : start + grad.numel()].view_as(grad).cpu()
+        start += grad.numel()
+    return masks
+
+
+def saliency_intersection(
+    maps: list[dict[str, torch.Tensor]], sparsity: float, scope: str = "tensor"
+) -> ParamMask:
+    """ANT's augmentation-enhanced saliency mask M*: threshold every gradient map (keep the top `1 − sparsity`
+    share of |grad|), then keep only the weights salient in *every* map (the intersection)."""
+    if not maps:
+        raise ConfigError("the saliency intersection needs at least one gradient map")
+    mask = ParamMask(top_share(maps[0], 1.0 - sparsity, scope))
+    for grads in maps[1:]:
+        mask = mask & ParamMask(top_share(grads, 1.0 - sparsity, scope))
+    return mask
+
+
+@dataclass
+class ANT(Method):
+    """Set You Straight: Auto-Steering Denoising Trajectories to Sidestep Unwanted Concepts (ANT; Li et al.,
+    2025; reference/methods.md §5).
+
+    Fine-tunes the model along its own denoising trajectories so that the concept's classifier-free-guidance
+    direction δ(c) = ε(x_t, c) − ε(x_t, "") is kept where the image's structure forms and reversed where the
+    concept would be drawn:
+
+    1. Keep a frozen copy θ* (the teacher). Every step, for a batch of forget prompts c:
+       a. draw a DDIM index k_e in [0, `split_step`) and k_l in [`split_step`, `ddim_steps`), counted from pure
+          noise (`draw_indices`: early = high noise), and run the *current* model's DDIM trajectory under c with
+          guidance `start_guidance` (no gradient) from one start noise to x_e at k_e and on to x_l at k_l;
+       b. teacher e_u = θ*(x, t, ""), e_c = θ*(x, t, c) at both points;
+       c. early (t > t'): L_early = MSE(θ(x_e, c), e_u + η (e_c − e_u)): the original conditional direction;
+          late (t < t'): L_late = MSE(θ(x_l, c), e_u − η (e_c − e_u)): the direction reversed (ESD's target);
+          both: L_uncond = MSE(θ(x, ""), e_u): the unconditional prediction stays the original's, with gradient
+          through θ; η = `negative_guidance`;
+       d. loss = L_late + w_u L_uncond_late + w_e (L_early + w_u L_uncond_early), w_e = `early_weight`,
+          w_u = `uncond_weight` (the single-concept reference's α1 = 1, α2 = 0.5).
+    2. Single concept (`mode: saliency`): the full UNet (`params`) trains only inside the augmentation-enhanced
+       saliency mask M*: for every prompt variant (`mask_prompts`, default the forget prompts) and seed
+       (`mask_seeds`), the gradient of the step-1 loss summed over `mask_iterations` draws at the *original*
+       weights is one map; each map keeps its top `1 − sparsity` share of |grad| (per tensor, or global with
+       `mask_scope`), and M* is their intersection. Saved as `saliency_mask.safetensors` in the run folder.
+    3. Several concepts (`mode: lora`): one peft LoRA (rank `lora_rank`, on `lora_targets`, by default the
+       cross-attention key/value projections) per concept (`data.prompts.split()`), trained with the step-1
+       loss alone on that concept; then all LoRAs are fused into the plain to_k / to_v weights in closed form
+       (MACE's fusion): W* = argmin Σ_i ||W K_i − (W0 + s ΔW_i) K_i||² + `preserve_scale` ||(W − W0) P||² +
+       `ridge` ||W − W0||², K_i the concept's text states, P the retain prompts' states, s = `fuse_scale`.
+       The adapters are removed afterwards: the returned UNet is plain. `mode: auto` picks saliency for one
+       concept and lora for several.
+
+    Where the paper and the reference code disagree, this follows the paper:
+    - Direction of the split. The multi-concept code and the paper keep the direction in the first
+      `split_step` steps from noise (t > t') and reverse it after; the single-concept code's CompVis sampler
+      stops early so that its "first 7 steps" are in fact the last, nearly clean ones (reference/methods.md
+      §5.4). Here early always means high noise.
+    - The unconditional terms carry gradient (the single-concept code computes θ(x, "") under no_grad, so its
+      L_uncond is inert; the multi-concept code's is active).
+    - Saliency maps are taken at the original weights: the reference's gradient pass takes optimizer steps
+      (lr 1e-2) between maps. And they keep the *largest* |grad| (the reference's `generate_mask.py` keeps the
+      smallest half, against the paper's "heavy hitters").
+    - The trained model's predictions are plain conditional ones, as in the paper's formulas and the
+      single-concept code (the multi-concept code guides the LoRA model's and the teacher's conditional
+      predictions with CFG 7.5 before comparing).
+    - The multi-concept code trains LECO's "c3lier" LoRA (every attention and conv layer) and fuses only its
+      cross-attention share with a hard-coded scale 4.3 (`fuse_scale` here); here the LoRA sits on the
+      projections the fusion can express exactly, so nothing trained is dropped. Its preservation set is
+      MACE's COCO / domain caches; here the retain prompts' states.
+    - x_t is taken at the DDIM step's own timestep (the reference draws t within that step's bin).
+
+    Defaults are the single-concept reference's (`configs/ant_train.yaml`: 250 iterations, Adam lr 5e-4,
+    batch 1, before_step 7 of 50 DDIM steps, start guidance 3, negative guidance 1, α1 = 1, α2 = 0.5; gradient
+    maps over 5 seeds, 10 iterations each, 50 % per tensor) and, for LoRA, the multi-concept code's (rank 64,
+    alpha 1, fusion scale 4.3).
+    """
+
+    families = ("diffusion",)
+    mode: str = "auto"
+    steps: int = 250
+    lr: float = 5e-4
+    batch_size: int = 1
+    split_step: int = 7
+    ddim_steps: int = 50
+    start_guidance: float = 3.0
+    negative_guidance: float = 1.0
+    early_weight: float = 1.0
+    uncond_weight: float = 0.5
+    max_grad_norm: float | None = None
+    # single concept: saliency-masked fine-tuning
+    params: str | list = "full"
+    sparsity: float = 0.5
+    mask_scope: str = "tensor"
+    mask_prompts: list | None = None
+    mask_seeds: list = field(default_factory=lambda: [24, 42, 98, 403, 3407])
+    mask_iterations: int = 10
+    mask_path: str | None = None
+    # several concepts: one LoRA each, fused in closed form
+    lora_rank: int = 64
+    lora_alpha: float = 1.0
+    lora_targets: list = field(default_factory=lambda: ["attn2.to_k", "attn2.to_v"])
+    fuse_scale: float = 4.3
+    preserve_scale: float = 1.0
+    ridge: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown ant mode {self.mode!r}; known: {', '.join(MODES)}")
+        if not 0 < self.split_step < self.ddim_steps:
+            raise ConfigError(
+                f"ant split_step must lie strictly between 0 and ddim_steps ({self.ddim_steps}) so that both "
+                f"stages have steps, got {self.split_step}"
+            )
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ConfigError(f"ant sparsity must lie in [0, 1), got {self.sparsity}")
+        if self.mask_scope not in MASK_SCOPES:
+            raise ConfigError(f"unknown ant mask_scope {self.mask_scope!r}; known: {', '.join(MASK_SCOPES)}")
+        if not self.mask_seeds or self.mask_iterations < 1:
+            raise ConfigError("ant needs at least one mask seed and one mask iteration per gradient map")
+        bad = [t for t in self.lora_targets if not str(t).endswith(("attn2.to_k", "attn2.to_v"))]
+        if bad or not self.lora_targets:
+            raise ConfigError(
+                f"ant lora_targets must name cross-attention key/value projections (attn2.to_k, attn2.to_v), "
+                f"the layers the closed-form fusion can write; got {bad or self.lora_targets}"
+            )
+
+    def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
+        concepts = data.prompts.split()
+        mode = self.mode if self.mode != "auto" else ("saliency" if len(concepts) == 1 else "lora")
+        if mode == "lora":
+            return self._lora(model, data.prompts, concepts, accelerator)
+        return self._saliency(model, data.prompts, accelerator)
+
+    # -- the objective, shared by both modes ---------------------------------------------------------------
+
+    def objective(
+        self, model: Model, teacher: Model, sampler, conditions, rng: random.Random
+    ) -> torch.Tensor:
+        """The ANT loss on one batch of forget conditions (step 1 of the class docstring)."""
+        n = len(conditions)
+        k_early, k_late = draw_indices(rng, self.split_step, self.ddim_steps)
+        t_early, t_late = sampler.timesteps[k_early], sampler.timesteps[k_late]
+        with torch.no_grad():
+            cond, uncond = model.encode(conditions), model.encode(model.null_conditions(n))
+            noise = torch.randn(model.latent_shape(n), device=model.device) * sampler.init_noise_sigma
+            # one trajectory of the current model: noise -> x_early -> x_late (k_early < k_late)
+            x_early = model.denoise(noise, cond, sampler, 0, k_early, self.start_guidance, uncond)
+            x_late = model.denoise(x_early, cond, sampler, k_early, k_late, self.start_guidance, uncond)
+            x = torch.cat([x_early, x_late])
+            t = torch.cat([t_early.expand(n), t_late.expand(n)]).to(model.device)
+            both = teacher(torch.cat([x, x]), torch.cat([t, t]), _cat(uncond, uncond, cond, cond))
+            e_u, e_c = both.float().chunk(2)
+            direction = self.negative_guidance * (e_c - e_u)
+            keep_target, reverse_target = (e_u + direction).chunk(2)[0], (e_u - direction).chunk(2)[1]
+            e_u_early, e_u_late = e_u.chunk(2)
+        # the trained model, conditional and unconditional, at both points, in one call with gradient
+        out = model(torch.cat([x, x]), torch.cat([t, t]), _cat(cond, cond, uncond, uncond)).float()
+        c_early, c_late, u_early, u_late = out.chunk(4)
+        late = F.mse_loss(c_late, reverse_target) + self.uncond_weight * F.mse_loss(u_late, e_u_late)
+        early = F.mse_loss(c_early, keep_target) + self.uncond_weight * F.mse_loss(u_early, e_u_early)
+        return late + self.early_weight * early
+
+    def _loss_fn(self, model: Model, teacher: Model, prompts: ConceptPrompts):
+        """A `train_steps` loss: each step a batch of the concept's forget prompts."""
+        sampler = model.sampler(self.ddim_steps)
+        rng = random.Random(torch.initial_seed())
+
+        def loss_fn(step: int) -> torch.Tensor:
+            batch = model.as_conditions(rng.choice(prompts.forget) for _ in range(self.batch_size))
+            return self.objective(model, teacher, sampler, batch, rng)
+
+        return loss_fn
+
+    # -- single concept: saliency-masked full fine-tuning ---------------------------------------------------
+
+    def _saliency(self, model: Model, prompts: ConceptPrompts, accelerator) -> Model:
+        chosen = model.train_only(self.params)
+        teacher = model.frozen_copy()
+        mask = self.mask(model, teacher, prompts, accelerator)
+        optimizer = torch.optim.Adam(chosen.values(), lr=self.lr)
+        return train_steps(
+            model,
+            self._loss_fn(model, teacher, prompts),
+            optimizer,
+            accelerator,
+            self.steps,
+            mask=mask,
+            max_grad_norm=self.max_grad_norm,
+            stage="ant",
+        )
+
+    def mask(self, model: Model, teacher: Model, prompts: ConceptPrompts, accelerator) -> ParamMask:
+        """M*: loaded from `mask_path`, or the intersection of the gradient maps over prompt variants × seeds
+        at the original weights (nothing is stepped), saved to the run folder."""
+        if self.mask_path:
+            return ParamMask.load(self.mask_path)
+        variants = list(self.mask_prompts) if self.mask_prompts else list(prompts.forget)
+        sampler = model.sampler(self.ddim_steps)
+        params = {n: p for n, p in model.trainable.named_parameters() if p.requires_grad}
+        devices = [model.device] if model.device.type == "cuda" else []
+        was_training = model.training
+        model.eval()
+        maps = []
+        for prompt in variants:
+            for seed in self.mask_seeds:
+                summed = {n: torch.zeros_like(p) for n, p in params.items()}
+                # the same seed gives the same noise and timesteps for every prompt variant
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(int(seed))
+                    rng = random.Random(int(seed))
+                    for _ in range(self.mask_iterations):
+                        model.zero_grad(set_to_none=True)
+                        with accelerator.autocast():
+                            loss = self.objective(model, teacher, sampler, model.as_conditions([prompt]), rng)
+                        loss.backward()
+                        for name, param in params.items():
+                            if param.grad is not None:
+                                summed[name] += param.grad
+                maps.append(summed)  # |Σ grad| over the iterations: the reference's map
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        mask = saliency_intersection(maps, self.sparsity, self.mask_scope)
+        if accelerator.project_dir and accelerator.is_main_process:
+            mask.save(Path(accelerator.project_dir) / "saliency_mask.safetensors")
+        return mask
+
+    # -- several concepts: one LoRA per concept, fused in closed form ---------------------------------------
+
+    def _lora(
+        self, model: Model, merged: ConceptPrompts, concepts: list[ConceptPrompts], accelerator
+    ) -> Model:
+        from peft import LoraConfig
+        from peft.utils import get_peft_model_state_dict
+
+        from ..checkpoints import save_state_dict
+        from .closed_form import concept_keys, cross_attention, edit_cross_attention
+
+        if model.conditioning != "text":
+            raise ConfigError(
+                "ant mode lora fuses LoRAs into the cross-attention of a text-to-image UNet; this model is "
+                f"{model.conditioning}-conditioned: use mode: saliency"
+            )
+        layers = cross_attention(model)
+        targeted = [name for name in layers if name.endswith(tuple(self.lora_targets))]
+        if not targeted:
+            raise ConfigError(f"no cross-attention projection matches lora_targets {self.lora_targets}")
+        teacher = model.frozen_copy()
+        model.unet.requires_grad_(False)
+        keys, targets = [], {name: [] for name in targeted}
+        for index, concept in enumerate(concepts):
+            adapter = f"ant_{index}"
+            model.unet.add_adapter(
+                LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, target_modules=targeted),
+                adapter_name=adapter,
+            )
+            trained = [p for n, p in model.unet.named_parameters() if f".{adapter}." in n]
+            for param in trained:  # the LoRA factors train in fp32 whatever the frozen UNet's dtype
+                param.data = param.data.float()
+                param.requires_grad_(True)
+            optimizer = torch.optim.AdamW(trained, lr=self.lr)
+            train_steps(
+                model,
+                self._loss_fn(model, teacher, concept),
+                optimizer,
+                accelerator,
+                self.steps,
+                max_grad_norm=self.max_grad_norm,
+                stage=f"ant_lora_{index}",
+            )
+            if accelerator.project_dir and accelerator.is_main_process:
+                lora = get_peft_model_state_dict(model.unet, adapter_name=adapter)
+                save_state_dict(lora, Path(accelerator.project_dir) / f"lora_{index}.safetensors")
+            # what this concept's LoRA-merged layer outputs for the concept's states: the fusion's targets
+            concept_k = concept_keys(model, list(concept.forget))[0]
+            keys.append(concept_k)
+            with torch.no_grad():
+                modules = dict(model.unet.named_modules())
+                for name in targeted:
+                    layer = modules[name]
+                    delta = layer.get_delta_weight(adapter).float().cpu()
+                    base = layer.get_base_layer()
+                    weight = base.weight.float().cpu() + self.fuse_scale * delta
+                    bias = base.bias.float().cpu() if base.bias is not None else None
+                    targets[name].append(F.linear(concept_k, weight, bias))
+            model.unet.unload_lora()  # back to the plain layers with their original weights
+        model.unet.requires_grad_(True)
+        preserve = concept_keys(model, list(merged.retain), positions="all")[0] if merged.retain else None
+        all_keys = torch.cat(keys)
+        # layers without a LoRA keep their own outputs for the concepts' states
+        with torch.no_grad():
+            fused = {
+                name: torch.cat(targets[name])
+                if name in targets
+                else layer(all_keys.to(layer.weight.device, layer.weight.dtype)).float().cpu()
+                for name, layer in layers.items()
+            }
+        edit_cross_attention(
+            model,
+            all_keys,
+            preserve_keys=preserve,
+            preserve_scale=self.preserve_scale,
+            ridge=self.ridge,
+            targets_from=fused,
+        )
+        model.eval()
+        return model
+
+
+def _cat(*conditions):
+    """Concatenate encoded conditions (text states, or class-id tensors)."""
+    return torch.cat(list(conditions))

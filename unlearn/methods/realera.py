@@ -1,0 +1,489 @@
+"""RealEra: Semantic-level Concept Erasure via Neighbor-Concept Mining (Liu, Chen, Lu, Li, Zhang; arXiv
+2410.09140).
+
+No public code exists. What the abstract and secondary summaries say (reference/methods.md §6.1) is kept; every
+bound, weight and loss form below is our reconstruction (§6.3) and is a documented field.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import UnlearnData
+from ..errors import ConfigError, DataError
+from ..models.base import Model
+from ..train import endless, train_steps
+from .base import Method
+from .closed_form import concept_keys, edit_cross_attention
+
+
+@dataclass
+class RealEra(Method):
+    """RealEra: erase a concept *and its semantic neighbourhood*, first in closed form, then with a LoRA.
+
+    "Concept residue" is the paper's problem: a concept erased from its exact prompts still comes back under
+    related wordings ("3" for "three"). RealEra widens the erasure to the concept's neighbourhood in the
+    text-embedding space and keeps everything beyond that neighbourhood where it was:
+
+    1. Concept keys e: the text-encoder states that carry each forget prompt's concept (UCE's convention, from
+       its last word to the end of the sequence, `closed_form.concept_keys`), aligned with the anchor prompt's
+       states a.
+    2. Neighbour-concept mining: for every key, draw η = ρ·u·||e|| with u a uniform random direction and ρ
+       uniform in [0, `max_distance`] (D_1, relative to ||e||), and keep e + η iff ||η|| ≤ D_1·||e|| and
+       `min_cosine` ≤ cos(e, e + η) ≤ `max_cosine` (the band [S_1, S_2]); `num_neighbors` per key, from a seeded
+       torch.Generator. Each neighbour is erased together with its key: mapped to the anchor state a its key
+       is aligned with.
+    3. Beyond-concept regularization: perturbations that fall *outside* the band (ρ in [D_1, `beyond_distance`],
+       cos(e, e + η) < S_1), rescaled to ||e|| so they lie on the shell where real text states live (CLIP's
+       final layer norm gives every state about the same norm), `num_beyond` per key. They are preserved:
+       W e' = W0 e', together with every state of the retain prompts and of the empty prompt (UCE's
+       preservation terms). This confines the change of the mapping to the neighbourhood.
+    4. Closed form (UCE / MACE, Eq. 5): every cross-attention `attn2.to_k` / `attn2.to_v` becomes
+       W* = argmin Σ ||W c − W0 a||² + s Σ ||(W − W0) p||² + λ ||W − W0||² over the keys and neighbours c and
+       the preserved p (`closed_form.edit_cross_attention`). A neighbour weighs `neighbor_weight /
+       num_neighbors`, a beyond-concept sample `beyond_weight / num_beyond` (folded into the keys as square
+       roots: the projections are linear).
+    5. LoRA stage (MACE's second stage, here on noise prediction as the abstract says): a rank-`lora_rank`
+       LoRA on the cross-attention projections `lora_modules` is trained for `lora_steps` so that on noised
+       forget images ε_θ(x_t, t, c) ≈ sg ε_orig(x_t, t, anchor(c)), where c is the forget prompt's encoding or,
+       for a share `neighbor_share` of the batch, that encoding with its concept positions replaced by freshly
+       mined neighbours (the UNet takes encoded states, so e + η is fed as they are). Beyond-concept
+       regularization in this stage: on retain images under retain prompts, and on the forget x_t under
+       beyond-concept encodings, ε_θ ≈ sg ε_orig, weighted by `preserve_weight`. ε_orig is the model before
+       step 4.
+    6. The LoRA is merged into the weights and the adapter removed: the UNet is a plain diffusers UNet again,
+       and only cross-attention tensors differ from the input model.
+
+    Choices (no code to compare with; the paper's values are unknown, reference/methods.md §6.2):
+    - D_1 relative to ||e|| (`relative_distance`), because states of different text encoders differ in scale.
+      Defaults S_1 = 0.8, S_2 = 0.99, D_1 = 0.75: a random direction is nearly orthogonal to e, so
+      cos(e, e + η) ≈ 1 / sqrt(1 + ρ²) and ρ = 0.75 is exactly where cos reaches 0.8; S_2 = 0.99 drops
+      perturbations too small to add anything to e itself. In the digits world a paraphrase's concept state
+      ("the number 3") lies at cos ≈ 0.86 from the exact prompt's ("the number three"): inside the band.
+    - `beyond_distance` 1.5 (= 2 D_1): far enough to fall below S_1 about half the time.
+    - The LoRA stage trains on noised forget images (real ones in the digits world, the original model's
+      generations with `dataset: generated`), as MACE's LoRA stage trains on generated images of the
+      concept, instead of ESD-style trajectories of the model itself: no sampling loop per step.
+    - MACE's LoRA settings (§5.3): rank 1, lr 1e-4, 50 steps, batch 1. MACE's LoRA loss is an attention-map
+      loss; RealEra's abstract speaks of noise-prediction alignment, which we implement.
+    - `lora_modules` default to all four attention projections of attn2 (to_q, to_k, to_v, to_out.0): the
+      closed form already moved to_k / to_v; the LoRA may also reshape the queries and the output.
+    """
+
+    families = ("diffusion",)
+    # neighbour-concept mining (step 2)
+    num_neighbors: int = 8
+    max_distance: float = 0.75
+    relative_distance: bool = True
+    min_cosine: float = 0.8
+    max_cosine: float = 0.99
+    neighbor_weight: float = 1.0
+    max_tries: int = 100
+    # beyond-concept regularization (step 3)
+    num_beyond: int = 8
+    beyond_distance: float = 1.5
+    beyond_weight: float = 1.0
+    preserve_unconditional: bool = True
+    # closed form (step 4)
+    closed_form: bool = True
+    erase_scale: float = 1.0
+    preserve_scale: float | None = None
+    lamb: float = 0.1
+    # LoRA stage (step 5)
+    lora_steps: int = 50
+    lora_rank: int = 1
+    lora_alpha: float | None = None
+    lora_lr: float = 1e-4
+    lora_batch_size: int = 1
+    lora_modules: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    neighbor_share: float = 0.5
+    preserve_weight: float = 1.0
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        check_bounds(self.max_distance, self.min_cosine, self.max_cosine, self.relative_distance)
+        if self.beyond_distance <= self.max_distance:
+            raise ConfigError(
+                f"realera beyond_distance ({self.beyond_distance}) must exceed max_distance ({self.max_distance})"
+            )
+        if self.num_neighbors < 0 or self.num_beyond < 0:
+            raise ConfigError("realera num_neighbors and num_beyond must be 0 or more")
+        if self.lamb <= 0 or self.erase_scale <= 0:
+            raise ConfigError(
+                f"realera lamb and erase_scale must be positive, got {self.lamb}, {self.erase_scale}"
+            )
+        if not 0.0 <= self.neighbor_share <= 1.0:
+            raise ConfigError(f"realera neighbor_share must lie in [0, 1], got {self.neighbor_share}")
+        if self.lora_steps < 0 or self.lora_rank < 1 or self.lora_batch_size < 1:
+            raise ConfigError("realera lora_steps must be >= 0, lora_rank and lora_batch_size >= 1")
+
+    def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
+        if model.conditioning != "text":
+            raise ConfigError("realera edits cross-attention: it needs a text-to-image model")
+        generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+        teacher = model.frozen_copy() if self.lora_steps else None  # ε_orig: the model before any edit
+        if self.closed_form:
+            self.edit(model, data, generator, accelerator)
+        if self.lora_steps:
+            self.lora_stage(model, teacher, data, generator, accelerator)
+        return model
+
+    # -- steps 1-4: mining and the closed form -----------------------------------------------------------------
+
+    def edit(
+        self, model: Model, data: UnlearnData, generator: torch.Generator, accelerator=None
+    ) -> list[str]:
+        """The closed-form stage: concept keys, mined neighbours and beyond-concept samples, one solve per
+        cross-attention projection. Returns the names of the edited tensors."""
+        started = time.perf_counter()
+        prompts = data.prompts
+        keys, anchor_keys = concept_keys(model, prompts.forget, prompts.anchor)
+        neighbors, source = mine_neighbors(
+            keys,
+            self.num_neighbors,
+            self.max_distance,
+            self.min_cosine,
+            self.max_cosine,
+            generator,
+            self.relative_distance,
+            self.max_tries,
+        )
+        beyond = beyond_concept(
+            keys,
+            self.num_beyond,
+            self.max_distance,
+            self.beyond_distance,
+            self.min_cosine,
+            generator,
+            self.relative_distance,
+            self.max_tries,
+        )
+        preserved = list(prompts.retain) + ([""] if self.preserve_unconditional else [])
+        preserve_keys, _ = concept_keys(model, preserved, positions="all")
+        scale = self.preserve_scale
+        if scale is None:  # UCE's default: max(0.1, 1 / number of preserved prompts)
+            scale = max(0.1, 1.0 / max(len(preserved), 1))
+        # Weights enter as square roots on both sides of each term (the projections are linear, biases are not
+        # edited): erase_scale on keys and neighbours, the per-sample weights on neighbours and beyond samples.
+        root = self.erase_scale**0.5
+        w_n = (self.neighbor_weight / max(self.num_neighbors, 1)) ** 0.5
+        w_b = (self.beyond_weight / max(self.num_beyond, 1)) ** 0.5
+        all_keys = torch.cat([keys, neighbors * w_n]) * root
+        all_targets = torch.cat([anchor_keys, anchor_keys[source] * w_n]) * root
+        all_preserved = torch.cat([preserve_keys, beyond * w_b])
+        edited = edit_cross_attention(
+            model,
+            all_keys,
+            target_keys=all_targets,
+            preserve_keys=all_preserved,
+            preserve_scale=scale,
+            ridge=self.lamb,
+        )
+        if accelerator is not None:
+            accelerator.print(
+                f"realera: edited {len(edited)} projections with {len(keys)} concept states, {len(neighbors)} "
+                f"neighbours, {len(beyond)} beyond-concept and {len(preserve_keys)} preserved states in "
+                f"{time.perf_counter() - started:.2f}s"
+            )
+        return edited
+
+    # -- step 5-6: the LoRA stage -------------------------------------------------------------------------------
+
+    def lora_stage(
+        self, model: Model, teacher: Model, data: UnlearnData, generator: torch.Generator, accelerator
+    ) -> Model:
+        """Train a LoRA on the cross-attention so that the concept and its mined neighbours predict the
+        original model's noise for the anchor, then merge it into the weights and remove it."""
+        prompts = data.prompts
+        anchor_of = dict(zip(prompts.forget, prompts.anchor))
+        model.unet.requires_grad_(False)  # the base weights stay frozen; only the LoRA trains
+        lora = add_lora(model.unet, self.lora_modules, self.lora_rank, self.lora_alpha)
+        forget = endless(data.forget, self.lora_batch_size)
+        retain = (
+            endless(data.retain, self.lora_batch_size) if self.preserve_weight and len(data.retain) else None
+        )
+        rng = random.Random(torch.initial_seed())
+
+        def loss_fn(step: int) -> torch.Tensor:
+            images, conditions = next(forget)
+            conditions = list(conditions)
+            unknown = [c for c in conditions if c not in anchor_of]
+            if unknown:
+                raise DataError(f"forget image captioned {unknown[0]!r}, which is not a forget prompt")
+            x0 = model.to_latents(images)
+            noise = torch.randn_like(x0)
+            t = model.sample_timesteps(len(x0))
+            x_t = model.add_noise(x0, noise, t)
+            with torch.no_grad():
+                cond = model.encode(conditions)
+                use = [rng.random() < self.neighbor_share for _ in conditions]
+                cond = self.perturb(model, conditions, cond, use, generator, beyond=False)
+                target = teacher(x_t, t, teacher.encode([anchor_of[c] for c in conditions]))
+            loss = F.mse_loss(model(x_t, t, cond).float(), target.float())
+            if not self.preserve_weight:
+                return loss
+            # beyond-concept regularization: what lies outside the band keeps the original prediction
+            keep = []
+            if self.num_beyond:
+                with torch.no_grad():
+                    far = self.perturb(
+                        model, conditions, model.encode(conditions), [True] * len(x0), generator, beyond=True
+                    )
+                    far_target = teacher(x_t, t, far)
+                keep.append(F.mse_loss(model(x_t, t, far).float(), far_target.float()))
+            if retain is not None:
+                r_images, r_conditions = next(retain)
+                r0 = model.to_latents(r_images)
+                r_t = torch.randint(0, model.num_train_timesteps, (len(r0),), device=r0.device)
+                r_x = model.add_noise(r0, torch.randn_like(r0), r_t)
+                with torch.no_grad():
+                    r_cond = model.encode(list(r_conditions))
+                    r_target = teacher(r_x, r_t, r_cond)
+                keep.append(F.mse_loss(model(r_x, r_t, r_cond).float(), r_target.float()))
+            return loss + self.preserve_weight * sum(keep)
+
+        optimizer = torch.optim.AdamW(lora, lr=self.lora_lr)
+        train_steps(
+            model,
+            loss_fn,
+            optimizer,
+            accelerator,
+            self.lora_steps,
+            max_grad_norm=self.max_grad_norm,
+            stage="realera-lora",
+        )
+        merge_lora(model.unet)
+        return model
+
+    def perturb(
+        self,
+        model: Model,
+        prompts: list[str],
+        states: torch.Tensor,
+        which: list[bool],
+        generator: torch.Generator,
+        beyond: bool,
+    ) -> torch.Tensor:
+        """Encoded prompts (N, L, d) with the concept positions (last word to the end) of the rows in `which`
+        replaced by mined neighbours (or, with `beyond`, by beyond-concept samples); a new tensor."""
+        states = states.clone()
+        spans = concept_starts(model, prompts)
+        for row, (start, chosen) in enumerate(zip(spans, which)):
+            if not chosen:
+                continue
+            span = states[row, start:].float().cpu()
+            if beyond:
+                new = beyond_concept(
+                    span,
+                    1,
+                    self.max_distance,
+                    self.beyond_distance,
+                    self.min_cosine,
+                    generator,
+                    self.relative_distance,
+                    self.max_tries,
+                )
+            else:
+                new, _ = mine_neighbors(
+                    span,
+                    1,
+                    self.max_distance,
+                    self.min_cosine,
+                    self.max_cosine,
+                    generator,
+                    self.relative_distance,
+                    self.max_tries,
+                )
+            states[row, start:] = new.to(states.device, states.dtype)
+        return states
+
+
+# -- the parts, each usable on its own ---------------------------------------------------------------------------
+
+
+def check_bounds(max_distance: float, min_cosine: float, max_cosine: float, relative: bool = True) -> None:
+    """Refuse a neighbourhood that is empty or ill-defined (D_1 <= 0, S_1 > S_2, a band no η can reach)."""
+    if not max_distance > 0:
+        raise ConfigError(f"realera max_distance (D_1) must be positive, got {max_distance}")
+    if not -1.0 <= min_cosine <= max_cosine <= 1.0:
+        raise ConfigError(
+            f"realera needs -1 <= min_cosine (S_1) <= max_cosine (S_2) <= 1, got {min_cosine} and {max_cosine}"
+        )
+    # with ||η|| <= D_1 ||e|| (D_1 < 1) the cosine cannot fall below sqrt(1 - D_1²): the band must reach above it
+    if relative and max_distance < 1 and max_cosine < math.sqrt(1 - max_distance**2):
+        raise ConfigError(
+            f"realera max_distance {max_distance} keeps every neighbour above cosine "
+            f"{math.sqrt(1 - max_distance**2):.3f}, beyond max_cosine {max_cosine}: widen one of them"
+        )
+
+
+def _draw(
+    keys: torch.Tensor,
+    count: int,
+    low: float,
+    high: float,
+    accept,
+    generator: torch.Generator,
+    relative: bool,
+    max_tries: int,
+    what: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rejection sampling shared by mining and beyond-concept sampling: for every key, `count` perturbations
+    η = ρ u (u a uniform random unit direction, ρ uniform in [low, high], times ||e|| when `relative`) with
+    `accept(cos, distance_bound)` true. Returns (samples (M·count, d), index of each sample's key)."""
+    keys = keys.float()
+    m, d = keys.shape
+    scale = keys.norm(dim=1, keepdim=True) if relative else torch.ones(m, 1)
+    have = torch.zeros(m, dtype=torch.long)
+    rows_found, samples_found = [], []
+    for _ in range(max_tries):
+        missing = (have < count).nonzero().flatten()
+        if not len(missing):
+            break
+        # 2·count candidates per key still short of samples: most are accepted with sensible bounds
+        rows = missing.repeat_interleave(2 * count)
+        direction = F.normalize(torch.randn(len(rows), d, generator=generator), dim=1)
+        radius = low + (high - low) * torch.rand(len(rows), 1, generator=generator)
+        eta = direction * radius * scale[rows]
+        candidates = keys[rows] + eta
+        cos = F.cosine_similarity(keys[rows], candidates, dim=1)
+        ok = accept(cos, eta.norm(dim=1), scale[rows, 0]).view(len(missing), 2 * count)
+        # keep each key's first accepted candidates, no more than it still needs
+        keep = ok & (ok.cumsum(1) <= (count - have[missing]).unsqueeze(1))
+        have[missing] += keep.sum(1)
+        keep = keep.flatten()
+        rows_found.append(rows[keep])
+        samples_found.append(candidates[keep])
+    if bool((have < count).any()):
+        raise ConfigError(
+            f"realera found too few {what} in {max_tries} tries: the distance bound and the cosine band leave "
+            "almost no room; widen them"
+        )
+    if not rows_found:
+        return keys.new_zeros(0, d), torch.zeros(0, dtype=torch.long)
+    rows, samples = torch.cat(rows_found), torch.cat(samples_found)
+    order = torch.sort(rows, stable=True).indices  # grouped by key, in the order they were drawn
+    return samples[order], rows[order]
+
+
+def mine_neighbors(
+    keys: torch.Tensor,
+    num_neighbors: int,
+    max_distance: float,
+    min_cosine: float,
+    max_cosine: float,
+    generator: torch.Generator,
+    relative: bool = True,
+    max_tries: int = 100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbour-concept mining: `num_neighbors` perturbed copies e + η of every key e with ||η|| <= D_1 (times
+    ||e|| when `relative`) and S_1 <= cos(e, e + η) <= S_2.
+
+    Args:
+        keys: concept states e, (M, d).
+        num_neighbors: neighbours per key.
+        max_distance: D_1.
+        min_cosine, max_cosine: the band [S_1, S_2].
+        generator: a seeded torch.Generator (the same seed gives the same neighbours).
+        relative: D_1 is a share of ||e||.
+        max_tries: rounds of rejection sampling before giving up.
+
+    Returns:
+        `(neighbours (M·num_neighbors, d), source)`: `source[i]` is the row of `keys` neighbour i comes from.
+    """
+    check_bounds(max_distance, min_cosine, max_cosine, relative)
+
+    def accept(cos, dist, scale):
+        return (cos >= min_cosine) & (cos <= max_cosine) & (dist <= max_distance * scale * (1 + 1e-6))
+
+    return _draw(keys, num_neighbors, 0.0, max_distance, accept, generator, relative, max_tries, "neighbours")
+
+
+def beyond_concept(
+    keys: torch.Tensor,
+    num_samples: int,
+    max_distance: float,
+    beyond_distance: float,
+    min_cosine: float,
+    generator: torch.Generator,
+    relative: bool = True,
+    max_tries: int = 100,
+) -> torch.Tensor:
+    """Beyond-concept samples: perturbations of every key outside the neighbourhood (||η|| in [D_1,
+    `beyond_distance`], cos(e, e + η) < S_1), rescaled to the norm of their key. Returns (M·num_samples, d)."""
+    if beyond_distance <= max_distance:
+        raise ConfigError(f"beyond_distance ({beyond_distance}) must exceed max_distance ({max_distance})")
+
+    def accept(cos, dist, scale):
+        return cos < min_cosine
+
+    samples, source = _draw(
+        keys,
+        num_samples,
+        max_distance,
+        beyond_distance,
+        accept,
+        generator,
+        relative,
+        max_tries,
+        "beyond-concept samples",
+    )
+    if not len(samples):
+        return samples
+    return F.normalize(samples, dim=1) * keys.float().norm(dim=1)[source].unsqueeze(1)
+
+
+def concept_starts(model: Model, prompts: list[str]) -> list[int]:
+    """Index of each prompt's last word token, where its concept positions start (`closed_form.concept_keys`'
+    convention: [start, words..., end, padding])."""
+    tokens = model.tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=model.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return (tokens.attention_mask.sum(1) - 2).clamp(min=1).tolist()
+
+
+def add_lora(
+    unet: nn.Module, modules: list[str], rank: int, alpha: float | None = None
+) -> list[nn.Parameter]:
+    """Put a peft LoRA (`rank`, scale alpha / rank) on the cross-attention projections `modules` (names inside
+    `attn2`); returns its parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if not modules:
+        raise ConfigError(
+            "realera lora_modules is empty: name attn2 projections (to_q, to_k, to_v, to_out.0)"
+        )
+    pattern = r".*attn2\.(" + "|".join(re.escape(m) for m in modules) + r")"
+    if not any(re.fullmatch(pattern, name) for name, _ in unet.named_modules()):
+        raise ConfigError(f"realera lora_modules {modules} match no cross-attention projection of this UNet")
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=pattern, init_lora_weights=True)
+    inject_adapter_in_model(config, unet, adapter_name="realera")
+    params = [p for name, p in unet.named_parameters() if "lora_" in name]
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def merge_lora(unet: nn.Module) -> None:
+    """Fold every peft LoRA layer of `unet` into its base weight and put the plain layer back in its place."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [(name, module) for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name, module in wrapped:
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        setattr(parent, child, module.get_base_layer())
+    unet.requires_grad_(False)
