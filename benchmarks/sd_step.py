@@ -158,7 +158,9 @@ def time_recipe(recipe_path: Path, size: str, device: str, steps: int) -> dict:
     for count in counts:
         args = {**recipe.method_args, **({step_field: count} if step_field else {})}
         args.update({"warm_up": 0} if "warm_up" in fields else {})
-        if "mask_iterations" in fields:  # ANT's saliency pass (20 maps x 10 trajectories) cancels out: one map
+        if (
+            "mask_iterations" in fields
+        ):  # ANT's saliency pass (20 maps x 10 trajectories) cancels out: one map
             args.update(mask_iterations=1, mask_seeds=[0], mask_prompts=None)
         method = cls(**args)
         if device == "cuda":
