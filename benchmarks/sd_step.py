@@ -5,7 +5,7 @@
 Builds an SD v1.4/v1.5-shaped pipeline from configs (UNet2DConditionModel 860 M parameters, CLIP ViT-L/14 text
 encoder, the SD VAE; random weights, no download; the shipped digits tokenizer stands in for CLIP's), then runs
 each SD recipe's method exactly as `unlearn erase` would (the recipe's precision, gradient checkpointing, frozen
-parts cast to half, batch size, trainable parameters) on a forget/retain set the model draws itself. Each
+parts cast to half, batch size, trained parameters) on a forget/retain set the model draws itself. Each
 method runs once for 1 step and once for 1 + `--steps` steps; the difference divided by `--steps` is the time of
 one training step (the mask pass, the frozen teacher copy and the data drawing cancel out); a closed-form
 method (UCE) is timed once, its whole edit; ANT's saliency pass is cut to one gradient map and multi-concept
@@ -147,6 +147,7 @@ def time_recipe(recipe_path: Path, size: str, device: str, steps: int) -> dict:
             model, concept, recipe.data.forget_prompts, None, recipe.data.retain_prompts,
             recipe.data.anchor, num_images=batch, steps=2, guidance=recipe.eval.guidance,
         )  # fmt: skip
+    before = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.unet.state_dict().items()}
     cls = type(recipe.build_method())
     fields = cls.__dataclass_fields__
     # The trained stage's step count: `steps`, or RealEra's LoRA stage after its closed-form edit. A
@@ -172,7 +173,9 @@ def time_recipe(recipe_path: Path, size: str, device: str, steps: int) -> dict:
             torch.cuda.synchronize()
         seconds[count] = time.perf_counter() - started
     step = (seconds[1 + steps] - seconds[1]) / steps if len(counts) == 2 else seconds[1]
-    trainable = sum(p.numel() for p in model.unet.parameters() if p.requires_grad)
+    # what the method edited: UNet weights that differ from the start (a LoRA is merged by then, a mask holds)
+    after = model.unet.state_dict()
+    edited = sum(int((after[name].detach().cpu() != value).sum()) for name, value in before.items())
     return {
         "recipe": recipe_path.name,
         "method": recipe.method,
@@ -180,7 +183,7 @@ def time_recipe(recipe_path: Path, size: str, device: str, steps: int) -> dict:
         "batch_size": batch,
         "gradient_checkpointing": recipe.train.gradient_checkpointing,
         "unet_parameters": sum(p.numel() for p in model.unet.parameters()),
-        "trainable_parameters": trainable,
+        "edited_parameters": edited,
         "step_s": step,
         "steps_per_s": 1.0 / step if step > 0 else None,  # None: the steps drowned in timing noise
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
@@ -202,12 +205,12 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"SD-shaped pipeline ({args.size}), {args.steps} timed steps per recipe on {device_name}")
     print(
-        f"{'recipe':24s} {'prec':5s} {'batch':>5s} {'UNet M':>7s} {'train M':>8s} {'steps/s':>8s} {'peak GiB':>9s}"
+        f"{'recipe':24s} {'prec':5s} {'batch':>5s} {'UNet M':>7s} {'edited M':>8s} {'steps/s':>8s} {'peak GiB':>9s}"
     )
     for r in rows:
         print(
             f"{r['recipe']:24s} {r['precision']:5s} {r['batch_size']:5d} {r['unet_parameters'] / 1e6:7.1f} "
-            f"{r['trainable_parameters'] / 1e6:8.1f} {r['steps_per_s'] or float('nan'):8.3f} {r['peak_gib']:9.2f}"
+            f"{r['edited_parameters'] / 1e6:8.1f} {r['steps_per_s'] or float('nan'):8.3f} {r['peak_gib']:9.2f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

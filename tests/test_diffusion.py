@@ -460,4 +460,4 @@ def test_sd_step_benchmark_runs_each_sd_recipe_on_a_tiny_pipeline(tmp_path, one_
     for name in sd_step.RECIPES:
         row = sd_step.time_recipe(root / "recipes" / "diffusion" / "sd" / name, "tiny", "cpu", 1)
         assert row["recipe"] == name and row["unet_parameters"] < 1e6
-        assert row["trainable_parameters"] > 0
+        assert row["edited_parameters"] > 0

@@ -63,8 +63,20 @@ def test_digits_erase_on_cuda_bf16(tmp_path, digits_world):
     assert saved["UA"] == metrics["UA"]
 
 
-def test_sd_size_recipe_steps_on_cuda():
-    """The SD recipes' methods train a UNet of Stable Diffusion's size in bf16 (benchmarks/sd_step.py)."""
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "esd_x_vangogh.yaml",
+        "uce_artists.yaml",
+        "ant_nudity.yaml",
+        "ant_celebrities_100.yaml",
+        "realera_celebrities.yaml",
+        "doco_vangogh.yaml",
+    ],
+)
+def test_sd_size_recipe_steps_on_cuda(recipe):
+    """Each text-to-image method trains (or edits) a UNet of Stable Diffusion's size in bf16, one SD recipe each
+    (benchmarks/sd_step.py)."""
     import importlib.util
     from pathlib import Path
 
@@ -72,6 +84,6 @@ def test_sd_size_recipe_steps_on_cuda():
     spec = importlib.util.spec_from_file_location("sd_step", root / "benchmarks" / "sd_step.py")
     sd_step = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sd_step)
-    row = sd_step.time_recipe(root / "recipes/diffusion/sd/esd_x_vangogh.yaml", "sd15", "cuda", 2)
+    row = sd_step.time_recipe(root / "recipes/diffusion/sd" / recipe, "sd15", "cuda", 2)
     assert row["unet_parameters"] > 800e6 and row["precision"] == "bf16"
     assert row["steps_per_s"] and row["peak_gib"] > 0

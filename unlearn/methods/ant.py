@@ -1,4 +1,5 @@
-"""ANT: Set You Straight: Auto-Steering Denoising Trajectories to Sidestep Unwanted Concepts (Li et al., 2025)."""
+"""ANT: Set You Straight: Auto-Steering Denoising Trajectories to Sidestep Unwanted Concepts (Li, Lu, Ren, Kong;
+ACM MM 2025, arXiv 2504.12782)."""
 
 from __future__ import annotations
 

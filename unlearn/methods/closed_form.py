@@ -85,19 +85,27 @@ def concept_keys(
     return torch.cat(keys), torch.cat(anchor_keys)
 
 
-def _states(model, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text-encoder states (N, L, d) in float32 and the index of each prompt's last word token (the empty
-    prompt has none: its first end token stands in)."""
-    tokens = model.tokenizer(
-        prompts,
+def concept_starts(model, prompts: list[str]) -> list[int]:
+    """Where each prompt's concept positions start: the index of its last word token ([start, words..., end,
+    padding]; the empty prompt has no word, its first end token stands in)."""
+    return _tokens(model, prompts).attention_mask.sum(1).sub(2).clamp(min=1).tolist()
+
+
+def _tokens(model, prompts: list[str]):
+    return model.tokenizer(
+        list(prompts),
         padding="max_length",
         max_length=model.tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     )
+
+
+def _states(model, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text-encoder states (N, L, d) in float32 and where each prompt's concept positions start."""
+    tokens = _tokens(model, prompts)
     states = model.text_encoder(tokens.input_ids.to(model.text_encoder.device))[0].float().cpu()
-    last = (tokens.attention_mask.sum(1) - 2).clamp(min=1)  # [start, words..., end]: the last word's index
-    return states, last
+    return states, tokens.attention_mask.sum(1).sub(2).clamp(min=1)
 
 
 def solve_projection(

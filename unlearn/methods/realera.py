@@ -1,5 +1,5 @@
-"""RealEra: Semantic-level Concept Erasure via Neighbor-Concept Mining (Liu, Chen, Lu, Li, Zhang; arXiv
-2410.09140).
+"""RealEra: Semantic-level Concept Erasure via Neighbor-Concept Mining (Liu, An, Zhang, Li, Wu, Gu, Lin, Wang;
+arXiv 2410.09140).
 
 No public code exists. What the abstract and secondary summaries say (reference/methods.md §6.1) is kept; every
 bound, weight and loss form below is our reconstruction (§6.3) and is a documented field.
@@ -22,7 +22,7 @@ from ..errors import ConfigError, DataError
 from ..models.base import Model
 from ..train import endless, train_steps
 from .base import Method
-from .closed_form import concept_keys, edit_cross_attention
+from .closed_form import concept_keys, concept_starts, edit_cross_attention
 
 
 @dataclass
@@ -439,19 +439,6 @@ def beyond_concept(
     if not len(samples):
         return samples
     return F.normalize(samples, dim=1) * keys.float().norm(dim=1)[source].unsqueeze(1)
-
-
-def concept_starts(model: Model, prompts: list[str]) -> list[int]:
-    """Index of each prompt's last word token, where its concept positions start (`closed_form.concept_keys`'
-    convention: [start, words..., end, padding])."""
-    tokens = model.tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=model.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    return (tokens.attention_mask.sum(1) - 2).clamp(min=1).tolist()
 
 
 def add_lora(
