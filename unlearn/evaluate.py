@@ -257,12 +257,12 @@ def evaluate_gan(
     Returns:
         The metrics and the samples (for sample grids).
     """
-    from .metrics.generation import fid
+    from .metrics.generation import fid, judge_logits
 
     if judge is None:
         raise ConfigError("scoring a GAN needs a judge classifier: set eval.judge (or use the digits world)")
     images = model.sample(samples, seed=seed, batch_size=batch_size)
-    probs = _probabilities(judge, images, batch_size)
+    probs = torch.softmax(judge_logits(judge, images, batch_size), dim=1)
     labels = probs.argmax(1)
     results: dict[str, float] = {}
     if "erasure_rate" in names:
@@ -280,18 +280,3 @@ def evaluate_gan(
     if "fid_original" in names and original_retained is not None and len(kept) >= 2:
         results["fid_original"] = fid(original_retained, kept, extractor, device=device)
     return results, images
-
-
-def _probabilities(judge, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The judge's softmax probabilities (N, K) on the CPU, the judge in eval mode."""
-    from .metrics.generation import _eval_mode, _module_device, _owner_module
-
-    module = _owner_module(judge)
-    device = _module_device(module)
-    out = []
-    with _eval_mode(module):
-        for start in range(0, len(images), batch_size):
-            logits = judge(images[start : start + batch_size].to(device))
-            logits = logits.logits if hasattr(logits, "logits") else logits
-            out.append(torch.softmax(logits.float(), dim=1).cpu())
-    return torch.cat(out)

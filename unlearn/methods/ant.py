@@ -291,7 +291,7 @@ class ANT(Method):
         from peft.utils import get_peft_model_state_dict
 
         from ..checkpoints import save_state_dict
-        from .closed_form import concept_keys, cross_attention, edit_cross_attention
+        from .closed_form import concept_keys, cross_attention, edit_cross_attention, preserved_keys
 
         if model.conditioning != "text":
             raise ConfigError(
@@ -342,7 +342,7 @@ class ANT(Method):
                     targets[name].append(F.linear(concept_k, weight, bias))
             model.unet.unload_lora()  # back to the plain layers with their original weights
         model.unet.requires_grad_(True)
-        preserve = concept_keys(model, list(merged.retain), positions="all")[0] if merged.retain else None
+        preserve, _ = preserved_keys(model, merged.retain, unconditional=False, scale=self.preserve_scale)
         all_keys = torch.cat(keys)
         # layers without a LoRA keep their own outputs for the concepts' states
         with torch.no_grad():

@@ -85,6 +85,17 @@ def concept_keys(
     return torch.cat(keys), torch.cat(anchor_keys)
 
 
+def preserved_keys(
+    model, prompts: Sequence[str], unconditional: bool = True, scale: float | None = None
+) -> tuple[torch.Tensor, float]:
+    """The preservation terms of a closed-form edit: every state of `prompts` and, with `unconditional`, of the
+    empty prompt (the unconditional branch of classifier-free guidance, which must not move); and their
+    weight, `scale` or UCE's default max(0.1, 1 / number of preserved prompts)."""
+    preserved = [*prompts, *([""] if unconditional else [])]
+    keys, _ = concept_keys(model, preserved, positions="all")
+    return keys, scale if scale is not None else max(0.1, 1.0 / max(len(preserved), 1))
+
+
 def concept_starts(model, prompts: list[str]) -> list[int]:
     """Where each prompt's concept positions start: the index of its last word token ([start, words..., end,
     padding]; the empty prompt has no word, its first end token stands in)."""

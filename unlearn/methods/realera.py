@@ -22,7 +22,7 @@ from ..errors import ConfigError, DataError
 from ..models.base import Model
 from ..train import endless, train_steps
 from .base import Method
-from .closed_form import concept_keys, concept_starts, edit_cross_attention
+from .closed_form import concept_keys, concept_starts, edit_cross_attention, preserved_keys
 
 
 @dataclass
@@ -146,31 +146,11 @@ class RealEra(Method):
         started = time.perf_counter()
         prompts = data.prompts
         keys, anchor_keys = concept_keys(model, prompts.forget, prompts.anchor)
-        neighbors, source = mine_neighbors(
-            keys,
-            self.num_neighbors,
-            self.max_distance,
-            self.min_cosine,
-            self.max_cosine,
-            generator,
-            self.relative_distance,
-            self.max_tries,
+        neighbors, source = self.neighbors(keys, self.num_neighbors, generator)
+        beyond = self.beyond(keys, self.num_beyond, generator)
+        preserve_keys, scale = preserved_keys(
+            model, prompts.retain, self.preserve_unconditional, self.preserve_scale
         )
-        beyond = beyond_concept(
-            keys,
-            self.num_beyond,
-            self.max_distance,
-            self.beyond_distance,
-            self.min_cosine,
-            generator,
-            self.relative_distance,
-            self.max_tries,
-        )
-        preserved = list(prompts.retain) + ([""] if self.preserve_unconditional else [])
-        preserve_keys, _ = concept_keys(model, preserved, positions="all")
-        scale = self.preserve_scale
-        if scale is None:  # UCE's default: max(0.1, 1 / number of preserved prompts)
-            scale = max(0.1, 1.0 / max(len(preserved), 1))
         # Weights enter as square roots on both sides of each term (the projections are linear, biases are not
         # edited): erase_scale on keys and neighbours, the per-sample weights on neighbours and beyond samples.
         root = self.erase_scale**0.5
@@ -263,6 +243,34 @@ class RealEra(Method):
         merge_lora(model.unet)
         return model
 
+    def neighbors(
+        self, keys: torch.Tensor, count: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mine_neighbors` with this method's bounds."""
+        return mine_neighbors(
+            keys,
+            count,
+            self.max_distance,
+            self.min_cosine,
+            self.max_cosine,
+            generator,
+            self.relative_distance,
+            self.max_tries,
+        )
+
+    def beyond(self, keys: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+        """`beyond_concept` with this method's bounds."""
+        return beyond_concept(
+            keys,
+            count,
+            self.max_distance,
+            self.beyond_distance,
+            self.min_cosine,
+            generator,
+            self.relative_distance,
+            self.max_tries,
+        )
+
     def perturb(
         self,
         model: Model,
@@ -281,27 +289,9 @@ class RealEra(Method):
                 continue
             span = states[row, start:].float().cpu()
             if beyond:
-                new = beyond_concept(
-                    span,
-                    1,
-                    self.max_distance,
-                    self.beyond_distance,
-                    self.min_cosine,
-                    generator,
-                    self.relative_distance,
-                    self.max_tries,
-                )
+                new = self.beyond(span, 1, generator)
             else:
-                new, _ = mine_neighbors(
-                    span,
-                    1,
-                    self.max_distance,
-                    self.min_cosine,
-                    self.max_cosine,
-                    generator,
-                    self.relative_distance,
-                    self.max_tries,
-                )
+                new, _ = self.neighbors(span, 1, generator)
             states[row, start:] = new.to(states.device, states.dtype)
         return states
 

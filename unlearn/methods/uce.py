@@ -9,7 +9,7 @@ from ..data import UnlearnData
 from ..errors import ConfigError
 from ..models.base import Model
 from .base import Method
-from .closed_form import concept_keys, edit_cross_attention
+from .closed_form import concept_keys, edit_cross_attention, preserved_keys
 
 
 @dataclass
@@ -49,11 +49,9 @@ class UCE(Method):
         if model.conditioning != "text":
             raise ConfigError("uce edits cross-attention: it needs a text-to-image model")
         keys, anchor_keys = concept_keys(model, prompts.forget, prompts.anchor)
-        preserved = list(prompts.retain) + ([""] if self.preserve_unconditional else [])
-        preserve_keys, _ = concept_keys(model, preserved, positions="all")
-        scale = self.preserve_scale
-        if scale is None:
-            scale = max(0.1, 1.0 / max(len(preserved), 1))
+        preserve_keys, scale = preserved_keys(
+            model, prompts.retain, self.preserve_unconditional, self.preserve_scale
+        )
         # erase_scale s_e multiplies the erased terms Σ v cᵀ and Σ c cᵀ: the same as scaling both c and v by
         # sqrt(s_e), which the solve sees as keys and target keys scaled alike (the projections are linear).
         root = self.erase_scale**0.5

@@ -42,6 +42,7 @@ _LAZY = {
     "ConceptRate": ".generation",
     "JudgeAccuracy": ".generation",
     "judge_labels": ".generation",
+    "judge_logits": ".generation",
     "load_judge": ".generation",
     "fid": ".generation",
     "fid_from_features": ".generation",

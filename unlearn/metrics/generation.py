@@ -84,8 +84,8 @@ def _check_images(images: torch.Tensor, what: str = "images") -> None:
         raise DataError(f"{what} must be a float tensor of shape (N, C, H, W) with C = 1 or 3, got {shape}")
 
 
-def judge_labels(judge: Extractor, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Class predictions of a judge classifier on generated images.
+def judge_logits(judge: Extractor, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """A judge classifier's logits on generated images.
 
     Args:
         judge: an `nn.Module` or callable mapping images in [0, 1] to logits of shape (N, K), e.g. a
@@ -94,18 +94,25 @@ def judge_labels(judge: Extractor, images: torch.Tensor, batch_size: int = 256) 
         batch_size: images per forward pass.
 
     Returns:
-        LongTensor (N,) on the CPU: the argmax class of each image.
+        Float tensor (N, K) on the CPU.
     """
     _check_images(images)
     module = _owner_module(judge)
     device = _module_device(module)
-    labels = []
+    out = []
     with _eval_mode(module), torch.no_grad():
         for start in range(0, len(images), batch_size):
             logits = judge(images[start : start + batch_size].to(device))
             logits = logits.logits if hasattr(logits, "logits") else logits
-            labels.append(logits.argmax(dim=1).cpu())
-    return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+            out.append(logits.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def judge_labels(judge: Extractor, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Class predictions of a judge classifier on generated images (see `judge_logits`): LongTensor (N,) on
+    the CPU, the argmax class of each image."""
+    logits = judge_logits(judge, images, batch_size)
+    return logits.argmax(dim=1) if len(logits) else torch.zeros(0, dtype=torch.long)
 
 
 def load_judge(spec: str | Path | Extractor, num_classes: int | None = None) -> Extractor:
