@@ -9,7 +9,9 @@ import random
 import pytest
 import torch
 import yaml
-from tiny_diffusion import tiny_sd_pipeline
+from tiny_diffusion import cat_task, tiny_sd_pipeline
+from tiny_diffusion import cpu_accelerator as _accelerator
+from tiny_diffusion import load_pipeline as _load
 
 
 @pytest.fixture(scope="module")
@@ -18,36 +20,14 @@ def pipelines(tmp_path_factory):
     return {"sd": tiny_sd_pipeline(root / "sd"), "pixels": tiny_sd_pipeline(root / "pixels", vae=False)}
 
 
-def _load(path):
-    from unlearn.models.diffusion import load_diffusion
-
-    return load_diffusion(path)
-
-
 def _task(model, concepts=None):
-    from unlearn.data import forget_generated_concept
-
-    data = forget_generated_concept(
-        model,
-        "cat",
-        ["a photo of the cat", "the cat"],
-        ["a painting of a cat"],
-        ["a photo of the dog", "a house"],
-        num_images=2,
-        steps=2,
-    )
+    data = cat_task(model, num_images=2, retain=("a photo of the dog", "a house"), anchor=None)
     if concepts is not None:  # several concepts erased together, as the recipe's `data.concept: [...]`
         from unlearn.data import ConceptPrompts
 
         parts = [ConceptPrompts(concept=c, forget=f, anchor=[""]) for c, f in concepts]
         data.prompts = ConceptPrompts.merge(parts, data.prompts.retain, [])
     return data
-
-
-def _accelerator(tmp_path):
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True, project_dir=str(tmp_path))
 
 
 def _unet(model):

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny_diffusion import tiny_ddpm_pipeline, tiny_sd_pipeline
+from tiny_diffusion import cat_task, tiny_ddpm_pipeline, tiny_sd_pipeline
+from tiny_diffusion import cpu_accelerator as _accelerator
+from tiny_diffusion import load_pipeline as _load
 
 
 @pytest.fixture(scope="module")
@@ -22,27 +24,6 @@ def pipelines(tmp_path_factory):
     }
 
 
-def _load(path):
-    from unlearn.models.diffusion import load_diffusion
-
-    return load_diffusion(path)
-
-
-def _task(model):
-    from unlearn.data import forget_generated_concept
-
-    return forget_generated_concept(
-        model,
-        "cat",
-        ["a photo of the cat", "the cat"],
-        ["a painting of a cat"],
-        ["a photo of the dog"],
-        "a dog",
-        num_images=4,
-        steps=2,
-    )
-
-
 def _digits_class_task(model):
     from unlearn.data import forget_digits_concept
     from unlearn.datasets import load_dataset
@@ -50,12 +31,6 @@ def _digits_class_task(model):
     return forget_digits_concept(
         load_dataset("digits", "train"), load_dataset("digits", "test"), "class", classes=[3]
     )
-
-
-def _accelerator(tmp_path):
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True, project_dir=str(tmp_path))
 
 
 # -- the adapter --------------------------------------------------------------------------------------------
@@ -133,7 +108,7 @@ def test_salun_moves_only_salient_weights(pipelines, tmp_path, one_thread):
     from unlearn.params import ParamMask
 
     model = _load(pipelines["sd"])
-    data = _task(model)
+    data = cat_task(model)
     before = _unet(model)
     SalUnDiffusion(steps=3, lr=1e-2, batch_size=2, alpha=0.1, mask_guidance=8.5).unlearn(
         model, data, _accelerator(tmp_path)
@@ -153,7 +128,7 @@ def test_salun_pseudo_target_pulls_concept_to_anchor(pipelines, tmp_path, one_th
     from unlearn.methods.salun import SalUnDiffusion
 
     model = _load(pipelines["sd_pixels"])
-    data = _task(model)
+    data = cat_task(model)
     x_t, t = torch.randn(4, 1, 8, 8), torch.tensor([500] * 4)
 
     def distance():
@@ -174,7 +149,9 @@ def test_esd_x_edits_only_cross_attention_and_keeps_teacher_target(pipelines, tm
 
     model = _load(pipelines["sd"])
     before = _unet(model)
-    ESD(steps=2, lr=1e-2, ddim_steps=4, params="xattn").unlearn(model, _task(model), _accelerator(tmp_path))
+    ESD(steps=2, lr=1e-2, ddim_steps=4, params="xattn").unlearn(
+        model, cat_task(model), _accelerator(tmp_path)
+    )
     changed = {n for n, p in model.unet.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed and all(".attn2." in n for n in changed)
 

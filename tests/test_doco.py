@@ -7,7 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_diffusion import tiny_ddpm_pipeline, tiny_sd_pipeline
+from tiny_diffusion import cat_task, tiny_ddpm_pipeline, tiny_sd_pipeline
+from tiny_diffusion import cpu_accelerator as _accelerator
+from tiny_diffusion import load_pipeline as _load
 
 
 @pytest.fixture(scope="module")
@@ -18,27 +20,6 @@ def pipelines(tmp_path_factory):
         "sd_pixels": tiny_sd_pipeline(root / "sd_pixels", vae=False),
         "ddpm": tiny_ddpm_pipeline(root / "ddpm", num_classes=3),
     }
-
-
-def _load(path):
-    from unlearn.models.diffusion import load_diffusion
-
-    return load_diffusion(path)
-
-
-def _task(model):
-    from unlearn.data import forget_generated_concept
-
-    return forget_generated_concept(
-        model, "cat", ["a photo of the cat", "the cat"], ["a painting of a cat"], ["a photo of the dog"],
-        "a dog", num_images=2, steps=2,
-    )  # fmt: skip
-
-
-def _accelerator(tmp_path, mixed_precision="no"):
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True, project_dir=str(tmp_path), mixed_precision=mixed_precision)
 
 
 def _small(**fields):
@@ -155,7 +136,7 @@ def test_warm_up_trains_the_discriminator_only(pipelines, tmp_path, one_thread, 
         return real(self, adv, pres, params)
 
     monkeypatch.setattr(doco.DoCo, "generator_gradients", spy)
-    method.unlearn(model, _task(model), _accelerator(tmp_path))
+    method.unlearn(model, cat_task(model, num_images=2), _accelerator(tmp_path))
     # after the discriminator-only steps (and the third step's discriminator update): the UNet is bit for bit
     # the original, the discriminator moved
     assert all(torch.equal(seen["unet"][n], before[n]) for n in before)
@@ -169,7 +150,9 @@ def test_warm_up_trains_the_discriminator_only(pipelines, tmp_path, one_thread, 
 def test_only_cross_attention_keys_and_values_change(pipelines, tmp_path, one_thread, cpg):
     model = _load(pipelines["sd"])
     before = _unet(model)
-    _small(cpg=cpg, add_preservation=cpg == "projection").unlearn(model, _task(model), _accelerator(tmp_path))
+    _small(cpg=cpg, add_preservation=cpg == "projection").unlearn(
+        model, cat_task(model, num_images=2), _accelerator(tmp_path)
+    )
     changed = {n for n, p in model.unet.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed, "nothing was trained"
     assert all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed), changed
@@ -184,7 +167,7 @@ def test_only_cross_attention_keys_and_values_change(pipelines, tmp_path, one_th
 def test_pixel_space_bf16_and_inputs_untouched(pipelines, tmp_path, one_thread):
     model = _load(pipelines["sd_pixels"])
     before = _unet(model)
-    _small(steps=2).unlearn(model, _task(model), _accelerator(tmp_path, "bf16"))
+    _small(steps=2).unlearn(model, cat_task(model, num_images=2), _accelerator(tmp_path, "bf16"))
     assert any(not torch.equal(p.detach(), before[n]) for n, p in model.unet.named_parameters())
     again = _load(pipelines["sd_pixels"])  # the input folder is unchanged
     assert all(torch.equal(p.detach(), before[n]) for n, p in again.unet.named_parameters())

@@ -6,39 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_diffusion import tiny_sd_pipeline
+from tiny_diffusion import cat_task, tiny_sd_pipeline
+from tiny_diffusion import cpu_accelerator as _accelerator
+from tiny_diffusion import load_pipeline as _load
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     return tiny_sd_pipeline(tmp_path_factory.mktemp("realera") / "sd")
-
-
-def _load(path):
-    from unlearn.models.diffusion import load_diffusion
-
-    return load_diffusion(path)
-
-
-def _task(model):
-    from unlearn.data import forget_generated_concept
-
-    return forget_generated_concept(
-        model,
-        "cat",
-        ["a photo of the cat", "the cat"],
-        ["a painting of a cat"],
-        ["a photo of the dog"],
-        "a dog",
-        num_images=4,
-        steps=2,
-    )
-
-
-def _accelerator(tmp_path):
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True, project_dir=str(tmp_path))
 
 
 def _keys(n=6, d=16):
@@ -129,7 +104,7 @@ def test_closed_form_alone_edits_only_key_and_value_projections(pipeline, tmp_pa
     from unlearn.methods.realera import RealEra
 
     model = _load(pipeline)
-    data = _task(model)
+    data = cat_task(model)
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     forget = list(data.prompts.forget)
     RealEra(lora_steps=0, num_neighbors=4, num_beyond=4).unlearn(model, data, _accelerator(tmp_path))
@@ -146,7 +121,7 @@ def test_lora_stage_alone_changes_only_cross_attention_and_leaves_a_plain_unet(p
     method = RealEra(
         closed_form=False, lora_steps=3, lora_batch_size=2, lora_rank=2, lora_lr=1e-2, num_beyond=2
     )
-    method.unlearn(model, _task(model), _accelerator(tmp_path))
+    method.unlearn(model, cat_task(model), _accelerator(tmp_path))
     changed = _changed(before, model)
     assert changed and all(".attn2." in n for n in changed)
     _plain(model)
@@ -156,7 +131,7 @@ def test_closed_form_then_lora_keeps_its_promises(pipeline, tmp_path):
     from unlearn.methods.realera import RealEra
 
     model = _load(pipeline)
-    data = _task(model)
+    data = cat_task(model)
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     RealEra(num_neighbors=4, num_beyond=4, lora_steps=3, lora_batch_size=2, lora_lr=1e-2).unlearn(
         model, data, _accelerator(tmp_path)

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_diffusion import load_pipeline as _load
 from tiny_diffusion import tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     return tiny_sd_pipeline(tmp_path_factory.mktemp("pipelines") / "sd")
-
-
-def _load(path):
-    from unlearn.models.diffusion import load_diffusion
-
-    return load_diffusion(path)
 
 
 def _objective(w, w0, keys, targets, preserve, scale, ridge):

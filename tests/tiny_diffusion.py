@@ -113,3 +113,33 @@ def tiny_ddpm_pipeline(folder: Path, num_classes: int = 3):
     )
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(str(folder))
     return folder
+
+
+def load_pipeline(path):
+    """The `Diffusion` adapter over a pipeline folder."""
+    from unlearn.models.diffusion import load_diffusion
+
+    return load_diffusion(path)
+
+
+def cpu_accelerator(tmp_path, mixed_precision: str = "no"):
+    """A CPU accelerator whose project folder (where methods save masks, LoRAs, train.jsonl) is `tmp_path`."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True, project_dir=str(tmp_path), mixed_precision=mixed_precision)
+
+
+def cat_task(model, num_images: int = 4, retain=("a photo of the dog",), anchor: str | None = "a dog"):
+    """Erase "cat" from a tiny SD pipeline: two forget prompts, one paraphrase, images the model draws itself."""
+    from unlearn.data import forget_generated_concept
+
+    return forget_generated_concept(
+        model,
+        "cat",
+        ["a photo of the cat", "the cat"],
+        ["a painting of a cat"],
+        list(retain),
+        anchor,
+        num_images=num_images,
+        steps=2,
+    )
