@@ -64,6 +64,7 @@ def test_bench_reuses_finished_runs(tmp_path, digits_world):
 def test_results_table_mean_std():
     results = {
         "suite": "s",
+        "family": "classifier",
         "seeds": [0, 1],
         "reference": "retrain",
         "summary": {
@@ -117,6 +118,7 @@ def test_generative_suites_get_the_erasure_table():
 
     results = {
         "suite": "digits_t2i_concept",
+        "family": "diffusion",
         "seeds": [0],
         "reference": "retrain",
         "summary": {
@@ -140,7 +142,8 @@ def test_generative_suites_get_the_erasure_table():
 def test_multi_concept_suites_get_one_column_per_concept():
     """Erasing several concepts together: each concept's exact and paraphrase erasure gets its own column, and
     the neighbours' accuracy is shown apart."""
-    from unlearn.bench import _main, results_table
+    from unlearn.bench import results_table
+    from unlearn.harness import DiffusionHarness
 
     metrics = {
         "erasure_rate": 5.0,
@@ -155,11 +158,12 @@ def test_multi_concept_suites_get_one_column_per_concept():
         "RTE_s": 10.0,
         "original_erasure_rate": 100.0,
     }
-    row = _main(metrics)
+    row = DiffusionHarness.bench_row(metrics, {})
     assert "original_erasure_rate" not in row and row["erasure_rate:seven"] == 10.0
     stats = {k: {"mean": v, "std": 0.0} for k, v in row.items()}
     results = {
         "suite": "digits_t2i_multi",
+        "family": "diffusion",
         "seeds": [0],
         "reference": "retrain",
         "summary": {"retrain": stats},

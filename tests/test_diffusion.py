@@ -76,6 +76,51 @@ def test_predict_x0_inverts_add_noise_and_denoise_composes(pipelines, one_thread
     assert torch.allclose(whole, part, atol=1e-6)
 
 
+def test_noised_draws_noise_then_timesteps(pipelines):
+    model = _load(pipelines["ddpm"])
+    x0 = torch.rand(3, 1, 8, 8)
+    torch.manual_seed(4)
+    x_t, noise, t = model.noised(x0)
+    torch.manual_seed(4)
+    want_noise = torch.randn_like(x0)
+    want_t = model.sample_timesteps(3)
+    assert torch.equal(noise, want_noise) and torch.equal(t, want_t)
+    assert torch.equal(x_t, model.add_noise(x0, want_noise, want_t))
+    given = torch.tensor([1, 2, 3])
+    assert torch.equal(model.noised(x0, given)[2], given)
+
+
+def test_trajectory_stops_on_one_run_from_fresh_noise(pipelines, one_thread):
+    model = _load(pipelines["sd_pixels"])
+    cond, uncond = model.encode(["a cat", "a dog"]), model.encode(["", ""])
+    sampler = model.sampler(4)
+    with torch.no_grad():
+        torch.manual_seed(2)
+        early, late = model.trajectory(cond, sampler, [1, 3], 3.0, uncond)
+        torch.manual_seed(2)
+        noise = torch.randn(model.latent_shape(2)) * sampler.init_noise_sigma
+        assert torch.equal(early, model.denoise(noise, cond, sampler, 0, 1, 3.0, uncond))
+        assert torch.equal(late, model.denoise(early, cond, sampler, 1, 3, 3.0, uncond))
+
+
+def test_cross_attention_maps_are_recorded_and_the_processors_restored(pipelines, one_thread):
+    model = _load(pipelines["sd_pixels"])
+    x, cond = torch.randn(2, 1, 8, 8), model.encode(["a cat", "a dog"])
+    processors = {n: type(m.processor) for n, m in model.unet.named_modules() if n.endswith("attn2")}
+    with torch.no_grad():
+        plain = model(x, 10, cond)
+        with model.cross_attention_maps() as maps:
+            recorded = model(x, 10, cond)
+    assert set(maps) == set(processors) and all(len(m) == 1 for m in maps.values())
+    for name, (attention,) in maps.items():
+        layer = model.unet.get_submodule(name)
+        assert attention.shape[:2] == (2, layer.heads) and attention.shape[-1] == cond.shape[1]
+        torch.testing.assert_close(attention.sum(-1), torch.ones(attention.shape[:-1]))
+    torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)
+    assert {n: type(m.processor) for n, m in model.unet.named_modules() if n.endswith("attn2")} == processors
+    assert not any("get_attention_scores" in vars(m) for m in model.unet.modules())
+
+
 def test_parameter_sets_select_cross_attention(pipelines):
     model = _load(pipelines["sd"])
     kv = model.parameters_named("kv")
@@ -110,7 +155,7 @@ def test_salun_moves_only_salient_weights(pipelines, tmp_path, one_thread):
     model = _load(pipelines["sd"])
     data = cat_task(model)
     before = _unet(model)
-    SalUnDiffusion(steps=3, lr=1e-2, batch_size=2, alpha=0.1, mask_guidance=8.5).unlearn(
+    SalUnDiffusion(steps=3, lr=1e-2, batch_size=2, retain_weight=0.1, mask_guidance=8.5).unlearn(
         model, data, _accelerator(tmp_path)
     )
     mask = ParamMask.load(tmp_path / "saliency_mask.safetensors")
@@ -124,7 +169,7 @@ def test_salun_moves_only_salient_weights(pipelines, tmp_path, one_thread):
 
 
 def test_salun_pseudo_target_pulls_concept_to_anchor(pipelines, tmp_path, one_thread):
-    """With alpha 0 the forget loss alone drives ε(x_t | concept) towards ε(x_t | anchor)."""
+    """With retain_weight 0 the forget loss alone drives ε(x_t | concept) towards ε(x_t | anchor)."""
     from unlearn.methods.salun import SalUnDiffusion
 
     model = _load(pipelines["sd_pixels"])
@@ -138,7 +183,7 @@ def test_salun_pseudo_target_pulls_concept_to_anchor(pipelines, tmp_path, one_th
         return float((cat - dog).pow(2).mean())
 
     start = distance()
-    SalUnDiffusion(steps=30, lr=3e-3, batch_size=4, alpha=0.0, sparsity=0.0).unlearn(
+    SalUnDiffusion(steps=30, lr=3e-3, batch_size=4, retain_weight=0.0, sparsity=0.0).unlearn(
         model, data, _accelerator(tmp_path)
     )
     assert distance() < 0.5 * start
@@ -302,7 +347,7 @@ def test_generation_scores_each_concept_and_the_neighbours_apart():
     """Per-concept erasure rates and their mean; neighbour and unrelated accuracy split the retained digits."""
     from unlearn.data import forget_digits_concept
     from unlearn.datasets import load_dataset
-    from unlearn.evaluate import evaluate_generation
+    from unlearn.harness.diffusion import evaluate_generation
     from unlearn.worlds.digits_text import CAPTIONS
 
     task = forget_digits_concept(
@@ -319,6 +364,32 @@ def test_generation_scores_each_concept_and_the_neighbours_apart():
     assert results["neighbor_accuracy"] == 75 and results["unrelated_accuracy"] == 100
     assert results["retain_accuracy"] == 100 * 7 / 8
     assert len(images["forget"]) == 20 and len(images["retain"]) == 80
+
+
+def test_generated_multi_concept_runs_are_judged_per_concept():
+    """Several concepts on generated data: `eval.concept_label` gives one judge label per concept, so each part
+    is judged against its own label."""
+    from unlearn.data import forget_generated_concept
+    from unlearn.harness.diffusion import evaluate_generation
+
+    model = _ScriptedModel({"three": 3, "seven": 2, "a house": 1})  # "seven" already erased to a two
+    task = forget_generated_concept(
+        model,
+        ["three", "seven"],
+        ["{concept}"],
+        None,
+        ["a house"],
+        None,
+        num_images=2,
+        concept_label=[3, 7],
+        retain_labels=[1],
+    )
+    assert [p.concept_label for p in task.prompts.split()] == [3, 7]
+    results, _ = evaluate_generation(
+        model, task, ("erasure_rate", "retain_accuracy"), _scripted_judge, samples=4
+    )
+    assert results["erasure_rate:three"] == 100 and results["erasure_rate:seven"] == 0
+    assert results["retain_accuracy"] == 100
 
 
 def test_class_task_and_errors():
@@ -380,9 +451,22 @@ def test_erase_concept_from_a_stable_diffusion_folder(pipelines, tmp_path, one_t
     assert {p.name: p.stat().st_mtime_ns for p in source.rglob("*") if p.is_file()} == stamp
     report = (out / "report.md").read_text()
     assert "samples_forget_original.png" in report and (out / "samples_forget.png").exists()
+    assert main(["eval", str(out), "--json"]) == 0  # a run on generated data is scored again
 
 
-def test_erase_a_class_from_a_ddpm_is_judged(pipelines, tmp_path, digits_world, one_thread):
+def _eval_equals_the_run(run_dir, capsys) -> dict:
+    """`unlearn eval RUN_DIR --json` gives the run's own metrics.json numbers, exactly."""
+    from unlearn.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    recorded = json.loads((run_dir / "metrics.json").read_text())
+    assert scores == {k: recorded[k] for k in scores}
+    return scores
+
+
+def test_erase_a_class_from_a_ddpm_is_judged(pipelines, tmp_path, digits_world, one_thread, capsys):
     from unlearn.cli import main
 
     recipe = _recipe(
@@ -393,6 +477,8 @@ def test_erase_a_class_from_a_ddpm_is_judged(pipelines, tmp_path, digits_world, 
     for key in ("erasure_rate", "retain_accuracy", "fid", "original_erasure_rate", "original_fid", "RTE_s"):
         assert key in metrics
     assert 0.0 <= metrics["erasure_rate"] <= 100.0 and metrics["fid"] >= 0.0
+    scores = _eval_equals_the_run(tmp_path / "run", capsys)
+    assert {"erasure_rate", "retain_accuracy", "fid", "original_erasure_rate"} <= set(scores)
 
 
 @pytest.mark.parametrize(

@@ -306,7 +306,7 @@ def _erase(tmp_path, checkpoint, *extra, label=3):
     )
 
 
-def test_cli_erase_writes_a_generator_that_reloads_and_samples(tmp_path, world_cache):
+def test_cli_erase_writes_a_generator_that_reloads_and_samples(tmp_path, world_cache, capsys):
     tiny().save(tmp_path / "gan")
     assert _erase(tmp_path, tmp_path / "gan") == 0
     run = tmp_path / "run"
@@ -326,6 +326,14 @@ def test_cli_erase_writes_a_generator_that_reloads_and_samples(tmp_path, world_c
     # The adapted weights are reusable: stage 1 is skipped when adapted_path names them.
     adapted = load_adapted(run, again)
     assert len(adapted) == 1 and set(adapted[0]) == {n for n, _ in again.generator.named_parameters()}
+    # `unlearn eval` scores the run folder again: the run's own numbers, exactly
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert {"erasure_rate", "fid", "fid_original", "original_erasure_rate", "erasure_reduction"} <= set(
+        scores
+    )
+    assert scores == {k: metrics[k] for k in scores}
 
 
 def test_baseline_without_repulsion_skips_stage_one(tmp_path, world_cache):
@@ -374,6 +382,7 @@ def test_gan_bench_table_has_the_gan_columns():
     table = results_table(
         {
             "suite": "s",
+            "family": "gan",
             "seeds": [0],
             "reference": "no_repulsion",
             "summary": {"original": row, "no_repulsion": row},

@@ -86,4 +86,5 @@ def test_sd_size_recipe_steps_on_cuda(recipe):
     spec.loader.exec_module(sd_step)
     row = sd_step.time_recipe(root / "recipes/diffusion/sd" / recipe, "sd15", "cuda", 2)
     assert row["unet_parameters"] > 800e6 and row["precision"] == "bf16"
+    assert row["edited_parameters"] > 0, f"{recipe}: the method left the UNet unchanged"
     assert row["steps_per_s"] and row["peak_gib"] > 0

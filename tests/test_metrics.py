@@ -14,7 +14,6 @@ from unlearn.data import forget_classes, forget_fraction
 from unlearn.datasets import load_dataset
 from unlearn.evaluate import evaluate
 from unlearn.metrics import (
-    METRICS,
     MIAEfficacy,
     PerClassAccuracy,
     gap,
@@ -244,9 +243,8 @@ def test_evaluate_selected_metrics_and_unknown_name(damaged_world_classifier):
     data = forget_classes(train, test, [0])
     results = evaluate(damaged_world_classifier, data, names=["UA", "TA"])
     assert {"UA", "TA"} <= set(results) and not {"RA", "MIA", "acc_class_0"} & set(results)
-    with pytest.raises(ConfigError, match="unknown metric 'UAX'"):
+    with pytest.raises(ConfigError, match="'UAX' is not a metric of the classifier family"):
         evaluate(damaged_world_classifier, data, names=["UAX"])
-    assert {"UA", "RA", "TA", "MIA"} <= set(METRICS)
 
 
 def test_evaluate_with_an_empty_test_set(damaged_world_classifier):

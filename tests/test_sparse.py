@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from unlearn.errors import ConfigError
-from unlearn.methods.l1_sparse import L1Sparse, l1_norm, l1_weight
+from unlearn.methods.l1_sparse import L1Sparse, l1_norm, l1_weight_at
 from unlearn.params import ParamMask
 from unlearn.prune import apply_mask, imp, magnitude_mask, omp, prunable, sparsity
 from unlearn.train import Phase, fit, make_loader, make_optimizer
@@ -195,17 +195,18 @@ def test_imp_with_fit_reaches_36_percent_and_keeps_zeros(tmp_path):
 
 
 def test_l1_schedule_follows_the_reference_formula():
-    method = L1Sparse(epochs=10, alpha=5e-4)
+    method = L1Sparse(epochs=10, l1_weight=5e-4)
     assert [method.gamma(t) for t in range(10)] == pytest.approx([5e-4 * (1 - t / 10) for t in range(10)])
-    method = L1Sparse(epochs=10, alpha=1e-4, no_l1_epochs=4)
+    method = L1Sparse(epochs=10, l1_weight=1e-4, no_l1_epochs=4)
     assert [method.gamma(t) for t in range(10)] == pytest.approx(
         [1e-4 * (1 - t / 6) for t in range(6)] + [0] * 4
     )
-    assert [l1_weight(t, 4, 2.0, 0, "increase") for t in range(4)] == pytest.approx([0, 0.5, 1.0, 1.5])
-    assert [l1_weight(t, 4, 2.0, 1, "constant") for t in range(4)] == [2.0, 2.0, 2.0, 0.0]
-    assert l1_weight(0, 3, 2.0, 3) == 2.0  # the reference's special case: no active epoch -> alpha throughout
+    assert [l1_weight_at(t, 4, 2.0, 0, "increase") for t in range(4)] == pytest.approx([0, 0.5, 1.0, 1.5])
+    assert [l1_weight_at(t, 4, 2.0, 1, "constant") for t in range(4)] == [2.0, 2.0, 2.0, 0.0]
+    # the reference's special case: no active epoch -> the full weight throughout
+    assert l1_weight_at(0, 3, 2.0, 3) == 2.0
     with pytest.raises(ConfigError, match="schedule"):
-        L1Sparse(schedule="cosine")
+        L1Sparse(l1_schedule="cosine")
     with pytest.raises(ConfigError, match="no_l1_epochs"):
         L1Sparse(epochs=2, no_l1_epochs=3)
 
@@ -230,10 +231,12 @@ def accuracy(model, data) -> float:
 
 def test_l1_sparse_shrinks_the_weights_on_digits(digits_world, digits_task, tmp_path):
     set_seed(0)
-    plain = L1Sparse(epochs=2, alpha=0.0).unlearn(world_model(), digits_task, make_accelerator())
+    plain = L1Sparse(epochs=2, l1_weight=0.0).unlearn(world_model(), digits_task, make_accelerator())
     reset_accelerate()
     set_seed(0)
-    sparse = L1Sparse(epochs=2, alpha=5e-3).unlearn(world_model(), digits_task, make_accelerator(tmp_path))
+    sparse = L1Sparse(epochs=2, l1_weight=5e-3).unlearn(
+        world_model(), digits_task, make_accelerator(tmp_path)
+    )
     with torch.no_grad():
         plain_l1 = float(l1_norm(plain.trainable.parameters()))
         sparse_l1 = float(l1_norm(sparse.trainable.parameters()))
@@ -249,7 +252,7 @@ def test_l1_sparse_without_l1_is_fine_tuning(digits_world, digits_task):
     ft = FineTune(epochs=1).unlearn(world_model(), digits_task, make_accelerator())
     reset_accelerate()
     set_seed(0)
-    l1 = L1Sparse(epochs=1, alpha=0.0).unlearn(world_model(), digits_task, make_accelerator())
+    l1 = L1Sparse(epochs=1, l1_weight=0.0).unlearn(world_model(), digits_task, make_accelerator())
     for (name, a), b in zip(ft.trainable.state_dict().items(), l1.trainable.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -257,7 +260,7 @@ def test_l1_sparse_without_l1_is_fine_tuning(digits_world, digits_task):
 def test_l1_sparse_resumes_after_an_interrupted_epoch(digits_world, digits_task, tmp_path, monkeypatch):
     from unlearn.methods import l1_sparse
 
-    method = L1Sparse(epochs=2, alpha=5e-3)
+    method = L1Sparse(epochs=2, l1_weight=5e-3)
     set_seed(0)
     whole = method.unlearn(world_model(), digits_task, make_accelerator(tmp_path / "whole"))
     reset_accelerate()

@@ -314,7 +314,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     log = tmp_path / "resumed" / "train.jsonl"
     assert [r["epoch"] for r in read_log(log)] == [1, 2]
     state = torch.load(tmp_path / "resumed" / "checkpoints" / "fit" / "state.pt", weights_only=True)
-    assert state["epoch"] == k
+    assert state["unit"] == "epoch" and state["position"] == k
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -337,7 +337,8 @@ def test_finished_stage_is_not_trained_again(tmp_path):
     set_seed(0)
     model = tiny_cnn()
     opt = make_optimizer(model.parameters(), "sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)
-    again = fit(model, [Phase(make_loader(dataset(72), 16), calls)], opt, make_accelerator(tmp_path), 4)
+    phases = [Phase(make_loader(dataset(72), 16), calls, "noisy")]
+    again = fit(model, phases, opt, make_accelerator(tmp_path), 4, lr_schedule="cosine", augment="crop_flip")
     assert calls.calls == 0
     for name, value in again.state_dict().items():
         assert torch.equal(value, first[name])

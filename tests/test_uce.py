@@ -58,6 +58,26 @@ def test_solve_projection_extremes_and_errors():
         solve_projection(w0, keys, targets, None, ridge=0.0)
 
 
+def test_fuse_loras_gives_the_concept_its_lora_outputs(sd_folder, one_thread):
+    """MACE's fusion: with a tiny ridge and no preservation, the concept's states get the outputs of the layer
+    with the concept's (scaled) update merged in; a layer without an update keeps its outputs."""
+    from unlearn.methods.closed_form import concept_keys, cross_attention, fuse_loras
+
+    model = _load(sd_folder)
+    layers = cross_attention(model)
+    first, second = sorted(layers)[:2]
+    keys = concept_keys(model, ["the cat", "a photo of the cat"])[0]
+    delta = torch.randn(layers[first].weight.shape, generator=torch.Generator().manual_seed(0))
+    w0 = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    edited = fuse_loras(model, [(keys, {first: delta})], scale=0.5, ridge=1e-8)
+    assert edited == [f"{name}.weight" for name in layers]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            layers[first](keys), keys @ (w0[first] + 0.5 * delta).T, atol=1e-3, rtol=1e-3
+        )
+        torch.testing.assert_close(layers[second](keys), keys @ w0[second].T, atol=1e-3, rtol=1e-3)
+
+
 def test_concept_keys_start_at_the_concept_word_and_align_with_the_anchor(sd_folder, one_thread):
     from unlearn.methods.closed_form import concept_keys
 
@@ -113,8 +133,8 @@ def test_uce_remaps_the_concept_to_the_anchor_and_its_preservation_terms_hold(
     parallel, so the two goals pull against each other far more than in SD.)"""
     from unlearn.methods.closed_form import cross_attention
 
-    free = _uce_run(sd_folder, tmp_path / "free", lamb=1e-3, preserve_scale=0.0)
-    held = _uce_run(sd_folder, tmp_path / "held", lamb=1e-3, preserve_scale=100.0)
+    free = _uce_run(sd_folder, tmp_path / "free", ridge=1e-3, preserve_scale=0.0)
+    held = _uce_run(sd_folder, tmp_path / "held", ridge=1e-3, preserve_scale=100.0)
     model, before, originals, keys, anchor_keys, kept = free
     after = model.unet.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -132,7 +152,7 @@ def test_uce_refuses_class_models_and_bad_fields(tmp_path):
     from unlearn.methods import get_method
 
     uce = get_method("uce", "diffusion")
-    with pytest.raises(ConfigError, match="lamb"):
-        uce(lamb=0.0)
+    with pytest.raises(ConfigError, match="ridge"):
+        uce(ridge=0.0)
     with pytest.raises(ConfigError, match="erase_scale"):
         uce(erase_scale=-1.0)

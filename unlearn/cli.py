@@ -32,15 +32,19 @@ def _parser() -> argparse.ArgumentParser:
     erase.add_argument("--anchor", help="diffusion: what the concept should become (overrides data.anchor)")
     erase.add_argument("-o", "--output", help="run folder (rerun the same folder to resume)")
 
-    ev = sub.add_parser("eval", help="score a run folder, or the model a recipe names")
+    ev = sub.add_parser(
+        "eval", help="score a run folder again (or the model a recipe names, before unlearning)"
+    )
     ev.add_argument("target", help="RUN_DIR or RECIPE")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     bench = sub.add_parser("bench", help="run an evaluation suite over methods and seeds")
     bench.add_argument("suite", help="suite YAML (see evals/)")
     bench.add_argument("-o", "--output", help="output folder for results.json / results.md")
 
-    ls = sub.add_parser("ls", help="list methods, metrics or recipes")
+    ls = sub.add_parser("ls", help="list methods, metrics or recipes; `ls methods NAME` documents a method")
     ls.add_argument("what", choices=["methods", "metrics", "recipes"])
+    ls.add_argument("name", nargs="?", help="methods only: print this method's hyperparameters")
 
     check = sub.add_parser("check", help="validate recipes or suites without running anything")
     check.add_argument("files", nargs="+")
@@ -81,9 +85,33 @@ def _erase(args) -> int:
 
 
 def _eval(args) -> int:
+    from pathlib import Path
+
     from .pipeline import evaluate_run
 
-    print(json.dumps(evaluate_run(args.target), indent=2))
+    metrics = evaluate_run(args.target, log=lambda message: print(message, file=sys.stderr))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    recorded_path = Path(args.target) / "metrics.json"
+    recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else None
+    width = max(map(len, metrics), default=6)
+    print(f"{'metric':{width}s}  {'now':>10s}" + (f"  {'in the run':>10s}" if recorded else ""))
+    differ = []
+    for key, value in metrics.items():
+        line = f"{key:{width}s}  {value:10.4f}"
+        if recorded:
+            before = recorded.get(key)
+            line += f"  {before:10.4f}" if isinstance(before, (int, float)) else f"  {'–':>10s}"
+            if before != value and key != "RTE_s":
+                differ.append(key)
+                line += "  differs"
+        print(line)
+    if recorded:
+        print(
+            f"{len(metrics) - len(differ)} of {len(metrics)} metrics equal the run's metrics.json"
+            + (f"; differ: {', '.join(differ)}" if differ else "")
+        )
     return 0
 
 
@@ -97,17 +125,27 @@ def _bench(args) -> int:
 
 
 def _ls(args) -> int:
-    if args.what == "methods":
+    if args.name is not None and args.what != "methods":
+        raise ConfigError(f"`unlearn ls {args.what}` takes no name; only `unlearn ls methods NAME` does")
+    if args.what == "methods" and args.name is not None:
+        _ls_method(args.name)
+    elif args.what == "methods":
         from .methods import METHODS, families
 
         for name, classes in METHODS.items():
             summary = (classes[0].__doc__ or "").strip().splitlines()[0]
             print(f"{name:14s} [{', '.join(families(name))}]  {summary}")
     elif args.what == "metrics":
-        from .metrics import METRICS
+        from .harness import COMMON, HARNESSES
+        from .harness.base import better_text
 
-        for name, text in METRICS.items():
-            print(f"{name:10s} {text}")
+        for family, harness in HARNESSES.items():
+            print(f"{family} (default: {', '.join(harness.default_metrics)})")
+            for key, info in {**harness.catalogue, **COMMON}.items():
+                source = f"  [from {info.requested_by}]" if info.requested_by else ""
+                unit = f" ({info.unit})" if info.unit else ""
+                print(f"  {key:24s} {info.meaning}{unit}; {better_text(info.better)}{source}")
+            print()
     else:
         from .recipe import find_path
 
@@ -117,6 +155,42 @@ def _ls(args) -> int:
         for path in sorted(root.rglob("*.yaml")):
             print(path.relative_to(root.parent))
     return 0
+
+
+def _ls_method(name: str) -> None:
+    """Each family implementation of method `name`: its summary line, then every field with type, default
+    and help, in recipe (YAML) spelling."""
+    import dataclasses
+
+    from .methods import METHODS, get_method
+
+    get_method(name)  # refuses an unknown name in one sentence, with the closest names
+    for i, cls in enumerate(METHODS[name]):
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        print(("\n" if i else "") + f"{name} [{', '.join(cls.families)}]  {summary}")
+        fields = dataclasses.fields(cls)
+        rows = [(f.name, str(f.type), _yaml_default(f), f.metadata.get("help", "")) for f in fields]
+        widths = [max((len(row[k]) for row in rows), default=0) for k in range(3)]
+        for row in rows:
+            print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+
+
+def _yaml_default(field) -> str:
+    """A field's default as a recipe would write it (null, true, 0.0005, kv, [a, b])."""
+    import dataclasses
+    import json
+
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        return "(required)"
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
 
 
 def _check(args) -> int:
@@ -171,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"unlearn {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`unlearn ls methods | head`): stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -264,7 +264,7 @@ def forget_generated_concept(
     retain_prompts: Sequence[str] | None = None,
     anchor: str | None = None,
     num_images: int = 64,
-    concept_label: int | None = None,
+    concept_label: int | Sequence[int] | None = None,
     retain_labels: Sequence[int] | None = None,
     guidance: float = 7.5,
     steps: int = 25,
@@ -273,7 +273,8 @@ def forget_generated_concept(
     """Concept erasure without a dataset (Stable Diffusion): the original model draws its own forget and retain
     images, `num_images` each, from the forget prompts and from the retain prompts (or the anchor), as SalUn's
     SD code does for nudity (800 images of the nude prompt, 800 of the clothed one). `concept` may list several
-    concepts (100 celebrities): the forget prompts and paraphrases are then templates over "{concept}".
+    concepts (100 celebrities): the forget prompts and paraphrases are then templates over "{concept}", and
+    `concept_label`, when the judge knows them, lists one label per concept.
     """
     from .datasets import CaptionedDataset
 
@@ -284,14 +285,20 @@ def forget_generated_concept(
     parts = []
     if not isinstance(concept, str):  # several concepts: the prompts are templates over "{concept}"
         templates, paraphrase_templates = list(forget_prompts or ["{concept}"]), list(paraphrases or [])
+        labels = list(concept_label) if isinstance(concept_label, (list, tuple)) else [None] * len(concept)
+        if len(labels) != len(concept):
+            raise DataError(
+                f"give one concept label per concept: {len(labels)} labels for {len(concept)} concepts"
+            )
         parts = [
             ConceptPrompts(
                 concept=name,
                 forget=[t.format(concept=name) for t in templates],
                 anchor=[anchor],
                 paraphrases=[t.format(concept=name) for t in paraphrase_templates],
+                concept_label=label,
             )
-            for name in concept
+            for name, label in zip(concept, labels)
         ]
         prompts = ConceptPrompts.merge(parts, keep, list(retain_labels or []))
         concept, forget_prompts, paraphrases = prompts.concept, prompts.forget, prompts.paraphrases

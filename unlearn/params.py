@@ -68,6 +68,16 @@ class ParamMask:
         return cls(load_state_dict(path))
 
 
+@torch.no_grad()
+def apply_mask(module: nn.Module, mask: ParamMask) -> None:
+    """Set the pinned (False) entries of `module`'s masked parameters to exactly +0.0, in place (pruning)."""
+    mask.check(module)
+    params = dict(module.named_parameters())
+    for name, keep in mask.masks.items():
+        param = params[name]
+        param.masked_fill_(~keep.to(param.device), 0.0)
+
+
 def saliency_mask(
     model: nn.Module, loss_fn, batches, sparsity: float = 0.5, max_grad_norm: float | None = None
 ) -> ParamMask:

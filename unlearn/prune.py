@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .errors import ConfigError
-from .params import ParamMask
+from .params import ParamMask, apply_mask
 
 SCOPES = ("conv", "conv+linear", "all")
 
@@ -92,16 +92,6 @@ def magnitude_mask(
         masks[name] = keep[start : start + weight.numel()].view_as(weight).cpu()
         start += weight.numel()
     return ParamMask(masks)
-
-
-@torch.no_grad()
-def apply_mask(module: nn.Module, mask: ParamMask) -> None:
-    """Set the pruned (False) entries of `module`'s masked parameters to exactly +0.0, in place."""
-    mask.check(module)
-    params = dict(module.named_parameters())
-    for name, keep in mask.masks.items():
-        param = params[name]
-        param.masked_fill_(~keep.to(param.device), 0.0)
 
 
 @torch.no_grad()

@@ -12,13 +12,11 @@ import yaml
 from .datasets import DATASETS
 from .errors import CheckpointNotFoundError, ConfigError
 from .methods import get_method
-from .metrics import METRICS
 
 FAMILIES = ("classifier", "diffusion", "gan")
-GENERATIVE_METRICS = ["erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid"]
-# GAN (unconditional generator): judged erasure rate, class histogram, FID to real and to the original's samples.
-GAN_METRICS = ["erasure_rate", "class_histogram", "confident", "fid", "fid_original"]
 PRECISIONS = ("no", "fp16", "bf16")
+# accelerate's trackers (`accelerate.tracking.LOGGER_TYPE_TO_CLASS`); each needs its own package installed
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
 @dataclass
@@ -94,22 +92,27 @@ class DataSpec:
 
 @dataclass
 class TrainSpec:
+    """How the method's loops train (they read it from the accelerator `pipeline.make_accelerator` builds)."""
+
     mixed_precision: str = "no"
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # loops with two optimizers per step refuse more than 1
     cpu: bool = False
-    checkpoint_every: int = 1
+    checkpoint_every: int = 1  # epochs between checkpoints of epoch loops (fit, LAF)
+    checkpoint_every_steps: int = 100  # steps between checkpoints of step loops (diffusion, GAN, DoCo)
+    log_with: str | None = None  # also log training to this accelerate tracker: tensorboard, wandb, ...
     gradient_checkpointing: bool = False  # diffusion: recompute UNet activations in backward (large UNets)
 
 
 @dataclass
 class EvalSpec:
-    metrics: list = field(default_factory=lambda: ["UA", "RA", "TA", "MIA", "per_class", "representation"])
+    metrics: list | None = None  # None: the family's default metrics (`unlearn ls metrics FAMILY`)
     reference: str | None = None  # a recipe (relative to this one) or run folder giving the Retrain reference
     original: bool = True  # also score the model before unlearning (keys original_*)
     batch_size: int = 256
-    # Generative models: how samples are drawn and judged (unlearn.evaluate.evaluate_generation).
+    # Generative models: how samples are drawn and judged (unlearn.harness.diffusion, unlearn.harness.gan).
     judge: str | None = None  # a classifier folder or "module:function"; None: the digits world's classifier
-    concept_label: int | None = None  # the judge's label of the concept (digits world: the digit)
+    # the judge's label of the concept (digits world: the digit); one label per concept when several are erased
+    concept_label: int | list | None = None
     samples: int = 100  # images per prompt set (forget, paraphrases) and per retained class
     steps: int = 25  # DDIM steps
     guidance: float = 3.0  # classifier-free guidance scale
@@ -213,10 +216,6 @@ def from_dict(raw: dict, source: str | None = None) -> Recipe:
         if not isinstance(values, dict):
             raise ConfigError(f"recipe section {name!r} must be a mapping")
         sections[name] = _build(cls, values, name)
-    if sections["model"].family == "diffusion" and "metrics" not in (raw.get("eval") or {}):
-        sections["eval"].metrics = list(GENERATIVE_METRICS)
-    if sections["model"].family == "gan" and "metrics" not in (raw.get("eval") or {}):
-        sections["eval"].metrics = list(GAN_METRICS)
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
@@ -237,6 +236,11 @@ def validate(recipe: Recipe) -> None:
     model, data, train, ev = recipe.model, recipe.data, recipe.train, recipe.eval
     if model.family not in FAMILIES:
         raise ConfigError(f"unknown model family {model.family!r}; known: {', '.join(FAMILIES)}")
+    if model.prune is not None and model.family != "classifier":
+        raise ConfigError(
+            f"model.prune (prune first, then unlearn) is implemented for classifiers, not the {model.family} "
+            "family: drop model.prune"
+        )
     prune = model.prune_spec()
     if prune is not None:
         if prune.method not in PRUNE_METHODS:
@@ -273,15 +277,27 @@ def validate(recipe: Recipe) -> None:
         _unknown("train.mixed_precision", train.mixed_precision, PRECISIONS)
     if train.gradient_accumulation_steps < 1:
         raise ConfigError("train.gradient_accumulation_steps must be at least 1")
-    if model.family == "gan":
-        for name in ev.metrics:
-            if name not in GAN_METRICS:
-                _unknown("metric of a GAN recipe", name, GAN_METRICS)
-        return
-    known = [m for m in METRICS if m not in GAN_METRICS or m in ("erasure_rate", "fid")]
-    for name in ev.metrics:
-        if name not in known:
-            _unknown("metric", name, known)
+    if train.checkpoint_every < 1 or train.checkpoint_every_steps < 1:
+        raise ConfigError("train.checkpoint_every and train.checkpoint_every_steps must be at least 1")
+    if train.log_with is not None and train.log_with not in TRACKERS:
+        _unknown("train.log_with (an accelerate tracker)", train.log_with, TRACKERS)
+    from .harness import HARNESSES
+
+    harness = HARNESSES[model.family]
+    if ev.metrics is None:
+        ev.metrics = list(harness.default_metrics)
+    if not isinstance(ev.metrics, list) or not ev.metrics:
+        raise ConfigError("eval.metrics must list at least one metric (`unlearn ls metrics` shows them)")
+    harness.check_metrics(ev.metrics)
+    labels = ev.concept_label if isinstance(ev.concept_label, list) else [ev.concept_label]
+    if not all(label is None or (isinstance(label, int) and not isinstance(label, bool)) for label in labels):
+        raise ConfigError(
+            f"eval.concept_label must be a class id or a list of them, got {ev.concept_label!r}"
+        )
+    if isinstance(ev.concept_label, list) and (
+        not isinstance(data.concept, list) or len(labels) != len(data.concept)
+    ):
+        raise ConfigError("a list in eval.concept_label gives one judge label per concept of data.concept")
 
 
 def _validate_concept(data: DataSpec) -> None:

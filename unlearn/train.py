@@ -1,18 +1,23 @@
-"""fit(): the one visible training loop, on accelerate.
+"""The training step and fit(), on accelerate.
 
-Mixed precision (no / fp16 / bf16) and gradient accumulation come from the `Accelerator`; the loop adds
-gradient masks (with pinned weights), gradient clipping, a learning-rate schedule, a progress bar, a JSON-lines
-log and checkpoint-and-resume at epoch boundaries. Methods with two optimizers or two stages write their own
-loop from the same parts.
+`Trainer` is the one training step every loop uses: backward (mixed precision and gradient accumulation from the
+`Accelerator`), gradient masks with pinned weights, clipping, the optimizer and learning-rate steps, a progress
+bar, the JSON-lines log (and accelerate's trackers), and checkpoint-and-resume. `fit()` is the plain epoch loop
+on it and `train_steps()` the step loop of the generative methods; loops with two optimizers or two stages
+(LAF, DoCo, Adapt-then-Unlearn, the worlds) are short loops of their own on the same step, and resume alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
+import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +25,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoints import atomic_path, load_into, load_state_dict, save_state_dict
+from .checkpoints import atomic_path
 from .errors import ConfigError, DataError, TrainingError
-from .params import ParamMask
+from .params import ParamMask, apply_mask
 
 LossFn = Callable[[nn.Module, tuple], torch.Tensor]
+
+# How often a loop checkpoints when the accelerator carries no recipe (`TrainSpec.checkpoint_every` and
+# `checkpoint_every_steps` hold the recipe's).
+CHECKPOINT_EVERY = {"epoch": 1, "step": 100}
 
 
 @dataclass
@@ -42,13 +51,52 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_wor
     )
 
 
-def endless(dataset: Dataset, batch_size: int) -> Iterator:
-    """Shuffled batches of `dataset` forever, reshuffled at every pass (step-counted loops draw from it)."""
-    if len(dataset) == 0:
-        raise DataError("cannot draw batches from an empty dataset")
-    loader = make_loader(dataset, batch_size)
-    while True:
-        yield from loader
+class Batches:
+    """Shuffled batches of a dataset forever, whose position a checkpoint saves (`state_dict`).
+
+    Without `generator`, each pass is shuffled exactly as a shuffling `DataLoader` would (its two seed draws from
+    the global RNG when the pass starts) and ends with a short batch. With `generator`, passes are permutations
+    drawn from it and a batch may straddle two passes (the worlds' order). `collate` makes a batch of a list of
+    items (default: the DataLoader's).
+    """
+
+    def __init__(self, dataset, batch_size: int, generator: torch.Generator | None = None, collate=None):
+        if len(dataset) == 0:
+            raise DataError("cannot draw batches from an empty dataset")
+        self.dataset, self.batch_size, self.generator = dataset, batch_size, generator
+        self.collate = collate or torch.utils.data.default_collate
+        self.pending: list[int] = []
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self):
+        if self.generator is not None:
+            if len(self.pending) < self.batch_size:
+                self.pending += torch.randperm(len(self.dataset), generator=self.generator).tolist()
+        elif not self.pending:
+            torch.empty((), dtype=torch.int64).random_()  # the DataLoader iterator's base seed, unused here
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())  # its RandomSampler's
+            self.pending = torch.randperm(
+                len(self.dataset), generator=torch.Generator().manual_seed(seed)
+            ).tolist()
+        indices, self.pending = self.pending[: self.batch_size], self.pending[self.batch_size :]
+        return self.collate([self.dataset[i] for i in indices])
+
+    def state_dict(self) -> dict:
+        generator = self.generator.get_state() if self.generator is not None else None
+        return {"pending": list(self.pending), "generator": generator}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending = list(state["pending"])
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])
+
+
+def endless(dataset: Dataset, batch_size: int) -> Batches:
+    """Shuffled batches of `dataset` forever, reshuffled at every pass (step-counted loops draw from it; pass it
+    in the loop's `state` so that a resumed run draws what an uninterrupted one draws)."""
+    return Batches(dataset, batch_size)
 
 
 def make_optimizer(
@@ -93,6 +141,412 @@ def _lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
     raise ConfigError(f"unknown lr schedule {schedule!r}; known: constant, cosine, linear")
 
 
+class Trainer:
+    """The training step of one training stage, with its log, progress bar and checkpoints.
+
+    A loop walks `for position in trainer.loop():` (0-based steps or epochs, from after the last checkpoint) and
+    calls `trainer.step(loss)` per batch: backward (inside `accelerator.accumulate`, so the loss is scaled and
+    the optimizer steps every `gradient_accumulation_steps` calls), then on the steps that sync: the gradients of
+    pinned weights masked, clipping, the optimizer step, pinned weights and their optimizer state restored, the
+    learning-rate step. A second optimizer (a discriminator's, LAF's alignment step) steps through the same call:
+    `trainer.step(loss, optimizer=other)`. After each step (step loops) or epoch: a log line every `log_every`
+    steps or every epoch, and a checkpoint every `checkpoint_every` steps or epochs and at the end.
+
+    A checkpoint (`project_dir/checkpoints/<stage>/state.pt`) holds the model's trainable weights and buffers,
+    the optimizers, the scheduler, the loss scaler, the global RNG and everything in `state`, and a fingerprint
+    of what it continues: the stage, its settings and the model's weights at the start. A loop resumes only from
+    a checkpoint with its own fingerprint; another training's checkpoint is left unread (with a message) and
+    overwritten by this training's first one, so nothing is ever restored into the wrong model.
+
+    Args:
+        model: what trains (a family adapter, or the module accelerate prepared); its unwrapped trainable weights
+            and buffers are checkpointed.
+        optimizer: its optimizer, as accelerate prepared it (needed for fp16 loss scaling) or plain.
+        accelerator: an `accelerate.Accelerator`; None for a plain fp32 single-process loop without log or
+            checkpoint (the worlds, which are trained once and cached).
+        stage: the stage's name, in the log and the checkpoint folder.
+        total: the loop's length in `unit`s.
+        unit: "step" or "epoch".
+        scheduler: stepped after every step of `optimizer` (default: a constant learning rate).
+        mask: pinned weights; a pruned model's `pruning_mask` always joins it (see `pinned_params`).
+        max_grad_norm: clip the gradient of `optimizer`'s parameters to this L2 norm (not a second optimizer's).
+        state: more that the result depends on, checkpointed with the model: objects with `state_dict()` (another
+            optimizer, a discriminator, `Batches`), a `torch.Generator`, a `random.Random`, a list of tensors, a
+            prepared loader (its pass count); None values are skipped.
+        settings: what else a checkpoint must match: the method (a dataclass), its data (`UnlearnData`, datasets,
+            prompts), numbers; digested cheaply (datasets by their length and a few items, tensors by sums).
+        log_every: steps between log lines.
+        checkpoint_every: steps or epochs between checkpoints; default: the recipe's `train.checkpoint_every`
+            (epochs) or `train.checkpoint_every_steps` when `pipeline.make_accelerator` built the accelerator.
+        log: where messages ("resuming ...") go; default: the log the pipeline attached to the accelerator, else
+            `accelerator.print`.
+        steps_per_epoch: optimizer steps per epoch (epoch loops: the progress bar counts steps).
+
+    Each line of `train.jsonl` is one JSON object with `stage`, `epoch` (1-based; 1 in step loops), `step`
+    (steps so far), `phase`, the mean of each recorded loss since the last line (`loss` for the main one; in
+    `fit` the mean of the epoch so far), `lr` (after the step) and `elapsed_s`. The same values go to accelerate's
+    trackers (`train.log_with`). A loss that is NaN or infinite at a log point raises `TrainingError`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer,
+        accelerator=None,
+        *,
+        stage: str,
+        total: int,
+        unit: str = "step",
+        scheduler=None,
+        mask: ParamMask | None = None,
+        max_grad_norm: float | None = None,
+        state: dict | None = None,
+        settings: dict | None = None,
+        log_every: int = 50,
+        checkpoint_every: int | None = None,
+        log: Callable[[str], None] | None = None,
+        steps_per_epoch: int | None = None,
+    ):
+        if unit not in ("step", "epoch"):
+            raise ValueError(f"unknown unit {unit!r}; known: step, epoch")
+        self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
+        self.unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+        self.stage, self.total, self.unit = stage, total, unit
+        self.scheduler = scheduler or torch.optim.lr_scheduler.LambdaLR(_raw(optimizer), lambda step: 1.0)
+        self.max_grad_norm, self.log_every = max_grad_norm, log_every
+        self.state = {name: value for name, value in (state or {}).items() if value is not None}
+        # after prepare(): the masks live on the model's device
+        self.pinned = pinned_params(self.unwrapped, mask)
+        self.steps_per_epoch = steps_per_epoch
+        self.position = 0  # finished steps or epochs
+        self.step_count = 0  # steps of `optimizer`
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._calls: dict[int, tuple] = {}
+        self._accumulating = False
+        self.started = time.perf_counter()
+        spec = getattr(accelerator, "train_spec", None)
+        if checkpoint_every is None:
+            name = "checkpoint_every" if unit == "epoch" else "checkpoint_every_steps"
+            checkpoint_every = getattr(spec, name, CHECKPOINT_EVERY[unit])
+        self.checkpoint_every = max(1, int(checkpoint_every))
+        self.say = (
+            log or getattr(accelerator, "log_message", None) or (accelerator.print if accelerator else print)
+        )
+        project = getattr(accelerator, "project_dir", None)
+        self.folder = Path(project) / "checkpoints" / stage if project else None
+        self.log_path = Path(project) / "train.jsonl" if project else None
+        if accelerator is not None:
+            accelerator.step = 0  # a new loop starts a new accumulation cycle
+        self.fingerprint = self._fingerprint(settings or {}) if self.folder is not None else None
+        from tqdm.auto import tqdm
+
+        main = accelerator is None or accelerator.is_local_main_process
+        self.progress = tqdm(desc=stage, leave=False, disable=not (main and sys.stderr.isatty()))
+
+    # -- the step ---------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def accumulate(self):
+        """`accelerator.accumulate(model)` around a forward pass and its `step` (lets DDP skip the all-reduce of
+        gradients that are not yet complete); `step` opens it itself when the loop did not."""
+        with self.accelerator.accumulate(self.model):
+            self._accumulating = True
+            try:
+                yield
+            finally:
+                self._accumulating = False
+
+    def step(self, loss: torch.Tensor, optimizer=None, name: str = "loss") -> bool:
+        """Backward `loss` and, when the gradients are complete, step `optimizer` (default: the trainer's).
+
+        Returns whether the trainer's own optimizer stepped. `loss` joins the running mean logged as `name`.
+        """
+        if self.accelerator is not None and not self._accumulating:
+            with self.accumulate():
+                return self.step(loss, optimizer, name)
+        optimizer = self.optimizer if optimizer is None else optimizer
+        self.record(name, loss)
+        if self.accelerator is None:
+            _raw(optimizer).zero_grad(set_to_none=True)
+            loss.backward()
+            return self.update(optimizer)
+        if self._fresh():  # clear what another loss's backward left (a GAN's other network)
+            _raw(optimizer).zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        return self.update(optimizer) if self.accelerator.sync_gradients else False
+
+    def _fresh(self) -> bool:
+        """Whether this backward pass starts an accumulation cycle."""
+        accumulation = self.accelerator.gradient_accumulation_steps
+        return accumulation == 1 or self.accelerator.step % accumulation == 1
+
+    def update(self, optimizer=None) -> bool:
+        """The step after the backward pass (masks, clipping, optimizer step, restore pinned weights, schedule),
+        for loops that set `.grad` themselves; returns whether it was the trainer's own optimizer."""
+        optimizer = self.optimizer if optimizer is None else optimizer
+        raw = _raw(optimizer)
+        for param, keep, _ in self.pinned:
+            if param.grad is not None:
+                param.grad.mul_(keep)
+        if self.max_grad_norm and optimizer is self.optimizer:
+            params = [p for group in raw.param_groups for p in group["params"]]
+            if self.accelerator is not None:
+                self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if id(optimizer) not in self._calls:
+            self._calls[id(optimizer)] = _optimizer_calls(optimizer, self.accelerator)
+        optimizer_step, zero_grad = self._calls[id(optimizer)]
+        optimizer_step()
+        zero_grad()
+        if self.pinned:
+            restore_pinned(self.pinned, raw)
+        if optimizer is not self.optimizer:
+            return False
+        self.scheduler.step()
+        self.step_count += 1
+        if self.unit == "epoch":
+            self.progress.update(1)
+        return True
+
+    def record(self, name: str, value) -> None:
+        """Add `value` to the running mean logged as `name`."""
+        value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        self.sums[name] = self.sums.get(name, 0.0) + value
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+
+    def loop(self) -> Iterator[int]:
+        """Positions (0-based) from after the last checkpoint to `total`; after each one the bookkeeping: log
+        line, progress bar, checkpoint."""
+        total = self.total
+        start = self.resume()
+        if self.unit == "step":
+            self.progress.reset(total=total)
+            self.progress.update(start)
+        else:
+            self.progress.reset(total=total * self.steps_per_epoch if self.steps_per_epoch else None)
+            self.progress.update(self.step_count)
+        try:
+            for position in range(start, total):
+                yield position
+                if self.unit == "epoch":
+                    self.log("epoch")
+                self.position = position + 1
+                if self.unit == "step":
+                    self.progress.update(1)
+                    if self.position % self.log_every == 0 or self.position == total:
+                        self.log("steps")
+                if self.position % self.checkpoint_every == 0 or self.position == total:
+                    self.save()
+        finally:
+            self.progress.close()
+
+    def log(self, phase: str, reset: bool = True) -> None:
+        """Write the running means as one `train.jsonl` line (and to the trackers); raise on a non-finite one."""
+        accelerator = self.accelerator
+        means = {}
+        for name, total in self.sums.items():
+            mean = total / max(self.counts[name], 1)
+            if accelerator is not None and accelerator.num_processes > 1:
+                # Every process logs at the same steps: average over them, so the log shows the whole batch's loss
+                # and a divergence raises on every process at once (not on one while the others wait).
+                mean = accelerator.reduce(mean.to(accelerator.device), reduction="mean")
+            means[name] = float(mean)
+        if reset:
+            self.sums, self.counts = {}, {}
+        for name, value in means.items():
+            if not math.isfinite(value):
+                where = (
+                    f"epoch {self.position + 1}, step {self.step_count}"
+                    if self.unit == "epoch"
+                    else f"step {self.position}"
+                )
+                what = "loss" if name == "loss" else f"{name} loss"
+                raise TrainingError(
+                    f"the {self.stage} {what} became {value} at {where}; lower the learning rate or clip the "
+                    "gradient (the method's max_grad_norm)"
+                )
+        if accelerator is None or not accelerator.is_main_process:
+            return
+        lr = self.scheduler.get_last_lr()[0]
+        epoch = self.position + 1 if self.unit == "epoch" else 1  # epoch loops log before advancing
+        step = self.step_count if self.unit == "epoch" else self.position
+        if self.log_path is not None:
+            record = {"stage": self.stage, "epoch": epoch, "step": step, "phase": phase}
+            record.update({name: round(value, 6) for name, value in means.items()})
+            record.update({"lr": lr, "elapsed_s": round(time.perf_counter() - self.started, 3)})
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if accelerator.trackers:
+            values = {f"{self.stage}/{name}": value for name, value in means.items()}
+            accelerator.log({**values, f"{self.stage}/lr": lr}, step=step)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    def _fingerprint(self, settings: dict) -> str:
+        """A hash of what a checkpoint continues: stage, settings, optimizers and the weights at the start."""
+        optimizers = [_raw(v) for v in (self.optimizer, *self.state.values())]
+        optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
+        groups = [{k: v for k, v in g.items() if k != "params"} for o in optimizers for g in o.param_groups]
+        accelerator = self.accelerator
+        described = {
+            "stage": self.stage,
+            "total": self.total,
+            "unit": self.unit,
+            "max_grad_norm": self.max_grad_norm,
+            "pinned": [int(keep.sum()) for _, keep, _ in self.pinned],
+            "accumulation": accelerator.gradient_accumulation_steps,
+            "mixed_precision": accelerator.mixed_precision,
+            "optimizers": [type(o).__name__ for o in optimizers],
+            "groups": groups,
+            "state": sorted(self.state),
+        }
+        digest = hashlib.sha256(repr(described).encode())
+        with torch.random.fork_rng(devices=[]):  # reading a dataset's items must not move the global RNG
+            _describe(settings, digest)
+            for value in self.state.values():  # the data that `Batches` draw from, a discriminator's weights
+                _describe(getattr(value, "dataset", value), digest)
+        digest.update(_weights_digest(_trainable_state(self.unwrapped)))
+        return digest.hexdigest()
+
+    def save(self) -> None:
+        """Write a checkpoint of this stage (main process; every process waits)."""
+        if self.folder is None:
+            return
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            checkpoint = {
+                "fingerprint": self.fingerprint,
+                "unit": self.unit,
+                "position": self.position,
+                "step_count": self.step_count,
+                "model": {k: v.detach().cpu() for k, v in _trainable_state(self.unwrapped).items()},
+                "optimizer": _raw(self.optimizer).state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+                "state": {name: _state_of(value) for name, value in self.state.items()},
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            }
+            with atomic_path(self.folder / "state.pt") as tmp:
+                torch.save(checkpoint, tmp)
+        accelerator.wait_for_everyone()
+
+    def resume(self) -> int:
+        """Load this stage's last checkpoint if it continues this very training; returns the finished positions."""
+        if self.folder is None or not (self.folder / "state.pt").exists():
+            return 0
+        checkpoint = torch.load(self.folder / "state.pt", map_location="cpu", weights_only=True)
+        if checkpoint.get("fingerprint") != self.fingerprint:
+            self.say(
+                f"not resuming stage {self.stage!r}: its checkpoint in {self.folder} belongs to another training "
+                "(other starting weights or settings); starting over"
+            )
+            return 0
+        missing, unexpected = self.unwrapped.load_state_dict(checkpoint["model"], strict=False)
+        if unexpected or set(missing) & set(_trainable_state(self.unwrapped)):
+            raise TrainingError(f"the checkpoint in {self.folder} does not fit stage {self.stage!r}'s model")
+        _raw(self.optimizer).load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.accelerator.scaler is not None and checkpoint["scaler"]:
+            self.accelerator.scaler.load_state_dict(checkpoint["scaler"])
+        for name, value in self.state.items():
+            _load_state(value, checkpoint["state"][name])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        if checkpoint["cuda_rng"]:
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        self.position, self.step_count = int(checkpoint["position"]), int(checkpoint["step_count"])
+        self.say(f"resuming stage {self.stage!r} after {self.unit} {self.position}")
+        return self.position
+
+
+def _raw(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes: the state dict without frozen parameters (trainable weights and buffers)."""
+    return {
+        name: value
+        for name, value in model.state_dict(keep_vars=True).items()
+        if not (isinstance(value, nn.Parameter) and not value.requires_grad)
+    }
+
+
+def _describe(value, digest) -> None:
+    """Feed a cheap description of `value` to `digest`: numbers and strings as they are, tensors by shape and
+    sums, dataclasses field by field, datasets by their length and up to 8 evenly spaced items."""
+    if isinstance(value, torch.Tensor):
+        digest.update(_weights_digest({"": value}))
+    elif value is None or isinstance(value, (bool, int, float, str, bytes)):
+        digest.update(repr(value).encode())
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            digest.update(repr(key).encode())
+            _describe(item, digest)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"[{len(value)}]".encode())
+        for item in value:
+            _describe(item, digest)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        digest.update(type(value).__name__.encode())
+        for field in dataclasses.fields(value):
+            digest.update(field.name.encode())
+            _describe(getattr(value, field.name), digest)
+    elif isinstance(value, nn.Module):
+        digest.update(_weights_digest(value.state_dict()))
+    elif hasattr(value, "__len__") and hasattr(value, "__getitem__"):  # a dataset
+        n = len(value)
+        digest.update(f"{type(value).__name__}[{n}]".encode())
+        for index in sorted({n * k // 8 for k in range(8)} if n else ()):
+            _describe(value[index], digest)
+    else:  # no repr: it may hold a memory address, which differs between runs
+        digest.update(type(value).__name__.encode())
+
+
+def _weights_digest(state: dict[str, torch.Tensor]) -> bytes:
+    """A cheap digest of tensor values: per tensor its name, shape and two sums (computed where it lives)."""
+    sums = [torch.stack([t.detach().double().sum(), t.detach().double().abs().sum()]) for t in state.values()]
+    values = torch.stack(sums).cpu().numpy().tobytes() if sums else b""
+    names = repr([(name, tuple(t.shape)) for name, t in state.items()]).encode()
+    return names + values
+
+
+def _state_of(value):
+    if hasattr(value, "iteration") and hasattr(value, "set_epoch"):  # accelerate's loader: its pass count
+        return int(value.iteration)
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    if isinstance(value, random.Random):
+        return value.getstate()
+    if isinstance(value, list):
+        return [t.detach().cpu().clone() for t in value]
+    if isinstance(value, nn.Module):
+        return {k: v.detach().cpu() for k, v in value.state_dict().items()}
+    return _raw(value).state_dict()
+
+
+def _load_state(value, state) -> None:
+    if hasattr(value, "iteration") and hasattr(value, "set_epoch"):
+        value.iteration = int(state)
+    elif isinstance(value, torch.Generator):
+        value.set_state(state)
+    elif isinstance(value, random.Random):
+        value.setstate(state)
+    elif isinstance(value, list):
+        with torch.no_grad():
+            for tensor, saved in zip(value, state):
+                tensor.copy_(saved)
+    else:
+        _raw(value).load_state_dict(state)
+
+
 def fit(
     model: nn.Module,
     phases: Sequence[Phase],
@@ -106,8 +560,9 @@ def fit(
     augment: str = "none",
     stage: str = "fit",
     log_every: int = 20,
-    checkpoint_every: int = 1,
+    checkpoint_every: int | None = None,
     after_step: Callable[[int, int], None] | None = None,
+    settings: dict | None = None,
 ) -> nn.Module:
     """Train `model` for `epochs` epochs over `phases`; returns the trained (unwrapped) model.
 
@@ -117,7 +572,8 @@ def fit(
         optimizer: built over the model's parameters.
         accelerator: an `accelerate.Accelerator`; if it has a `project_dir`, the loop logs to
             `project_dir/train.jsonl` and checkpoints to `project_dir/checkpoints/<stage>` every
-            `checkpoint_every` epochs, and a rerun resumes from the last checkpoint.
+            `checkpoint_every` epochs (default: the recipe's `train.checkpoint_every`, else 1), and a rerun
+            resumes from the last checkpoint of the same training (see `Trainer`).
         epochs: number of epochs.
         lr_schedule: constant, cosine or linear decay over all optimizer steps.
         mask: pinned weights never move (gradients masked, values and optimizer state restored per step).
@@ -128,16 +584,14 @@ def fit(
         log_every: also log every `log_every` optimizer steps (besides the end of each epoch).
         after_step: called as `after_step(step, total_steps)` after every optimizer step (pinned weights are
             already restored; `step` counts steps so far, from 1), e.g. a proximal update of the weights.
+        settings: what else a checkpoint must match to be resumed (the method; see `Trainer`).
 
-    Each line of `train.jsonl` is one JSON object with the fields `stage`, `epoch` (1-based), `step` (optimizer
-    steps so far), `phase` (the phase's name, or "epoch" for the end-of-epoch line), `loss` (mean loss of the
-    epoch so far, averaged over processes), `lr` (after the step) and `elapsed_s` (since this call started).
-    A loss that is NaN or infinite at a log point raises `TrainingError` (no checkpoint of it is written).
+    The log is `Trainer`'s: a line every `log_every` steps with the phase's name and one per epoch (phase
+    "epoch"), each with the mean loss of the epoch so far.
     """
     if augment not in AUGMENTATIONS:
         raise ConfigError(f"unknown augmentation {augment!r}; known: {', '.join(AUGMENTATIONS)}")
     augment_fn = AUGMENTATIONS[augment]
-    unwrapped = model
     from accelerate.utils import send_to_device
 
     place, non_blocking = _batch_placement(accelerator)
@@ -146,74 +600,48 @@ def fit(
         model, optimizer, *[phase.loader for phase in phases], device_placement=placement
     )
     model, optimizer, loaders = prepared[0], prepared[1], prepared[2:]
-    pinned = pinned_params(unwrapped, mask)  # after prepare(): the masks live on the model's device
     accum = accelerator.gradient_accumulation_steps
     steps_per_epoch = sum(math.ceil(len(loader) / accum) for loader in loaders)
     total_steps = epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, _lr_factor(lr_schedule, total_steps))
-    optimizer_step, zero_grad = _optimizer_calls(optimizer, accelerator)
-
-    project = Path(accelerator.project_dir) if accelerator.project_dir else None
-    checkpoint_dir = project / "checkpoints" / stage if project else None
-    log_path = project / "train.jsonl" if project else None
-    start_epoch = _resume(checkpoint_dir, unwrapped, optimizer, scheduler, accelerator)
-    step = start_epoch * steps_per_epoch
-
-    from tqdm.auto import tqdm
-
-    progress = tqdm(
-        total=total_steps,
-        initial=step,
-        desc=stage,
-        leave=False,
-        disable=not (accelerator.is_local_main_process and sys.stderr.isatty()),
+    trainer = Trainer(
+        model,
+        optimizer,
+        accelerator,
+        stage=stage,
+        total=epochs,
+        unit="epoch",
+        steps_per_epoch=steps_per_epoch,
+        scheduler=scheduler,
+        mask=mask,
+        max_grad_norm=max_grad_norm,
+        settings={
+            "schedule": lr_schedule,
+            "augment": augment,
+            "data": [(phase.loader.dataset, phase.loader.batch_size) for phase in phases],
+            "more": settings,
+        },
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
     )
-    started = time.perf_counter()
-
-    def log(phase_name: str) -> None:  # reads epoch, step and the running loss at call time
-        mean = loss_sum / max(loss_count, 1)
-        _log(log_path, accelerator, stage, epoch, step, phase_name, mean, scheduler, started)
-
-    for epoch in range(start_epoch, epochs):
+    for epoch in trainer.loop():
         _fork_rng_per_process(accelerator)
         model.train()
-        loss_sum = torch.zeros((), device=accelerator.device)
-        loss_count = 0
         for phase, loader in zip(phases, loaders):
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
             for batch in loader:
                 if place:
                     batch = send_to_device(batch, accelerator.device, non_blocking=non_blocking)
-                with accelerator.accumulate(model):
+                with trainer.accumulate():
                     if augment_fn is not None:
                         batch = (augment_fn(batch[0]), *batch[1:])
-                    loss = phase.loss(model, batch)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        for param, keep, _ in pinned:
-                            if param.grad is not None:
-                                param.grad.mul_(keep)
-                        if max_grad_norm:
-                            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-                        optimizer_step()
-                        zero_grad()
-                loss_sum += loss.detach()
-                loss_count += 1
-                if accelerator.sync_gradients:
-                    if pinned:
-                        restore_pinned(pinned, optimizer.optimizer)
-                    scheduler.step()
-                    step += 1
+                    stepped = trainer.step(phase.loss(model, batch))
+                if stepped:
                     if after_step is not None:
-                        after_step(step, total_steps)
-                    progress.update(1)
-                    if step % log_every == 0:
-                        log(phase.name)
-        log("epoch")
-        if checkpoint_dir is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
-            _save_checkpoint(checkpoint_dir, epoch + 1, unwrapped, optimizer, scheduler, accelerator)
-    progress.close()
+                        after_step(trainer.step_count, total_steps)
+                    if trainer.step_count % log_every == 0:
+                        trainer.log(phase.name, reset=False)
     accelerator.wait_for_everyone()
     _sync_rng(accelerator)
     return accelerator.unwrap_model(model)
@@ -238,6 +666,8 @@ def train_diffusion(
     log: Callable[[str], None] | None = print,
     warmup_steps: int = 100,
     log_every: int = 500,
+    accelerator=None,
+    stage: str = "train_diffusion",
 ) -> list[float]:
     """Train a `Diffusion` model on `dataset` with its ordinary ε-MSE loss; deterministic for a fixed seed.
 
@@ -258,12 +688,19 @@ def train_diffusion(
         log: called with a progress line every `log_every` steps; None for silence.
         warmup_steps: steps of linear learning-rate warmup.
         log_every: steps between progress lines.
+        accelerator: with a `project_dir`, the loop also writes `train.jsonl` and checkpoints, and resumes
+            (RetrainDiffusion); None for the worlds. fp32 and one process either way.
+        stage: the stage's name in the log and checkpoints.
 
     Returns:
-        The loss of every step.
+        The loss of every step (of this process's steps only, after a resume).
     """
     if len(dataset) == 0:
         raise DataError("cannot train a diffusion model on an empty dataset")
+    if accelerator is not None and accelerator.gradient_accumulation_steps > 1:
+        raise ConfigError(
+            "diffusion training (Retrain) does not accumulate gradients; use a larger batch_size"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
@@ -272,25 +709,32 @@ def train_diffusion(
         return warm * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    order_rng = torch.Generator().manual_seed(seed)
-    order: list[int] = []
+    if accelerator is not None:
+        optimizer = accelerator.prepare(optimizer)  # (fp16 loss scaling; the model still runs in fp32)
+    batches = Batches(dataset, batch_size, torch.Generator().manual_seed(seed), _collate_conditions)
+    trainer = Trainer(
+        model,
+        optimizer,
+        accelerator,
+        stage=stage,
+        total=steps,
+        scheduler=schedule,
+        max_grad_norm=1.0,
+        state={"batches": batches},
+        settings={"batch_size": batch_size, "uncond_prob": uncond_prob, "seed": seed, "warmup": warmup_steps},
+        log_every=log_every,
+        log=log if accelerator is None else None,
+    )
     losses: list[float] = []
     started = time.perf_counter()
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for step in range(steps):
-            if len(order) < batch_size:  # a new epoch; a batch may straddle two epochs
-                order += torch.randperm(len(dataset), generator=order_rng).tolist()
-            batch, order = _collate_conditions([dataset[i] for i in order[:batch_size]]), order[batch_size:]
-            loss = model.loss(batch, uncond_prob=uncond_prob)
+        for step in trainer.loop():
+            loss = model.loss(next(batches), uncond_prob=uncond_prob)
             if not torch.isfinite(loss):
                 raise TrainingError(f"diffusion training diverged at step {step}: loss {loss.item()}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
+            trainer.step(loss)
             losses.append(loss.item())
             if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
                 recent = losses[-log_every:]
@@ -313,42 +757,40 @@ def train_steps(
     max_grad_norm: float | None = None,
     stage: str = "train",
     log_every: int = 50,
+    state: dict | None = None,
+    settings: dict | None = None,
 ) -> nn.Module:
-    """`steps` optimizer steps on `loss_fn(step)`: the step-counted loop of the generative methods.
+    """`steps` optimizer steps on `loss_fn(step)` (step from 1): the step loop of the generative methods.
 
     The diffusion objectives draw their own batches (a forget batch and a retain batch per step, partial
-    trajectories sampled from the model itself), so the loss function, not the loop, owns the data. The loop
-    owns the rest: mixed precision (autocast; fp16 loss scaling through the prepared optimizer), gradient masks
-    and pinned weights (`mask` and the model's `pruning_mask`, as in `fit`), clipping, NaN detection and
-    `train.jsonl` logging. Single process: the model is not wrapped for data parallelism.
+    trajectories sampled from the model itself), so the loss function, not the loop, owns the data; whatever it
+    draws from besides the global RNG (`Batches`, a `random.Random`, a `torch.Generator`) goes in `state`, so that
+    a resumed run draws what an uninterrupted one draws. The loop owns the rest (`Trainer`): mixed precision
+    (autocast; fp16 loss scaling through the prepared optimizer), gradient accumulation (`loss_fn(step)` is
+    called once per micro-batch), gradient masks and pinned weights (`mask` and the model's `pruning_mask`, as in
+    `fit`), clipping, NaN detection, `train.jsonl` logging and checkpoints every `train.checkpoint_every_steps`.
+    Single process: the model is not wrapped for data parallelism. `settings`: the method's settings that a
+    checkpoint must match.
     """
     optimizer = accelerator.prepare(optimizer)
-    pinned = pinned_params(model, mask)
-    params = [p for group in optimizer.optimizer.param_groups for p in group["params"]]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda step: 1.0)
-    project = Path(accelerator.project_dir) if accelerator.project_dir else None
-    log_path = project / "train.jsonl" if project else None
-    started = time.perf_counter()
-    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+    trainer = Trainer(
+        model,
+        optimizer,
+        accelerator,
+        stage=stage,
+        total=steps,
+        mask=mask,
+        max_grad_norm=max_grad_norm,
+        state=state,
+        settings=settings,
+        log_every=log_every,
+    )
     model.train()
-    for step in range(1, steps + 1):
-        with accelerator.autocast():
-            loss = loss_fn(step)
-        accelerator.backward(loss)
-        for param, keep, _ in pinned:
-            if param.grad is not None:
-                param.grad.mul_(keep)
-        if max_grad_norm:
-            accelerator.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if pinned:
-            restore_pinned(pinned, optimizer.optimizer)
-        loss_sum += loss.detach().float()
-        loss_count += 1
-        if step % log_every == 0 or step == steps:
-            _log(log_path, accelerator, stage, 0, step, "steps", loss_sum / loss_count, scheduler, started)
-            loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+    for step in trainer.loop():
+        for _ in range(accelerator.gradient_accumulation_steps):
+            with accelerator.autocast():
+                loss = loss_fn(step + 1)
+            trainer.step(loss)
     model.eval()
     return model
 
@@ -410,6 +852,8 @@ def _optimizer_calls(optimizer, accelerator) -> tuple[Callable[[], None], Callab
     percent of a GPU step. Where the wrapper would only forward the call (no fp16 grad scaler, no XLA, no
     DeepSpeed/Megatron subclass, no LOMO optimizer) the torch optimizer is called directly.
     """
+    if accelerator is None:
+        return optimizer.step, lambda: optimizer.zero_grad(set_to_none=True)
     from accelerate.optimizer import AcceleratedOptimizer
     from accelerate.utils import DistributedType
 
@@ -433,8 +877,6 @@ def pinned_params(model: nn.Module, mask: ParamMask | None):
     pruning = getattr(model, "pruning_mask", None)
     trainable = getattr(model, "trainable", model)
     if pruning is not None:
-        from .prune import apply_mask
-
         apply_mask(trainable, pruning)
         mask = pruning if mask is None else mask & pruning
     if mask is None:
@@ -457,63 +899,21 @@ def restore_pinned(pinned, optimizer: torch.optim.Optimizer) -> None:
                 value.mul_(keep.to(value.dtype))
 
 
-def _log(path, accelerator, stage, epoch, step, phase, mean_loss, scheduler, started) -> None:
-    if accelerator.num_processes > 1:
-        # Every process logs at the same steps: average over them, so the log shows the whole batch's loss and
-        # a divergence raises on every process at once (not on one while the others wait at the next barrier).
-        mean_loss = accelerator.reduce(mean_loss.detach().clone(), reduction="mean")
-    value = float(mean_loss)
-    if not math.isfinite(value):
-        raise TrainingError(
-            f"the {stage} loss became {value} at epoch {epoch + 1}, step {step}; lower the learning rate "
-            "or enable gradient clipping (train.max_grad_norm)"
-        )
-    if path is None or not accelerator.is_main_process:
-        return
-    record = {
-        "stage": stage,
-        "epoch": epoch + 1,
-        "step": step,
-        "phase": phase,
-        "loss": round(value, 6),
-        "lr": scheduler.get_last_lr()[0],
-        "elapsed_s": round(time.perf_counter() - started, 3),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as log:
-        log.write(json.dumps(record) + "\n")
+def end_trackers(accelerator) -> None:
+    """Close accelerate's trackers (`train.log_with`) at the end of a run; unlike `accelerator.end_training()`
+    this leaves the process group alone (a bench runs several recipes in one process)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
 
 
-def _save_checkpoint(folder: Path, epoch: int, model, optimizer, scheduler, accelerator) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with atomic_path(folder) as tmp:
-            tmp.mkdir()
-            save_state_dict(model.state_dict(), tmp / "model.safetensors")
-            state = {
-                "optimizer": optimizer.optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "epoch": epoch,
-            }
-            torch.save(state, tmp / "state.pt")
-    accelerator.wait_for_everyone()
-
-
-def _resume(folder: Path | None, model, optimizer, scheduler, accelerator) -> int:
-    """Load the last checkpoint of this stage, if any; returns the number of finished epochs."""
-    if folder is None or not (folder / "state.pt").exists():
-        return 0
-    load_into(model, load_state_dict(folder / "model.safetensors"), str(folder))
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if accelerator.scaler is not None and state["scaler"]:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    accelerator.print(f"resuming stage {folder.name!r} after epoch {state['epoch']}")
-    return int(state["epoch"])
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """A nested recipe dict as the flat `{"a.b": scalar}` that trackers store as hyperparameters."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat

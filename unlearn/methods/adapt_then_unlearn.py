@@ -12,8 +12,8 @@ import torch
 from ..data import UnlearnData
 from ..errors import CheckpointNotFoundError, ConfigError, DataError
 from ..models.base import Model
-from ..train import endless, train_steps
-from .base import Method
+from ..train import Trainer, endless
+from .base import Method, hyperparameter
 
 REPULSIONS = ("inverse", "negative", "exponential", "none")
 DISTANCES = ("mean", "sum")
@@ -27,8 +27,7 @@ class AdaptThenUnlearn(Method):
     Only the GAN (generator and discriminator) and a feedback classifier are needed; no training image is seen.
 
     1. Feedback. Draw samples from the original generator; the feedback classifier flags those that carry the
-       unwanted class or feature (`feedback`: the digits classifier by default, or a classifier folder or a
-       "module:function" factory; flagged = argmax is the forget class, or with `feedback_threshold` set, the
+       unwanted class or feature (`feedback`: a classifier folder or a "module:function" factory; flagged = argmax is the forget class, or with `feedback_threshold` set, the
        forget class's logit exceeds it, the reference's rule for multi-label CelebA attributes; a callable
        that returns a bool per image is taken as the flags). Negatives = flagged samples (`negatives` of
        them), positives = unflagged ones (from `positives` draws); with `positive_max_prob` set, only those
@@ -65,18 +64,10 @@ class AdaptThenUnlearn(Method):
       adversarial loss (`decoupled: true`, as AdamW decouples weight decay), not added to the loss Adam
       normalizes (`decoupled: false`, the reference). Its gradient is proportional to θ − θ_N, so the
       decoupled step moves the weights along the adapted direction; inside Adam every weight moves by about
-      lr whatever its share of θ − θ_N. Measured on the digits GAN (500 steps): the coupled forms moved the
-      weights 1.8-2.2 adapted distances along θ_0 − θ_N but 3-7 times as far across it (‖Δθ‖² 58-144 for
-      ‖θ_0 − θ_N‖² = 5.2), and cut the share of 8s by 58-65 %, barely more than no repulsion (57 %); while
-      simply extrapolating θ_0 + 2(θ_0 − θ_N) cut it by 95 % (the paper's "parameter space semantics", at a
-      cost in FID that the adversarial loss then repairs). Decoupled, the weights moved 0.6-1.9 adapted
-      distances along θ_0 − θ_N and little across it (‖Δθ‖² 11-40).
-    - Positives (`positive_max_prob`, default None: the paper's "not flagged"). On the digits GAN, with every
-      unflagged sample a positive, stage 2 plateaued at about 4-5 % 8s (from 11.5 %) between 500 and 1,500
-      steps: the discriminator is shown borderline 8-like samples as real. Keeping only samples whose
-      probability of 8 is below 0.01 gave −75 % (no repulsion) and −80 % (exponential) at 500 steps, below
-      0.001 −87 % / −89 % at 1,000 steps, below 0.0001 −91 % (exponential, 1,500 steps), each time with FID
-      below the original's; the digits recipes use 0.0001.
+      lr whatever its share of θ − θ_N (the README's GAN section gives the measurements on the digits GAN).
+    - Positives (`positive_max_prob`, default None: the paper's "not flagged"): optionally only samples whose
+      probability of the erased class is below a bound, so that the discriminator is not shown borderline
+      samples as real (the digits recipes use 0.0001; measurements in the README).
     - Repulsion covers every generator weight (as the reference's named-parameter loop does).
     - Both the generator and the discriminator train in both stages, as in the reference; path-length
       regularization and style mixing are StyleGAN2 specifics and are left out. R1 is lazy (every
@@ -99,36 +90,72 @@ class AdaptThenUnlearn(Method):
 
     families = ("gan",)
     # Feedback
-    feedback: str | None = None
-    feedback_threshold: float | None = None
-    positive_max_prob: float | None = None
-    negatives: int = 400
-    positives: int = 5000
-    max_draws: int = 100000
+    feedback: str | None = hyperparameter(
+        None,
+        "the feedback classifier (required): a classifier folder or 'module:function', e.g. "
+        "unlearn.worlds.digits:load_digits_classifier",
+    )
+    feedback_threshold: float | None = hyperparameter(
+        None,
+        "flag a sample when the erased class's logit exceeds this (multi-label attributes); null: argmax",
+    )
+    positive_max_prob: float | None = hyperparameter(
+        None,
+        "keep as positives only samples whose erased-class probability is below this; null: all unflagged",
+    )
+    negatives: int = hyperparameter(400, "flagged samples stage 1 adapts to")
+    positives: int = hyperparameter(5000, "samples drawn for stage 2's positives (reference 5,000)")
+    max_draws: int = hyperparameter(100000, "most samples drawn while looking for the negatives")
     # Stage 1: negative adaptation with EWC
-    adapt_steps: int = 300
-    adapt_lr: float = 2e-4
-    ewc_lambda: float = 1.0e3
-    fisher_samples: int = 32
-    adapted_models: int = 1
-    adapted_path: str | None = None
+    adapt_steps: int = hyperparameter(
+        300, "stage 1 steps of adversarial fine-tuning on the negatives (reference 2,000)"
+    )
+    adapt_lr: float = hyperparameter(2e-4, "stage 1 Adam learning rate")
+    ewc_lambda: float = hyperparameter(
+        1.0e3,
+        "EWC weight λ in stage 1, (λ/2)·Σ F_i (θ_i − θ*_i)² (reference 5e8, on StyleGAN2's Fisher scale)",
+    )
+    fisher_samples: int = hyperparameter(32, "latents averaged for the Fisher information (reference 32)")
+    adapted_models: int = hyperparameter(
+        1, "adapted copies θ_N, each from its own random stream; the repulsion averages them"
+    )
+    adapted_path: str | None = hyperparameter(
+        None, "load θ_N from this run folder or adapted_generator_<k>.safetensors instead of running stage 1"
+    )
     # Stage 2: unlearning with repulsion
-    steps: int = 1500
-    lr: float = 2e-4
-    disc_lr: float | None = None
-    batch_size: int = 64
-    repulsion: str = "exponential"
-    gamma: float = 0.05
-    exp_scale: float = 1000.0
-    distance: str = "sum"
-    decoupled: bool = True
+    steps: int = hyperparameter(1500, "stage 2 steps on the positives (reference 3,000)")
+    lr: float = hyperparameter(
+        2e-4, "stage 2 Adam learning rate of the generator, and of the decoupled repulsion step"
+    )
+    disc_lr: float | None = hyperparameter(
+        None, "the discriminator's Adam learning rate in both stages; null = the stage's generator rate"
+    )
+    batch_size: int = hyperparameter(64, "samples per step in both stages (reference 16)")
+    repulsion: str = hyperparameter(
+        "exponential", "repulsion from θ_N: inverse (γ/d), negative (−γ·d), exponential (c·exp(−γ·d)) or none"
+    )
+    gamma: float = hyperparameter(
+        0.05, "repulsion weight γ; its scale depends on the distance d (reference 1.2 for negative)"
+    )
+    exp_scale: float = hyperparameter(1000.0, "factor c of the exponential repulsion (reference 100)")
+    distance: str = hyperparameter(
+        "sum", "d: sum (the paper's ‖θ − θ_N‖² over all weights) or mean (the reference code's normalization)"
+    )
+    decoupled: bool = hyperparameter(
+        True,
+        "apply the repulsion as its own gradient step after each Adam step; false: inside the loss (reference)",
+    )
     # Both stages
-    beta1: float = 0.5
-    beta2: float = 0.99
-    r1_gamma: float = 1.0
-    r1_every: int = 4
-    ema_decay: float | None = 0.99
-    max_grad_norm: float | None = None
+    beta1: float = hyperparameter(0.5, "Adam β1 of both networks")
+    beta2: float = hyperparameter(0.99, "Adam β2 of both networks")
+    r1_gamma: float = hyperparameter(1.0, "weight of the discriminator's R1 gradient penalty; 0 turns it off")
+    r1_every: int = hyperparameter(4, "lazy R1: apply it every this many discriminator steps, scaled by it")
+    ema_decay: float | None = hyperparameter(
+        0.99, "decay of the generator's weight average kept as stage 2's result; null: the last weights"
+    )
+    max_grad_norm: float | None = hyperparameter(
+        None, "clip the generator's gradient to this L2 norm; null: no clipping"
+    )
 
     def __post_init__(self) -> None:
         if self.repulsion not in REPULSIONS:
@@ -167,11 +194,11 @@ class AdaptThenUnlearn(Method):
         from ..metrics.generation import load_judge
 
         if self.feedback is None:
-            from ..worlds.digits import load_digits_classifier
-
-            judge = load_digits_classifier()
-        else:
-            judge = load_judge(self.feedback)
+            raise ConfigError(
+                "adapt_then_unlearn needs method.feedback, the classifier that flags the erased class: a classifier "
+                "folder or 'module:function' (the digits world's: unlearn.worlds.digits:load_digits_classifier)"
+            )
+        judge = load_judge(self.feedback)
         if isinstance(judge, torch.nn.Module):
             judge = judge.to(device).eval()
         return lambda images: _flags(judge, images, label, self.feedback_threshold, self.positive_max_prob)
@@ -220,9 +247,14 @@ class AdaptThenUnlearn(Method):
         """`steps` alternating steps: the discriminator on `reals` vs generated (with lazy R1), then the
         generator on the non-saturating loss + `extra()` (EWC in stage 1, the coupled repulsion in stage 2);
         `after()` runs after every generator step (the decoupled repulsion step)."""
+        if accelerator.gradient_accumulation_steps > 1:
+            raise ConfigError(
+                "adapt_then_unlearn steps a discriminator and a generator per step; set "
+                "train.gradient_accumulation_steps to 1"
+            )
         model.requires_grad_(True)
         betas = (self.beta1, self.beta2)
-        gen_opt = torch.optim.Adam(model.generator.parameters(), lr=lr, betas=betas)
+        gen_opt = accelerator.prepare(torch.optim.Adam(model.generator.parameters(), lr=lr, betas=betas))
         dis_lr = self.disc_lr if self.disc_lr is not None else lr
         dis_opt = accelerator.prepare(
             torch.optim.Adam(model.discriminator.parameters(), lr=dis_lr, betas=betas)
@@ -237,32 +269,36 @@ class AdaptThenUnlearn(Method):
                 for average, param in zip(ema, model.generator.parameters()):
                     average.lerp_(param.detach(), 1.0 - self.ema_decay)
 
-        def loss_fn(step: int) -> torch.Tensor:
-            if step > 1:  # what follows generator step `step - 1`
-                if after is not None:
-                    after()
-                if ema is not None:
-                    update_ema()
+        trainer = Trainer(
+            model,
+            gen_opt,
+            accelerator,
+            stage=stage,
+            total=steps,
+            max_grad_norm=self.max_grad_norm,
+            state={"discriminator_optimizer": dis_opt, "reals": batches, "ema": ema},
+            settings={"method": self},
+        )
+        model.train()
+        for step in trainer.loop():
             (real,) = next(batches)
             real = real.to(model.device)
-            fake = model.generate(model.random_latents(len(real)))
-            d_loss = model.discriminator_loss(real, fake)
-            if self.r1_gamma and step % self.r1_every == 1 % self.r1_every:
-                d_loss = d_loss + self.r1_every * model.r1_penalty(real, self.r1_gamma)
-            dis_opt.zero_grad(set_to_none=True)
-            accelerator.backward(d_loss)
-            dis_opt.step()
-            dis_opt.zero_grad(set_to_none=True)
-            g_loss = model.generator_loss(model.generate(model.random_latents(self.batch_size)))
-            return g_loss if extra is None else g_loss + extra()
-
-        model = train_steps(
-            model, loss_fn, gen_opt, accelerator, steps, max_grad_norm=self.max_grad_norm, stage=stage
-        )
-        if after is not None and steps:
-            after()
+            with accelerator.autocast():
+                fake = model.generate(model.random_latents(len(real)))
+                d_loss = model.discriminator_loss(real, fake)
+                if self.r1_gamma and step % self.r1_every == 0:
+                    d_loss = d_loss + self.r1_every * model.r1_penalty(real, self.r1_gamma)
+            trainer.step(d_loss, optimizer=dis_opt, name="discriminator")
+            with accelerator.autocast():
+                g_loss = model.generator_loss(model.generate(model.random_latents(self.batch_size)))
+                loss = g_loss if extra is None else g_loss + extra()
+            trainer.step(loss, name="generator")
+            if after is not None:
+                after()
+            if ema is not None:
+                update_ema()
+        model.eval()
         if ema is not None and steps:
-            update_ema()
             with torch.no_grad():
                 for average, param in zip(ema, model.generator.parameters()):
                     param.copy_(average)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..models.base import Model
 from ..params import ParamMask
 from ..train import train_steps
-from .base import Method
+from .base import Method, hyperparameter
 
 MODES = ("auto", "saliency", "lora")
 MASK_SCOPES = ("tensor", "global")
@@ -77,12 +77,11 @@ def saliency_intersection(
 
 @dataclass
 class ANT(Method):
-    """Set You Straight: Auto-Steering Denoising Trajectories to Sidestep Unwanted Concepts (ANT; Li et al.,
-    2025; reference/methods.md §5).
+    """ANT: along the model's own trajectories, keep the concept's direction early and reverse it late.
 
     Fine-tunes the model along its own denoising trajectories so that the concept's classifier-free-guidance
     direction δ(c) = ε(x_t, c) − ε(x_t, "") is kept where the image's structure forms and reversed where the
-    concept would be drawn:
+    concept would be drawn (Li et al., 2025; reference/methods.md §5):
 
     1. Keep a frozen copy θ* (the teacher). Every step, for a batch of forget prompts c:
        a. draw a DDIM index k_e in [0, `split_step`) and k_l in [`split_step`, `ddim_steps`), counted from pure
@@ -134,32 +133,42 @@ class ANT(Method):
     """
 
     families = ("diffusion",)
-    mode: str = "auto"
-    steps: int = 250
-    lr: float = 5e-4
-    batch_size: int = 1
-    split_step: int = 7
-    ddim_steps: int = 50
-    start_guidance: float = 3.0
-    negative_guidance: float = 1.0
-    early_weight: float = 1.0
-    uncond_weight: float = 0.5
-    max_grad_norm: float | None = None
+    mode: str = hyperparameter(
+        "auto", "saliency (one concept), lora (several), or auto: by the number of concepts"
+    )
+    steps: int = hyperparameter(250, "optimizer steps (per concept in lora mode)")
+    lr: float = hyperparameter(5e-4, "learning rate (Adam for saliency, AdamW for the LoRAs)")
+    batch_size: int = hyperparameter(1, "forget prompts per step")
+    split_step: int = hyperparameter(
+        7, "DDIM index t' from noise: before it the direction is kept, after reversed"
+    )
+    ddim_steps: int = hyperparameter(50, "DDIM steps of the model's own trajectories")
+    start_guidance: float = hyperparameter(3.0, "classifier-free guidance of those trajectories")
+    negative_guidance: float = hyperparameter(1.0, "η: the weight of the concept direction in both targets")
+    early_weight: float = hyperparameter(1.0, "w_e (the reference's α1): weight of the early-stage loss")
+    uncond_weight: float = hyperparameter(0.5, "w_u (the reference's α2): weight of the unconditional terms")
+    max_grad_norm: float | None = hyperparameter(None, "clip the gradient norm to this; None = no clipping")
     # single concept: saliency-masked fine-tuning
-    params: str | list = "full"
-    sparsity: float = 0.5
-    mask_scope: str = "tensor"
-    mask_prompts: list | None = None
-    mask_seeds: list = field(default_factory=lambda: [24, 42, 98, 403, 3407])
-    mask_iterations: int = 10
-    mask_path: str | None = None
+    params: str | list = hyperparameter("full", "weights that may train (a parameter set or name globs)")
+    sparsity: float = hyperparameter(0.5, "share of weights each gradient map leaves out of the mask")
+    mask_scope: str = hyperparameter("tensor", "rank |grad| per tensor (the reference) or global (SalUn)")
+    mask_prompts: list | None = hyperparameter(
+        None, "prompt variants of the gradient maps; None = forget prompts"
+    )
+    mask_seeds: list = hyperparameter(
+        [24, 42, 98, 403, 3407], "seeds of the gradient maps (one map per prompt variant and seed)"
+    )
+    mask_iterations: int = hyperparameter(10, "objective draws summed into each gradient map")
+    mask_path: str | None = hyperparameter(None, "load the saliency mask from this file instead")
     # several concepts: one LoRA each, fused in closed form
-    lora_rank: int = 64
-    lora_alpha: float = 1.0
-    lora_targets: list = field(default_factory=lambda: ["attn2.to_k", "attn2.to_v"])
-    fuse_scale: float = 4.3
-    preserve_scale: float = 1.0
-    ridge: float = 0.1
+    lora_rank: int = hyperparameter(64, "rank of each concept's LoRA")
+    lora_alpha: float = hyperparameter(1.0, "LoRA alpha (updates scale by alpha / rank)")
+    lora_targets: list = hyperparameter(
+        ["attn2.to_k", "attn2.to_v"], "cross-attention projections that carry a LoRA (name endings)"
+    )
+    fuse_scale: float = hyperparameter(4.3, "s: each LoRA's update weighs s in the fusion targets")
+    preserve_scale: float = hyperparameter(1.0, "weight of the retain prompts' states in the fusion")
+    ridge: float = hyperparameter(0.1, "λ > 0, the ridge term λ ||W - W0||² of the fusion")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -200,10 +209,8 @@ class ANT(Method):
         t_early, t_late = sampler.timesteps[k_early], sampler.timesteps[k_late]
         with torch.no_grad():
             cond, uncond = model.encode(conditions), model.encode(model.null_conditions(n))
-            noise = torch.randn(model.latent_shape(n), device=model.device) * sampler.init_noise_sigma
             # one trajectory of the current model: noise -> x_early -> x_late (k_early < k_late)
-            x_early = model.denoise(noise, cond, sampler, 0, k_early, self.start_guidance, uncond)
-            x_late = model.denoise(x_early, cond, sampler, k_early, k_late, self.start_guidance, uncond)
+            x_early, x_late = model.trajectory(cond, sampler, [k_early, k_late], self.start_guidance, uncond)
             x = torch.cat([x_early, x_late])
             t = torch.cat([t_early.expand(n), t_late.expand(n)]).to(model.device)
             both = teacher(torch.cat([x, x]), torch.cat([t, t]), _cat(uncond, uncond, cond, cond))
@@ -218,10 +225,9 @@ class ANT(Method):
         early = F.mse_loss(c_early, keep_target) + self.uncond_weight * F.mse_loss(u_early, e_u_early)
         return late + self.early_weight * early
 
-    def _loss_fn(self, model: Model, teacher: Model, prompts: ConceptPrompts):
-        """A `train_steps` loss: each step a batch of the concept's forget prompts."""
+    def _loss_fn(self, model: Model, teacher: Model, prompts: ConceptPrompts, rng: random.Random):
+        """A `train_steps` loss: each step a batch of the concept's forget prompts, drawn with `rng`."""
         sampler = model.sampler(self.ddim_steps)
-        rng = random.Random(torch.initial_seed())
 
         def loss_fn(step: int) -> torch.Tensor:
             batch = model.as_conditions(rng.choice(prompts.forget) for _ in range(self.batch_size))
@@ -236,15 +242,18 @@ class ANT(Method):
         teacher = model.frozen_copy()
         mask = self.mask(model, teacher, prompts, accelerator)
         optimizer = torch.optim.Adam(chosen.values(), lr=self.lr)
+        rng = random.Random(torch.initial_seed())
         return train_steps(
             model,
-            self._loss_fn(model, teacher, prompts),
+            self._loss_fn(model, teacher, prompts, rng),
             optimizer,
             accelerator,
             self.steps,
             mask=mask,
             max_grad_norm=self.max_grad_norm,
             stage="ant",
+            state={"prompts": rng},
+            settings={"method": self, "prompts": prompts},
         )
 
     def mask(self, model: Model, teacher: Model, prompts: ConceptPrompts, accelerator) -> ParamMask:
@@ -287,79 +296,42 @@ class ANT(Method):
     def _lora(
         self, model: Model, merged: ConceptPrompts, concepts: list[ConceptPrompts], accelerator
     ) -> Model:
-        from peft import LoraConfig
-        from peft.utils import get_peft_model_state_dict
-
-        from ..checkpoints import save_state_dict
-        from .closed_form import concept_keys, cross_attention, edit_cross_attention, preserved_keys
+        from ..lora import add_lora, delta_weights, remove_lora, save_lora
+        from .closed_form import concept_keys, cross_attention, fuse_loras, preserved_keys
 
         if model.conditioning != "text":
             raise ConfigError(
                 "ant mode lora fuses LoRAs into the cross-attention of a text-to-image UNet; this model is "
                 f"{model.conditioning}-conditioned: use mode: saliency"
             )
-        layers = cross_attention(model)
-        targeted = [name for name in layers if name.endswith(tuple(self.lora_targets))]
+        targeted = [name for name in cross_attention(model) if name.endswith(tuple(self.lora_targets))]
         if not targeted:
             raise ConfigError(f"no cross-attention projection matches lora_targets {self.lora_targets}")
         teacher = model.frozen_copy()
-        model.unet.requires_grad_(False)
-        keys, targets = [], {name: [] for name in targeted}
+        trained = []  # per concept: its text states and its LoRA's weight updates, for the fusion
         for index, concept in enumerate(concepts):
             adapter = f"ant_{index}"
-            model.unet.add_adapter(
-                LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, target_modules=targeted),
-                adapter_name=adapter,
-            )
-            trained = [p for n, p in model.unet.named_parameters() if f".{adapter}." in n]
-            for param in trained:  # the LoRA factors train in fp32 whatever the frozen UNet's dtype
-                param.data = param.data.float()
-                param.requires_grad_(True)
-            optimizer = torch.optim.AdamW(trained, lr=self.lr)
+            factors = add_lora(model.unet, targeted, self.lora_rank, self.lora_alpha, adapter)
+            optimizer = torch.optim.AdamW(factors, lr=self.lr)
+            rng = random.Random(torch.initial_seed())
             train_steps(
                 model,
-                self._loss_fn(model, teacher, concept),
+                self._loss_fn(model, teacher, concept, rng),
                 optimizer,
                 accelerator,
                 self.steps,
                 max_grad_norm=self.max_grad_norm,
                 stage=f"ant_lora_{index}",
+                state={"prompts": rng},
+                settings={"method": self, "prompts": concept},
             )
             if accelerator.project_dir and accelerator.is_main_process:
-                lora = get_peft_model_state_dict(model.unet, adapter_name=adapter)
-                save_state_dict(lora, Path(accelerator.project_dir) / f"lora_{index}.safetensors")
-            # what this concept's LoRA-merged layer outputs for the concept's states: the fusion's targets
-            concept_k = concept_keys(model, list(concept.forget))[0]
-            keys.append(concept_k)
-            with torch.no_grad():
-                modules = dict(model.unet.named_modules())
-                for name in targeted:
-                    layer = modules[name]
-                    delta = layer.get_delta_weight(adapter).float().cpu()
-                    base = layer.get_base_layer()
-                    weight = base.weight.float().cpu() + self.fuse_scale * delta
-                    bias = base.bias.float().cpu() if base.bias is not None else None
-                    targets[name].append(F.linear(concept_k, weight, bias))
-            model.unet.unload_lora()  # back to the plain layers with their original weights
+                save_lora(model.unet, Path(accelerator.project_dir) / f"lora_{index}.safetensors", adapter)
+            trained.append((concept_keys(model, list(concept.forget))[0], delta_weights(model.unet, adapter)))
+            remove_lora(model.unet, merge=False)  # back to the plain layers with their original weights
         model.unet.requires_grad_(True)
         preserve, _ = preserved_keys(model, merged.retain, unconditional=False, scale=self.preserve_scale)
-        all_keys = torch.cat(keys)
-        # layers without a LoRA keep their own outputs for the concepts' states
-        with torch.no_grad():
-            fused = {
-                name: torch.cat(targets[name])
-                if name in targets
-                else layer(all_keys.to(layer.weight.device, layer.weight.dtype)).float().cpu()
-                for name, layer in layers.items()
-            }
-        edit_cross_attention(
-            model,
-            all_keys,
-            preserve_keys=preserve,
-            preserve_scale=self.preserve_scale,
-            ridge=self.ridge,
-            targets_from=fused,
-        )
+        fuse_loras(model, trained, self.fuse_scale, preserve, self.preserve_scale, self.ridge)
         model.eval()
         return model
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..data import UnlearnData
 from ..models.base import Model
 from ..train import Phase, endless, fit, make_loader, make_optimizer, train_diffusion, train_steps
-from .base import Method
+from .base import Method, hyperparameter
 
 
 def cross_entropy(model, batch) -> torch.Tensor:
@@ -27,15 +27,17 @@ def cross_entropy(model, batch) -> torch.Tensor:
 class _Trained(Method):
     """Shared hyperparameters of the SGD-trained classifier baselines."""
 
-    epochs: int = 10
-    lr: float = 0.01
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_schedule: str = "constant"
-    max_grad_norm: float | None = None
-    augment: str = "none"
+    epochs: int = hyperparameter(10, "passes over the training set (reference FT 10)")
+    lr: float = hyperparameter(0.01, "learning rate (reference FT 0.01)")
+    batch_size: int = hyperparameter(64, "examples per batch (reference 256)")
+    optimizer: str = hyperparameter("sgd", "sgd (the reference's), adam or adamw")
+    momentum: float = hyperparameter(0.9, "SGD momentum (reference 0.9)")
+    weight_decay: float = hyperparameter(5e-4, "L2 weight decay of the optimizer (reference 5e-4)")
+    lr_schedule: str = hyperparameter("constant", "constant, cosine or linear decay over all steps")
+    max_grad_norm: float | None = hyperparameter(None, "clip the gradient to this L2 norm; null: no clipping")
+    augment: str = hyperparameter(
+        "none", "batch augmentation: none, or crop_flip (CIFAR's random crop and flip)"
+    )
 
     def _fit(
         self, model: Model, phases: list[Phase], accelerator, stage: str, mask=None, after_step=None
@@ -55,6 +57,7 @@ class _Trained(Method):
             augment=self.augment,
             stage=stage,
             after_step=after_step,
+            settings={"method": self},
         )
 
 
@@ -67,9 +70,11 @@ class Retrain(_Trained):
     """
 
     families = ("classifier",)
-    epochs: int = 30
-    lr: float = 0.05
-    lr_schedule: str = "cosine"
+    epochs: int = hyperparameter(30, "epochs of training from scratch on the retain set (reference 182)")
+    lr: float = hyperparameter(0.05, "peak learning rate (reference 0.1)")
+    lr_schedule: str = hyperparameter(
+        "cosine", "cosine (the reference's), constant or linear decay over all steps"
+    )
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         model.reinitialize()
@@ -100,8 +105,10 @@ class GradAscent(_Trained):
     """
 
     families = ("classifier",)
-    epochs: int = 5
-    lr: float = 1e-3
+    epochs: int = hyperparameter(5, "passes of gradient ascent over the forget set (reference 5)")
+    lr: float = hyperparameter(
+        1e-3, "learning rate; keep it small, nothing bounds the ascent (reference 1e-4)"
+    )
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         forget = make_loader(data.forget, self.batch_size)
@@ -125,8 +132,16 @@ class RandomLabel(_Trained):
     """
 
     families = ("classifier",)
-    mixed: bool = False
-    exclude_true_label: bool = False
+    epochs: int = hyperparameter(
+        10, "epochs; one epoch = a random-label pass over the forget set, then a pass over the retain set"
+    )
+    lr: float = hyperparameter(0.01, "learning rate (reference 0.013)")
+    mixed: bool = hyperparameter(
+        False, "one shuffled loader for forget and retain examples (the reference's CIFAR-100 branch)"
+    )
+    exclude_true_label: bool = hyperparameter(
+        False, "draw random labels different from the true one (the paper's y' != y; the reference may not)"
+    )
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         return self._fit(model, self.phases(data), accelerator, "random_label")
@@ -192,11 +207,13 @@ class RetrainDiffusion(Method):
     """
 
     families = ("diffusion",)
-    steps: int = 1500
-    lr: float = 2e-3
-    batch_size: int = 128
-    uncond_prob: float = 0.1
-    warmup_steps: int = 100
+    steps: int = hyperparameter(1500, "optimizer steps of training from scratch (the digits DDPM world's)")
+    lr: float = hyperparameter(2e-3, "AdamW peak learning rate (the digits DDPM world's)")
+    batch_size: int = hyperparameter(128, "retain images per step")
+    uncond_prob: float = hyperparameter(
+        0.1, "probability of dropping the condition, for classifier-free guidance (0.1 = the world's)"
+    )
+    warmup_steps: int = hyperparameter(100, "steps of linear learning-rate warm-up before the cosine decay")
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         model.reinitialize()
@@ -212,6 +229,8 @@ class RetrainDiffusion(Method):
             seed,
             log=accelerator.print,
             warmup_steps=self.warmup_steps,
+            accelerator=accelerator,
+            stage="retrain",
         )
         return model
 
@@ -220,18 +239,23 @@ class RetrainDiffusion(Method):
 class GradAscentDiffusion(Method):
     """Gradient ascent for diffusion models: maximise the diffusion loss on the concept's examples.
 
-    1. For `steps` steps: loss = -MSE(ε, ε_θ(x_t | c_f)) on a forget batch, plus `alpha` times the ordinary
-       diffusion loss on a retain batch (alpha 0 = plain GA; the SalUn DDPM code's `--method ga` adds the retain
-       term the same way). Unbounded: steps and lr must stay small.
+    1. For `steps` steps: loss = -MSE(ε, ε_θ(x_t | c_f)) on a forget batch, plus `retain_weight` times the
+       ordinary diffusion loss on a retain batch (0 = plain GA; the SalUn DDPM code's `--method ga` adds the
+       retain term the same way, weighted by its `--alpha`). Unbounded: steps and lr must stay small.
     """
 
     families = ("diffusion",)
-    steps: int = 100
-    lr: float = 1e-5
-    batch_size: int = 64
-    alpha: float = 0.0
-    params: str | list = "full"
-    max_grad_norm: float | None = 1.0
+    steps: int = hyperparameter(100, "optimizer steps of ascent, each on one forget (and one retain) batch")
+    lr: float = hyperparameter(1e-5, "Adam learning rate; keep it small, nothing bounds the ascent")
+    batch_size: int = hyperparameter(64, "images per forget batch and per retain batch")
+    retain_weight: float = hyperparameter(
+        0.0,
+        "weight of the retain set's ordinary diffusion loss; 0 = plain gradient ascent (the reference's --alpha)",
+    )
+    params: str | list = hyperparameter(
+        "full", "UNet weights that may move: full, xattn, kv, noxattn, or a list of parameter-name globs"
+    )
+    max_grad_norm: float | None = hyperparameter(1.0, "clip the gradient to this L2 norm; null: no clipping")
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         chosen = model.train_only(self.params)
@@ -240,7 +264,7 @@ class GradAscentDiffusion(Method):
 
         def loss_fn(step: int) -> torch.Tensor:
             loss = -model.loss(next(forget))
-            return loss + self.alpha * model.loss(next(retain)) if self.alpha else loss
+            return loss + self.retain_weight * model.loss(next(retain)) if self.retain_weight else loss
 
         return train_steps(
             model,
@@ -250,4 +274,6 @@ class GradAscentDiffusion(Method):
             self.steps,
             max_grad_norm=self.max_grad_norm,
             stage="grad_ascent",
+            state={"forget": forget, "retain": retain},
+            settings={"method": self, "data": data},
         )

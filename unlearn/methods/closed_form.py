@@ -11,8 +11,9 @@ the concept is asked for, and the least-squares version of that edit has a close
        = (Σ_i v_i c_iᵀ + s W0 Σ_p c_p c_pᵀ + λ W0) (Σ_i c_i c_iᵀ + s Σ_p c_p c_pᵀ + λ I)⁻¹
 
 with c_i the erased states, v_i their new outputs, c_p the preserved states and λ a ridge that keeps the system
-invertible and the edit small. This file holds that solve and the two things around it: which states carry a
-prompt's concept, and the loop over the UNet's projections.
+invertible and the edit small (the `ridge` of UCE, RealEra and ANT). This file holds that solve, the two things
+around it (which states carry a prompt's concept, the loop over the UNet's projections) and the fusion of
+several LoRAs into the plain projections (`fuse_loras`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
@@ -195,3 +197,52 @@ def edit_cross_attention(
         )
         edited.append(f"{name}.weight")
     return edited
+
+
+@torch.no_grad()
+def fuse_loras(
+    model,
+    concepts: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    scale: float = 1.0,
+    preserve_keys: torch.Tensor | None = None,
+    preserve_scale: float = 1.0,
+    ridge: float = 0.1,
+) -> list[str]:
+    """MACE's closed-form fusion of several LoRAs into the plain key/value projections (ANT's multi-concept mode).
+
+    Each concept's text states K_i take the outputs of the layer with that concept's LoRA merged in,
+    (W0 + scale ΔW_i) K_i (plus the layer's bias); a layer without a LoRA keeps its own outputs; the preserved
+    states keep theirs. One `edit_cross_attention` solve per layer.
+
+    Args:
+        model: a text-conditioned `Diffusion` whose projections are plain layers again (LoRAs removed).
+        concepts: per concept, its text states K_i (M_i, d_in) and its LoRA's weight updates ΔW_i by layer name
+            (`lora.delta_weights`).
+        scale: s, the weight of each LoRA's update (the reference's fusion scale).
+        preserve_keys, preserve_scale, ridge: as in `solve_projection`.
+
+    Returns:
+        The names of the edited weight tensors.
+    """
+    keys = torch.cat([k for k, _ in concepts])
+    targets = {}
+    for name, layer in cross_attention(model).items():
+        if not any(name in deltas for _, deltas in concepts):
+            targets[name] = layer(keys.to(layer.weight.device, layer.weight.dtype)).float().cpu()
+            continue
+        weight = layer.weight.float().cpu()
+        bias = layer.bias.float().cpu() if layer.bias is not None else None
+        targets[name] = torch.cat(
+            [
+                F.linear(k, weight + scale * deltas[name].cpu() if name in deltas else weight, bias)
+                for k, deltas in concepts
+            ]
+        )
+    return edit_cross_attention(
+        model,
+        keys,
+        preserve_keys=preserve_keys,
+        preserve_scale=preserve_scale,
+        ridge=ridge,
+        targets_from=targets,
+    )

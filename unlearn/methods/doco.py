@@ -4,10 +4,8 @@ Hu, Zhou, Yang; AAAI 2025, arXiv 2405.15304; reference code yongliang-wu/DoCo)."
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +14,8 @@ from torch import nn
 from ..data import UnlearnData
 from ..errors import ConfigError
 from ..models.base import Model
-from ..train import _log, pinned_params, restore_pinned
-from .base import Method
+from ..train import Trainer
+from .base import Method, hyperparameter
 
 CPG_MODES = ("reference", "projection", "none")
 
@@ -37,7 +35,7 @@ class DoCo(Method):
        x̂0_concept = x0 implied by ε_θ(x_t, t, target prompt) (trained model), x̂0_anchor = x0 implied by
        ε_θ*(x_t, t, anchor prompt) (frozen teacher, no gradient), both from `predict_x0` on the same x_t.
     3. Discriminator: a PatchGAN `PatchDiscriminator` on x̂0 (latents, or pixels without a VAE), stepped every
-       iteration with L_D = BCE(D(x̂0_anchor), 0) + BCE(D(sg x̂0_concept), 1), Adam(`dlr`, betas (0.5, 0.999)).
+       iteration with L_D = BCE(D(x̂0_anchor), 0) + BCE(D(sg x̂0_concept), 1), Adam(`disc_lr`, betas (0.5, 0.999)).
        Label convention kept from the reference: the anchor is "real" = 0, the concept "fake" = 1.
     4. Generator (the UNet's trained weights), only after `warm_up` iterations of discriminator-only training:
        L_adv = BCE(D(x̂0_concept), 0) (make the target's outputs indistinguishable from the anchor's) and
@@ -74,28 +72,52 @@ class DoCo(Method):
     - The reference runs accelerate's multi-GPU loop; this loop is single process.
 
     Defaults follow the reference README's commands (1 GPU): batch 8, lr 6e-6 × 8 (`--scale_lr`) = 4.8e-5,
-    2000 iterations with 1000 of warm-up, λ 1, `max_grad_norm` 1, AdamW weight decay 1e-2, dlr 1e-4 (objects,
+    2000 iterations with 1000 of warm-up, λ 1, `max_grad_norm` 1, AdamW weight decay 1e-2, dlr (`disc_lr`) 1e-4 (objects,
     nudity; 5e-4 for the Van Gogh style), 1000 anchor images at guidance 6.
     """
 
     families = ("diffusion",)
-    steps: int = 2000
-    warm_up: int = 1000
-    lr: float = 4.8e-5
-    dlr: float = 1e-4
-    batch_size: int = 8
-    weight_decay: float = 1e-2
-    params: str | list = "kv"
-    cpg: str = "reference"
-    cpg_lambda: float = 1.0
-    add_preservation: bool = False
-    prior_weight: float = 0.1
-    max_grad_norm: float | None = 1.0
-    num_anchor_images: int = 1000
-    anchor_steps: int = 25
-    anchor_guidance: float = 6.0
-    generate_batch_size: int = 16
-    log_every: int = 50
+    steps: int = hyperparameter(
+        2000, "iterations, each one discriminator step and (after warm_up) one UNet step"
+    )
+    warm_up: int = hyperparameter(1000, "first iterations that train the discriminator only (reference 1000)")
+    lr: float = hyperparameter(4.8e-5, "AdamW learning rate of the UNet, constant (reference 6e-6 × batch 8)")
+    disc_lr: float = hyperparameter(
+        1e-4,
+        "Adam learning rate of the discriminator (the reference's --dlr: 1e-4 objects/nudity, 5e-4 style)",
+    )
+    batch_size: int = hyperparameter(8, "anchor images per step (reference 8)")
+    weight_decay: float = hyperparameter(1e-2, "AdamW weight decay of the UNet (reference 1e-2)")
+    params: str | list = hyperparameter(
+        "kv",
+        "UNet weights that may move: kv (cross-attention keys/values, the reference), xattn, noxattn, full or globs",
+    )
+    cpg: str = hyperparameter(
+        "reference",
+        "gradient surgery: reference (the code's CPG scaling), projection (PCGrad) or none (a weighted sum)",
+    )
+    cpg_lambda: float = hyperparameter(
+        1.0, "strength λ of the reference CPG correction (reference --lambda_ 1)"
+    )
+    add_preservation: bool = hyperparameter(
+        False, "also descend the preservation loss in the CPG modes (the reference only uses it to correct)"
+    )
+    prior_weight: float = hyperparameter(
+        0.1,
+        "weight of the anchor's diffusion (prior preservation) loss (reference prior_loss_weight 1 × 0.1)",
+    )
+    max_grad_norm: float | None = hyperparameter(
+        1.0, "clip each of the adversarial and preservation gradients to this L2 norm; null: no clipping"
+    )
+    num_anchor_images: int = hyperparameter(
+        1000, "images the original model draws from the anchor prompts first"
+    )
+    anchor_steps: int = hyperparameter(25, "DDIM steps per anchor image (the reference: 25 DPM-Solver steps)")
+    anchor_guidance: float = hyperparameter(
+        6.0, "classifier-free guidance scale of the anchor images (reference 6)"
+    )
+    generate_batch_size: int = hyperparameter(16, "images per batch while drawing the anchor images")
+    log_every: int = hyperparameter(50, "write the mean losses to train.jsonl every this many iterations")
 
     def __post_init__(self) -> None:
         if self.cpg not in CPG_MODES:
@@ -115,6 +137,10 @@ class DoCo(Method):
             )
         if accelerator.mixed_precision == "fp16":
             raise ConfigError("doco's loop has no fp16 loss scaling; use train.mixed_precision bf16 or no")
+        if accelerator.gradient_accumulation_steps > 1:
+            raise ConfigError(
+                "doco steps two optimizers per iteration; set train.gradient_accumulation_steps to 1"
+            )
         if self.params in ("kv", "xattn", "noxattn") and model.conditioning != "text":
             raise ConfigError(
                 f"doco params {self.params!r} selects a text-to-image UNet's cross-attention; this model is "
@@ -128,14 +154,17 @@ class DoCo(Method):
         images, which = self.anchor_images(model, pairs)
         disc = PatchDiscriminator(model.latent_shape(1)[1], min(model.latent_shape(1)[2:])).to(model.device)
         g_opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, eps=1e-8)
-        d_opt = torch.optim.Adam(disc.parameters(), lr=self.dlr, betas=(0.5, 0.999))
-        constant = torch.optim.lr_scheduler.LambdaLR(g_opt, lambda step: 1.0)  # for the log's lr field
-        pinned = pinned_params(model, None)  # a pruned model's zeros stay zero
-        project = Path(accelerator.project_dir) if accelerator.project_dir else None
-        log_path = project / "train.jsonl" if project else None
-        started = time.perf_counter()
-        sums = {"discriminator": 0.0, "adversarial": 0.0, "preservation": 0.0}
-        counts = dict.fromkeys(sums, 0)
+        d_opt = torch.optim.Adam(disc.parameters(), lr=self.disc_lr, betas=(0.5, 0.999))
+        trainer = Trainer(  # a pruned model's zeros stay zero; the discriminator resumes with the model
+            model,
+            g_opt,
+            accelerator,
+            stage="doco",
+            total=self.steps,
+            state={"discriminator": disc, "discriminator_optimizer": d_opt},
+            settings={"method": self, "data": data},
+            log_every=self.log_every,
+        )
 
         def draw() -> tuple[torch.Tensor, list, list]:
             """A batch of anchor latents with their (target, anchor) prompts."""
@@ -150,13 +179,11 @@ class DoCo(Method):
 
         model.train()
         disc.train()
-        for step in range(1, self.steps + 1):
-            train_model = step > self.warm_up
+        for position in trainer.loop():
+            train_model = position >= self.warm_up
             # -- x̂0 of the target prompt (trained model) and of the anchor prompt (teacher) on the same x_t
             x0, targets, anchors = draw()
-            noise = torch.randn_like(x0)
-            t = model.sample_timesteps(len(x0))
-            x_t = model.add_noise(x0, noise, t)
+            x_t, _, t = model.noised(x0)
             with accelerator.autocast():
                 with torch.no_grad():
                     eps_anchor = teacher(x_t, t, teacher.encode(anchors))
@@ -168,43 +195,24 @@ class DoCo(Method):
 
             # -- the discriminator: anchor outputs are "real" (0), the target's "fake" (1), as the reference
             d_loss = _bce(disc(x0_anchor), 0.0) + _bce(disc(x0_concept.detach()), 1.0)
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
-            sums["discriminator"] += float(d_loss.detach())
-            counts["discriminator"] += 1
+            trainer.step(d_loss, optimizer=d_opt, name="discriminator")
 
             # -- the model: fool the updated discriminator while the anchor keeps its ordinary diffusion loss
             if train_model:
                 adv_loss = _bce(disc(x0_concept), 0.0)
                 prior_x0, _, prior_prompts = draw()
-                prior_noise = torch.randn_like(prior_x0)
-                prior_t = model.sample_timesteps(len(prior_x0))
+                prior_x_t, prior_noise, prior_t = model.noised(prior_x0)
                 with accelerator.autocast():
                     with torch.no_grad():
                         prior_cond = model.encode(prior_prompts)
-                    prior_x_t = model.add_noise(prior_x0, prior_noise, prior_t)
                     prior_eps = model(prior_x_t, prior_t, prior_cond)
                 pres_loss = F.mse_loss(prior_eps.float(), prior_noise.float())
                 grads = self.generator_gradients(adv_loss, pres_loss, params)
                 for param, grad in zip(params, grads):
                     param.grad = grad.to(param.dtype)
-                g_opt.step()
-                g_opt.zero_grad(set_to_none=True)
-                if pinned:
-                    restore_pinned(pinned, g_opt)
-                sums["adversarial"] += float(adv_loss.detach())
-                sums["preservation"] += float(pres_loss.detach())
-                counts["adversarial"] += 1
-                counts["preservation"] += 1
-
-            if step % self.log_every == 0 or step == self.steps:
-                for phase, total in sums.items():
-                    if counts[phase]:
-                        mean = torch.tensor(total / counts[phase])
-                        _log(log_path, accelerator, "doco", 0, step, phase, mean, constant, started)
-                sums = dict.fromkeys(sums, 0.0)
-                counts = dict.fromkeys(sums, 0)
+                trainer.update()
+                trainer.record("adversarial", adv_loss)
+                trainer.record("preservation", pres_loss)
         model.eval()
         return model
 

@@ -12,7 +12,7 @@ from ..data import UnlearnData
 from ..errors import ConfigError
 from ..models.base import Model
 from ..train import train_steps
-from .base import Method
+from .base import Method, hyperparameter
 
 
 @dataclass
@@ -36,15 +36,19 @@ class ESD(Method):
     """
 
     families = ("diffusion",)
-    steps: int = 1000
-    lr: float = 1e-5
-    batch_size: int = 1
-    params: str | list = "xattn"
-    negative_guidance: float = 1.0
-    start_guidance: float = 3.0
-    ddim_steps: int = 50
-    use_anchor: bool = False
-    max_grad_norm: float | None = None
+    steps: int = hyperparameter(1000, "optimizer steps")
+    lr: float = hyperparameter(1e-5, "Adam learning rate")
+    batch_size: int = hyperparameter(1, "forget conditions per step")
+    params: str | list = hyperparameter(
+        "xattn", "weights that train: xattn (ESD-x), noxattn (ESD-u), full, kv, or a list of name globs"
+    )
+    negative_guidance: float = hyperparameter(1.0, "η: how far the target steers away from the concept")
+    start_guidance: float = hyperparameter(3.0, "classifier-free guidance of the trajectory that makes x_t")
+    ddim_steps: int = hyperparameter(50, "DDIM steps of that trajectory; x_t is taken at a random one")
+    use_anchor: bool = hyperparameter(
+        False, "steer towards the anchor's prediction instead of the unconditional one"
+    )
+    max_grad_norm: float | None = hyperparameter(None, "clip the gradient norm to this; None = no clipping")
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         if self.params in ("xattn", "noxattn") and model.conditioning != "text":
@@ -70,11 +74,7 @@ class ESD(Method):
             k = rng.randrange(self.ddim_steps)
             with torch.no_grad():
                 cond, uncond = model.encode(conditions), model.encode(model.null_conditions(len(batch)))
-                noise = (
-                    torch.randn(model.latent_shape(len(batch)), device=model.device)
-                    * sampler.init_noise_sigma
-                )
-                x_t = model.denoise(noise, cond, sampler, 0, k, self.start_guidance, uncond)
+                (x_t,) = model.trajectory(cond, sampler, [k], self.start_guidance, uncond)
                 t = sampler.timesteps[k]
                 e_0 = teacher(x_t, t, teacher.encode(references))
                 e_c = teacher(x_t, t, cond)
@@ -83,5 +83,13 @@ class ESD(Method):
 
         optimizer = torch.optim.Adam(chosen.values(), lr=self.lr)
         return train_steps(
-            model, loss_fn, optimizer, accelerator, self.steps, max_grad_norm=self.max_grad_norm, stage="esd"
+            model,
+            loss_fn,
+            optimizer,
+            accelerator,
+            self.steps,
+            max_grad_norm=self.max_grad_norm,
+            stage="esd",
+            state={"prompts": rng},
+            settings={"method": self, "data": data},
         )

@@ -12,30 +12,33 @@ from ..data import UnlearnData
 from ..errors import ConfigError
 from ..models.base import Model
 from ..train import Phase, fit, make_loader, make_optimizer
-from .base import Method
+from .base import Method, hyperparameter
 
 SCHEDULES = ("decay", "constant", "increase")
 
 
-def l1_weight(epoch: int, epochs: int, alpha: float, no_l1_epochs: int = 0, schedule: str = "decay") -> float:
+def l1_weight_at(
+    epoch: int, epochs: int, l1_weight: float, no_l1_epochs: int = 0, schedule: str = "decay"
+) -> float:
     """γ_t, the weight of the ℓ1 term in epoch `epoch` (0-based), as the reference's `FT_iter` computes it.
 
-    With A = epochs - no_l1_epochs active epochs: for epoch < A, "decay" gives alpha·(1 - epoch/A) (the
-    reference default), "increase" alpha·epoch/A (the reference's commented-out variant) and "constant" alpha;
-    from epoch A on, 0. When A = 0 the reference uses alpha throughout, and so does this function.
+    With A = epochs - no_l1_epochs active epochs and w = `l1_weight` (the reference's `--alpha`): for
+    epoch < A, "decay" gives w·(1 - epoch/A) (the reference default), "increase" w·epoch/A (the reference's
+    commented-out variant) and "constant" w; from epoch A on, 0. When A = 0 the reference uses w throughout,
+    and so does this function.
     """
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown l1 schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     active = epochs - no_l1_epochs
     if active == 0:
-        return alpha
+        return l1_weight
     if epoch >= active:
         return 0.0
     if schedule == "decay":
-        return alpha * (1 - epoch / active)
+        return l1_weight * (1 - epoch / active)
     if schedule == "increase":
-        return alpha * (epoch / active)
-    return alpha
+        return l1_weight * (epoch / active)
+    return l1_weight
 
 
 def l1_norm(parameters) -> torch.Tensor:
@@ -63,46 +66,53 @@ class L1Sparse(Method):
     Sparsity-aware unlearning: fine-tune on the retain set while an ℓ1 penalty pushes the weights towards a
     sparse model, which the paper finds closes much of the gap between fine-tuning and retraining.
 
-    1. For epoch t = 0 .. epochs - 1, set γ_t by `schedule` (`l1_weight`): by default the linear decay
-       γ_t = alpha·(1 - t/(epochs - no_l1_epochs)) for t < epochs - no_l1_epochs, else 0.
+    1. For epoch t = 0 .. epochs - 1, set γ_t by `l1_schedule` (`l1_weight_at`): by default the linear decay
+       γ_t = `l1_weight`·(1 - t/(epochs - no_l1_epochs)) for t < epochs - no_l1_epochs, else 0.
     2. Train one epoch on D_r with loss CE + γ_t·||θ||₁, where θ is every parameter of the network (batch
        norm and biases included, as in the reference code), with SGD (momentum, weight decay).
 
     Each epoch is one `fit` call (stage `l1_sparse_<t>`) so γ_t is a plain constant within it; all calls share
     one optimizer, so momentum carries across epochs as in the reference, and an interrupted run resumes at
     the last finished epoch (fit restores weights and optimizer state per stage). Each epoch reads D_r in an
-    order of its own (`epoch_view`); with alpha = 0 the first epoch is exactly `FineTune`'s first epoch. The learning rate is
-    constant (the reference's MultiStepLR milestones 91/136 never trigger within 10 epochs).
+    order of its own (`epoch_view`); with `l1_weight` 0 the first epoch is exactly `FineTune`'s first epoch. The
+    learning rate is constant (the reference's MultiStepLR milestones 91/136 never trigger within 10 epochs).
 
     "Prune first, then unlearn" (the paper's other scheme) is not part of this method: prune with
     `unlearn.prune.omp` / `imp` and pass the mask to training; this class stays the pure ℓ1 objective.
 
-    Reference command: `main_forget.py --unlearn FT_prune --alpha α --unlearn_lr 0.01 --unlearn_epochs 10`.
-    The README gives no α; third-party scripts use 1e-4 and 3e-4; the default 5e-4 here is unconfirmed.
+    Reference command: `main_forget.py --unlearn FT_prune --alpha α --unlearn_lr 0.01 --unlearn_epochs 10`
+    (`--alpha` is `l1_weight` here). The README gives no α; third-party scripts use 1e-4 and 3e-4; the default
+    5e-4 here is unconfirmed.
     """
 
     families = ("classifier",)
-    epochs: int = 10
-    lr: float = 0.01
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    alpha: float = 5e-4
-    no_l1_epochs: int = 0
-    schedule: str = "decay"
-    max_grad_norm: float | None = None
-    augment: str = "none"
+    epochs: int = hyperparameter(10, "passes over the retain set (reference 10)")
+    lr: float = hyperparameter(0.01, "learning rate, constant (reference 0.01)")
+    batch_size: int = hyperparameter(64, "examples per batch (reference 256)")
+    optimizer: str = hyperparameter("sgd", "sgd (the reference's), adam or adamw")
+    momentum: float = hyperparameter(0.9, "SGD momentum (reference 0.9)")
+    weight_decay: float = hyperparameter(5e-4, "L2 weight decay of the optimizer (reference 5e-4)")
+    l1_weight: float = hyperparameter(
+        5e-4, "weight of the ℓ1 penalty ‖θ‖₁, scaled per epoch by l1_schedule (the reference's --alpha)"
+    )
+    no_l1_epochs: int = hyperparameter(0, "last epochs trained without the ℓ1 penalty")
+    l1_schedule: str = hyperparameter(
+        "decay", "how γ changes over the epochs: decay (linear to 0, the reference's), constant or increase"
+    )
+    max_grad_norm: float | None = hyperparameter(None, "clip the gradient to this L2 norm; null: no clipping")
+    augment: str = hyperparameter(
+        "none", "batch augmentation: none, or crop_flip (CIFAR's random crop and flip)"
+    )
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown l1 schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        if self.l1_schedule not in SCHEDULES:
+            raise ConfigError(f"unknown l1_schedule {self.l1_schedule!r}; known: {', '.join(SCHEDULES)}")
         if not 0 <= self.no_l1_epochs <= self.epochs:
             raise ConfigError(f"no_l1_epochs must lie in [0, epochs={self.epochs}], got {self.no_l1_epochs}")
 
     def gamma(self, epoch: int) -> float:
         """γ_t of epoch `epoch` (0-based)."""
-        return l1_weight(epoch, self.epochs, self.alpha, self.no_l1_epochs, self.schedule)
+        return l1_weight_at(epoch, self.epochs, self.l1_weight, self.no_l1_epochs, self.l1_schedule)
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         params = [p for p in model.trainable.parameters() if p.requires_grad]
@@ -125,5 +135,6 @@ class L1Sparse(Method):
                 max_grad_norm=self.max_grad_norm,
                 augment=self.augment,
                 stage=f"l1_sparse_{epoch}",
+                settings={"method": self},
             )
         return model

@@ -3,11 +3,7 @@ Chen, Xu; ICLR 2024). `reference/methods.md` §3."""
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +11,10 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
 from ..data import UnlearnData
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError
 from ..models.base import Model
-from ..train import make_loader, pinned_params, restore_pinned
-from .base import Method
+from ..train import Trainer, make_loader
+from .base import Method, hyperparameter
 
 VAE_DATA = ("all", "retain")
 DECODER_OUTPUTS = ("sigmoid", "linear")
@@ -121,10 +117,9 @@ class LAF(Method):
       of the paper's under-specified formula (similarity, a temperature on both terms), since the table's
       `temp` (5 / 20) was tuned for the code's form. L_UE is the code's: sums over the batch, not means.
     - Sigmoid decoder: the code's decoder ends in a sigmoid although embeddings are unbounded (here the
-      post-ReLU input of the head: on the digits CNN 77 % zeros, the rest up to about 20), so the
-      reconstruction error mostly measures scale and L_UE squeezes the retain representations into (0, 1).
-      On the digits class-3 task the sigmoid decoder left the forget class intact (UA 0-3 %) or broke the
-      retain set, the linear one forgot it. Default `linear`; `decoder_output: sigmoid` reproduces the code.
+      post-ReLU input of the head), so the reconstruction error mostly measures scale and L_UE squeezes the
+      retain representations into (0, 1). Default `linear` (the README's LAF notes give the measurements);
+      `decoder_output: sigmoid` reproduces the code.
     - Eval mode: in the reference the student runs in eval mode (`vae_train` calls `eval()` on it and
       `extractor_unlearning` never calls `train()`), so batch norm uses and keeps the original running
       statistics; so does this loop, which also keeps single-class forget batches from rewriting them.
@@ -137,28 +132,45 @@ class LAF(Method):
     - Repair: the reference zips repair batches with the forget loader (again min(|D_f|, |D_r|) batches per
       epoch); here each repair epoch is one full pass over D_r, in eval mode like the reference.
 
-    A pruned model's pruned weights stay exactly zero (`pinned_params` / `restore_pinned` after every step).
-    Mixed precision and multi-process runs go through accelerate; gradient accumulation is not supported
-    (two optimizers alternate per batch pair). An interrupted run starts over (no mid-run checkpoint).
-    Defaults suit the digits world (lr_ue 3e-4, lr_ra 1e-3: the table's CNN rates, 5e-5 / 1e-4, barely move
-    the digits CNN in its 100 steps); the CIFAR-10 recipe carries the paper's ResNet settings.
+    A pruned model's pruned weights stay exactly zero (the training step restores pinned weights after each
+    step). Mixed precision and multi-process runs go through accelerate; gradient accumulation is not supported
+    (two optimizers alternate per batch pair). Each stage checkpoints every `train.checkpoint_every` epochs,
+    and an interrupted run resumes from its last checkpoint.
+    Defaults suit the digits world (lr_ue 3e-4, lr_ra 1e-3 instead of the table's CNN rates 5e-5 / 1e-4, see
+    the README); the CIFAR-10 recipe carries the paper's ResNet settings.
     """
 
     families = ("classifier",)
-    epochs: int = 20
-    lr_ue: float = 3e-4
-    lr_ra: float = 1e-3
-    temp: float = 20.0
-    batch_size: int = 32
-    latent_dims: int = 8
-    vae_epochs: int = 10
-    vae_lr: float = 1e-3
-    vae_batch_size: int = 32
-    vae_kl_weight: float = 0.025
-    vae_data: str = "all"
-    decoder_output: str = "linear"
-    repair_epochs: int = 0
-    repair_lr: float = 1e-3
+    epochs: int = hyperparameter(
+        20, "epochs of step 2; one epoch = min(|D_f|, |D_r|) / batch_size batch pairs"
+    )
+    lr_ue: float = hyperparameter(
+        3e-4, "Adam learning rate of extractor unlearning (the paper's CNN table: 5e-5)"
+    )
+    lr_ra: float = hyperparameter(
+        1e-3, "Adam learning rate of representation alignment (the paper's CNN table: 1e-4)"
+    )
+    temp: float = hyperparameter(
+        20.0, "temperature dividing the forget term of L_RA (the paper's table: 5 or 20)"
+    )
+    batch_size: int = hyperparameter(32, "examples per forget batch and per retain batch, in steps 2 and 3")
+    latent_dims: int = hyperparameter(8, "latent size of the embedding VAEs")
+    vae_epochs: int = hyperparameter(10, "epochs of training each embedding VAE")
+    vae_lr: float = hyperparameter(1e-3, "Adam learning rate of the embedding VAEs")
+    vae_batch_size: int = hyperparameter(32, "embeddings per VAE batch")
+    vae_kl_weight: float = hyperparameter(
+        0.025, "weight of the KL term in the VAE loss (the reference's 0.025)"
+    )
+    vae_data: str = hyperparameter(
+        "all", "data of the first VAE: all (D_f ∪ D_r, the reference code) or retain (D_r, the paper's text)"
+    )
+    decoder_output: str = hyperparameter(
+        "linear", "VAE decoder output: linear (unbounded, ours) or sigmoid (the reference code)"
+    )
+    repair_epochs: int = hyperparameter(
+        0, "LAF+R: epochs of training the head on the retain labels; 0 = label-free LAF"
+    )
+    repair_lr: float = hyperparameter(1e-3, "Adam learning rate of the LAF+R head repair")
 
     def __post_init__(self) -> None:
         if self.vae_data not in VAE_DATA:
@@ -182,21 +194,20 @@ class LAF(Method):
             raise ConfigError("LAF needs a non-empty forget set and a non-empty retain set")
         model.to(accelerator.device)
         teacher = model.frozen_copy()
-        started = time.perf_counter()
 
         # 1. The two embedding VAEs, fit on the original model's representations.
         first = data.retain if self.vae_data == "retain" else ConcatDataset([data.forget, data.retain])
-        vae_all = self.fit_vae(self.embeddings(teacher, first, accelerator), accelerator, "vae_all", started)
+        vae_all = self.fit_vae(self.embeddings(teacher, first, accelerator), accelerator, "vae_all")
         vae_forget = self.fit_vae(
-            self.embeddings(teacher, data.forget, accelerator), accelerator, "vae_forget", started
+            self.embeddings(teacher, data.forget, accelerator), accelerator, "vae_forget"
         )
 
         # 2. Alternate extractor unlearning and representation alignment.
-        model = self.unlearn_extractor(model, teacher, vae_all, vae_forget, data, accelerator, started)
+        model = self.unlearn_extractor(model, teacher, vae_all, vae_forget, data, accelerator)
 
         # 3. LAF+R: the only step that reads labels.
         if self.repair_epochs > 0:
-            model = self.repair(model, data, accelerator, started)
+            model = self.repair(model, data, accelerator)
         return model
 
     @torch.no_grad()
@@ -208,30 +219,35 @@ class LAF(Method):
                 chunks.append(teacher.features(images.to(accelerator.device)).float())
         return torch.cat(chunks)
 
-    def fit_vae(self, embeddings: torch.Tensor, accelerator, stage: str, started: float) -> EmbeddingVAE:
+    def fit_vae(self, embeddings: torch.Tensor, accelerator, stage: str) -> EmbeddingVAE:
         """Train an `EmbeddingVAE` on `embeddings`; frozen, in eval mode, on the device."""
         vae = EmbeddingVAE(embeddings.shape[1], self.latent_dims, self.decoder_output)
         optimizer = torch.optim.Adam(vae.parameters(), lr=self.vae_lr)
         loader = make_loader(TensorDataset(embeddings.cpu()), self.vae_batch_size)
         vae, optimizer, loader = accelerator.prepare(vae, optimizer, loader)
+        trainer = Trainer(
+            vae,
+            optimizer,
+            accelerator,
+            stage=stage,
+            total=self.vae_epochs,
+            unit="epoch",
+            state={"loader": loader},  # its pass count orders its batches
+            settings={"method": self},
+        )
         vae.train()
-        for epoch in range(self.vae_epochs):
-            total, count = 0.0, 0
+        for _ in trainer.loop():
             for (e,) in loader:
                 with accelerator.autocast():
                     recon, mu, logvar = vae(e)
                     loss = vae_loss(recon.float(), e.float(), mu.float(), logvar.float(), self.vae_kl_weight)
-                optimizer.zero_grad()
-                accelerator.backward(loss)
-                optimizer.step()
-                total, count = total + loss.item(), count + 1
-            self._log(accelerator, stage, epoch, {"loss": total / max(count, 1)}, started)
+                trainer.step(loss)
         vae = accelerator.unwrap_model(vae)
         vae.eval()
         vae.requires_grad_(False)
         return vae
 
-    def unlearn_extractor(self, model, teacher, vae_all, vae_forget, data, accelerator, started):
+    def unlearn_extractor(self, model, teacher, vae_all, vae_forget, data, accelerator):
         """Step 2: per batch pair, one extractor-unlearning step (opt1) and one alignment step (opt2)."""
         head = model.head
         head.requires_grad_(False)  # neither loss depends on the head (see the class docstring)
@@ -240,9 +256,18 @@ class LAF(Method):
         opt2 = torch.optim.Adam(extractor, lr=self.lr_ra)
         forget = make_loader(data.forget, self.batch_size)
         retain = make_loader(data.retain, self.batch_size)
-        unwrapped = model
         model, opt1, opt2, forget, retain = accelerator.prepare(model, opt1, opt2, forget, retain)
-        pinned = pinned_params(unwrapped, None)  # after prepare(): a pruned model's zeros stay zero
+        trainer = Trainer(  # a pruned model's zeros stay zero
+            model,
+            opt1,
+            accelerator,
+            stage="laf",
+            total=self.epochs,
+            unit="epoch",
+            # the VAEs are part of what this stage continues; the loaders' pass counts order their batches
+            state={"alignment_optimizer": opt2, "forget": forget, "retain": retain},
+            settings={"method": self, "vaes": [vae_all, vae_forget]},
+        )
 
         captured: list[torch.Tensor] = []
         hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
@@ -255,9 +280,7 @@ class LAF(Method):
 
         model.eval()  # the reference's student runs in eval mode: batch norm keeps the original statistics
         try:
-            for epoch in range(self.epochs):
-                sums = {"ue": 0.0, "ra": 0.0}
-                count = 0
+            for _ in trainer.loop():
                 for (x_f, _), (x_r, _) in zip(forget, retain):  # labels are never read
                     n_r = len(x_r)
                     both = torch.cat([x_r, x_f])
@@ -267,32 +290,19 @@ class LAF(Method):
                     e_r, e_f = e[:n_r], e[n_r:]
                     recon_r, _, _ = vae_all(e_r)
                     recon_f, _, _ = vae_forget(e_f)
-                    loss_ue = ue_loss(recon_r, e_r, recon_f, e_f)
-                    opt1.zero_grad()
-                    accelerator.backward(loss_ue)
-                    opt1.step()
-                    restore_pinned(pinned, opt1.optimizer)
+                    trainer.step(ue_loss(recon_r, e_r, recon_f, e_f), name="ue")
 
                     # b. Representation alignment against the frozen original model.
                     e = represent(both)
                     with torch.no_grad(), accelerator.autocast():
                         t = teacher.features(both).float()
-                    loss_ra = ra_loss(e[:n_r], t[:n_r], e[n_r:], t[n_r:], self.temp)
-                    opt2.zero_grad()
-                    accelerator.backward(loss_ra)
-                    opt2.step()
-                    restore_pinned(pinned, opt2.optimizer)
-
-                    sums["ue"] += loss_ue.item()
-                    sums["ra"] += loss_ra.item()
-                    count += 1
-                self._log(accelerator, "laf", epoch, {k: v / max(count, 1) for k, v in sums.items()}, started)
+                    trainer.step(ra_loss(e[:n_r], t[:n_r], e[n_r:], t[n_r:], self.temp), opt2, name="ra")
         finally:
             hook.remove()
             head.requires_grad_(True)
         return accelerator.unwrap_model(model)
 
-    def repair(self, model, data: UnlearnData, accelerator, started: float):
+    def repair(self, model, data: UnlearnData, accelerator):
         """Step 3 (LAF+R): train the head alone with cross-entropy on the retain labels, in eval mode."""
         head = {id(p) for p in model.head.parameters()}
         frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
@@ -300,36 +310,23 @@ class LAF(Method):
             param.requires_grad_(False)
         optimizer = torch.optim.Adam(model.head.parameters(), lr=self.repair_lr)
         retain = make_loader(data.retain, self.batch_size)
-        unwrapped = model
         model, optimizer, retain = accelerator.prepare(model, optimizer, retain)
-        pinned = pinned_params(unwrapped, None)
+        trainer = Trainer(
+            model,
+            optimizer,
+            accelerator,
+            stage="laf_repair",
+            total=self.repair_epochs,
+            unit="epoch",
+            state={"retain": retain},
+            settings={"method": self},
+        )
         model.eval()
         try:
-            for epoch in range(self.repair_epochs):
-                total, count = 0.0, 0
+            for _ in trainer.loop():
                 for images, labels in retain:
-                    loss = F.cross_entropy(model(images), labels)
-                    optimizer.zero_grad()
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    restore_pinned(pinned, optimizer.optimizer)
-                    total, count = total + loss.item(), count + 1
-                self._log(accelerator, "laf_repair", epoch, {"loss": total / max(count, 1)}, started)
+                    trainer.step(F.cross_entropy(model(images), labels))
         finally:
             for param in frozen:
                 param.requires_grad_(True)
         return accelerator.unwrap_model(model)
-
-    def _log(self, accelerator, stage: str, epoch: int, losses: dict[str, float], started: float) -> None:
-        """One line per epoch in `project_dir/train.jsonl`; a non-finite loss stops the run."""
-        bad = [name for name, value in losses.items() if not math.isfinite(value)]
-        if bad:
-            raise TrainingError(f"LAF stage {stage!r}: loss {bad[0]} is not finite in epoch {epoch + 1}")
-        if not accelerator.project_dir or not accelerator.is_main_process:
-            return
-        record = {"stage": stage, "epoch": epoch + 1, **{k: round(v, 6) for k, v in losses.items()}}
-        record["elapsed_s"] = round(time.perf_counter() - started, 3)
-        path = Path(accelerator.project_dir) / "train.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as log:
-            log.write(json.dumps(record) + "\n")

@@ -11,7 +11,7 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,10 @@ from torch import nn
 
 from ..data import UnlearnData
 from ..errors import ConfigError, DataError
+from ..lora import add_lora, remove_lora
 from ..models.base import Model
 from ..train import endless, train_steps
-from .base import Method
+from .base import Method, hyperparameter
 from .closed_form import concept_keys, concept_starts, edit_cross_attention, preserved_keys
 
 
@@ -66,8 +67,7 @@ class RealEra(Method):
     - D_1 relative to ||e|| (`relative_distance`), because states of different text encoders differ in scale.
       Defaults S_1 = 0.8, S_2 = 0.99, D_1 = 0.75: a random direction is nearly orthogonal to e, so
       cos(e, e + η) ≈ 1 / sqrt(1 + ρ²) and ρ = 0.75 is exactly where cos reaches 0.8; S_2 = 0.99 drops
-      perturbations too small to add anything to e itself. In the digits world a paraphrase's concept state
-      ("the number 3") lies at cos ≈ 0.86 from the exact prompt's ("the number three"): inside the band.
+      perturbations too small to add anything to e itself.
     - `beyond_distance` 1.5 (= 2 D_1): far enough to fall below S_1 about half the time.
     - The LoRA stage trains on noised forget images (real ones in the digits world, the original model's
       generations with `dataset: generated`), as MACE's LoRA stage trains on generated images of the
@@ -80,33 +80,37 @@ class RealEra(Method):
 
     families = ("diffusion",)
     # neighbour-concept mining (step 2)
-    num_neighbors: int = 8
-    max_distance: float = 0.75
-    relative_distance: bool = True
-    min_cosine: float = 0.8
-    max_cosine: float = 0.99
-    neighbor_weight: float = 1.0
-    max_tries: int = 100
+    num_neighbors: int = hyperparameter(8, "neighbours mined per concept state")
+    max_distance: float = hyperparameter(0.75, "D_1: the largest perturbation ||η|| of a neighbour")
+    relative_distance: bool = hyperparameter(True, "D_1 and beyond_distance are shares of the state's norm")
+    min_cosine: float = hyperparameter(0.8, "S_1: the lowest cosine between a state and its neighbour")
+    max_cosine: float = hyperparameter(0.99, "S_2: the highest cosine between a state and its neighbour")
+    neighbor_weight: float = hyperparameter(1.0, "weight of a state's neighbours together in the closed form")
+    max_tries: int = hyperparameter(100, "rounds of rejection sampling before mining gives up")
     # beyond-concept regularization (step 3)
-    num_beyond: int = 8
-    beyond_distance: float = 1.5
-    beyond_weight: float = 1.0
-    preserve_unconditional: bool = True
+    num_beyond: int = hyperparameter(8, "beyond-concept samples per concept state")
+    beyond_distance: float = hyperparameter(1.5, "the largest perturbation of a beyond-concept sample")
+    beyond_weight: float = hyperparameter(1.0, "weight of a state's beyond-concept samples together")
+    preserve_unconditional: bool = hyperparameter(True, "also preserve the empty prompt's states")
     # closed form (step 4)
-    closed_form: bool = True
-    erase_scale: float = 1.0
-    preserve_scale: float | None = None
-    lamb: float = 0.1
+    closed_form: bool = hyperparameter(True, "run the closed-form stage (steps 1-4)")
+    erase_scale: float = hyperparameter(1.0, "weight of the erased states' terms in the solve")
+    preserve_scale: float | None = hyperparameter(
+        None, "weight of the preserved states' terms; None = max(0.1, 1 / number of preserved prompts)"
+    )
+    ridge: float = hyperparameter(0.1, "λ > 0, the ridge term λ ||W - W0||² of the solve")
     # LoRA stage (step 5)
-    lora_steps: int = 50
-    lora_rank: int = 1
-    lora_alpha: float | None = None
-    lora_lr: float = 1e-4
-    lora_batch_size: int = 1
-    lora_modules: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    neighbor_share: float = 0.5
-    preserve_weight: float = 1.0
-    max_grad_norm: float | None = None
+    lora_steps: int = hyperparameter(50, "optimizer steps of the LoRA stage; 0 skips it")
+    lora_rank: int = hyperparameter(1, "rank of the LoRA")
+    lora_alpha: float | None = hyperparameter(None, "LoRA alpha (updates scale by alpha / rank); None = rank")
+    lora_lr: float = hyperparameter(1e-4, "AdamW learning rate of the LoRA")
+    lora_batch_size: int = hyperparameter(1, "forget (and retain) images per LoRA step")
+    lora_modules: list = hyperparameter(
+        ["to_q", "to_k", "to_v", "to_out.0"], "attn2 projections that carry the LoRA"
+    )
+    neighbor_share: float = hyperparameter(0.5, "share of a LoRA batch conditioned on mined neighbours")
+    preserve_weight: float = hyperparameter(1.0, "weight of the LoRA stage's preservation terms; 0 = none")
+    max_grad_norm: float | None = hyperparameter(None, "clip the gradient norm to this; None = no clipping")
 
     def __post_init__(self) -> None:
         check_bounds(self.max_distance, self.min_cosine, self.max_cosine, self.relative_distance)
@@ -116,9 +120,9 @@ class RealEra(Method):
             )
         if self.num_neighbors < 0 or self.num_beyond < 0:
             raise ConfigError("realera num_neighbors and num_beyond must be 0 or more")
-        if self.lamb <= 0 or self.erase_scale <= 0:
+        if self.ridge <= 0 or self.erase_scale <= 0:
             raise ConfigError(
-                f"realera lamb and erase_scale must be positive, got {self.lamb}, {self.erase_scale}"
+                f"realera ridge and erase_scale must be positive, got {self.ridge}, {self.erase_scale}"
             )
         if not 0.0 <= self.neighbor_share <= 1.0:
             raise ConfigError(f"realera neighbor_share must lie in [0, 1], got {self.neighbor_share}")
@@ -165,7 +169,7 @@ class RealEra(Method):
             target_keys=all_targets,
             preserve_keys=all_preserved,
             preserve_scale=scale,
-            ridge=self.lamb,
+            ridge=self.ridge,
         )
         if accelerator is not None:
             accelerator.print(
@@ -184,8 +188,8 @@ class RealEra(Method):
         original model's noise for the anchor, then merge it into the weights and remove it."""
         prompts = data.prompts
         anchor_of = dict(zip(prompts.forget, prompts.anchor))
-        model.unet.requires_grad_(False)  # the base weights stay frozen; only the LoRA trains
-        lora = add_lora(model.unet, self.lora_modules, self.lora_rank, self.lora_alpha)
+        targets = lora_targets(model.unet, self.lora_modules)
+        factors = add_lora(model.unet, targets, self.lora_rank, self.lora_alpha, "realera")  # all else frozen
         forget = endless(data.forget, self.lora_batch_size)
         retain = (
             endless(data.retain, self.lora_batch_size) if self.preserve_weight and len(data.retain) else None
@@ -198,10 +202,7 @@ class RealEra(Method):
             unknown = [c for c in conditions if c not in anchor_of]
             if unknown:
                 raise DataError(f"forget image captioned {unknown[0]!r}, which is not a forget prompt")
-            x0 = model.to_latents(images)
-            noise = torch.randn_like(x0)
-            t = model.sample_timesteps(len(x0))
-            x_t = model.add_noise(x0, noise, t)
+            x_t, _, t = model.noised(model.to_latents(images))
             with torch.no_grad():
                 cond = model.encode(conditions)
                 use = [rng.random() < self.neighbor_share for _ in conditions]
@@ -215,22 +216,22 @@ class RealEra(Method):
             if self.num_beyond:
                 with torch.no_grad():
                     far = self.perturb(
-                        model, conditions, model.encode(conditions), [True] * len(x0), generator, beyond=True
+                        model, conditions, model.encode(conditions), [True] * len(x_t), generator, beyond=True
                     )
                     far_target = teacher(x_t, t, far)
                 keep.append(F.mse_loss(model(x_t, t, far).float(), far_target.float()))
             if retain is not None:
                 r_images, r_conditions = next(retain)
                 r0 = model.to_latents(r_images)
-                r_t = torch.randint(0, model.num_train_timesteps, (len(r0),), device=r0.device)
-                r_x = model.add_noise(r0, torch.randn_like(r0), r_t)
+                # t before ε: the order this term always drew them in (a seed keeps giving the same run)
+                r_x, _, r_t = model.noised(r0, model.sample_timesteps(len(r0)))
                 with torch.no_grad():
                     r_cond = model.encode(list(r_conditions))
                     r_target = teacher(r_x, r_t, r_cond)
                 keep.append(F.mse_loss(model(r_x, r_t, r_cond).float(), r_target.float()))
             return loss + self.preserve_weight * sum(keep)
 
-        optimizer = torch.optim.AdamW(lora, lr=self.lora_lr)
+        optimizer = torch.optim.AdamW(factors, lr=self.lora_lr)
         train_steps(
             model,
             loss_fn,
@@ -239,8 +240,10 @@ class RealEra(Method):
             self.lora_steps,
             max_grad_norm=self.max_grad_norm,
             stage="realera-lora",
+            state={"forget": forget, "retain": retain, "rng": rng, "generator": generator},
+            settings={"method": self, "data": data},
         )
-        merge_lora(model.unet)
+        remove_lora(model.unet, merge=True)
         return model
 
     def neighbors(
@@ -431,36 +434,14 @@ def beyond_concept(
     return F.normalize(samples, dim=1) * keys.float().norm(dim=1)[source].unsqueeze(1)
 
 
-def add_lora(
-    unet: nn.Module, modules: list[str], rank: int, alpha: float | None = None
-) -> list[nn.Parameter]:
-    """Put a peft LoRA (`rank`, scale alpha / rank) on the cross-attention projections `modules` (names inside
-    `attn2`); returns its parameters."""
-    from peft import LoraConfig, inject_adapter_in_model
-
+def lora_targets(unet: nn.Module, modules: list[str]) -> list[str]:
+    """The full names of the cross-attention projections `modules` (names inside `attn2`) of `unet`."""
     if not modules:
         raise ConfigError(
             "realera lora_modules is empty: name attn2 projections (to_q, to_k, to_v, to_out.0)"
         )
     pattern = r".*attn2\.(" + "|".join(re.escape(m) for m in modules) + r")"
-    if not any(re.fullmatch(pattern, name) for name, _ in unet.named_modules()):
+    names = [name for name, _ in unet.named_modules() if re.fullmatch(pattern, name)]
+    if not names:
         raise ConfigError(f"realera lora_modules {modules} match no cross-attention projection of this UNet")
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=pattern, init_lora_weights=True)
-    inject_adapter_in_model(config, unet, adapter_name="realera")
-    params = [p for name, p in unet.named_parameters() if "lora_" in name]
-    for param in params:
-        param.requires_grad_(True)
-    return params
-
-
-def merge_lora(unet: nn.Module) -> None:
-    """Fold every peft LoRA layer of `unet` into its base weight and put the plain layer back in its place."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    wrapped = [(name, module) for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)]
-    for name, module in wrapped:
-        module.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = unet.get_submodule(parent_name) if parent_name else unet
-        setattr(parent, child, module.get_base_layer())
-    unet.requires_grad_(False)
+    return names

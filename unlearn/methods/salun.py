@@ -14,13 +14,12 @@ from ..data import UnlearnData
 from ..errors import ConfigError
 from ..models.base import Model
 from ..params import ParamMask, saliency_mask
-from ..train import endless, make_loader, train_steps
-from .base import Method
-from .baselines import RandomLabel
+from ..train import Phase, endless, fit, make_loader, make_optimizer, train_steps
+from .base import Method, hyperparameter
 
 
 @dataclass
-class SalUn(RandomLabel):
+class SalUn(Method):
     """SalUn: Empowering Machine Unlearning via Gradient-based Weight Saliency (Fan et al., ICLR 2024).
 
     Random labelling restricted to the salient weights:
@@ -29,10 +28,12 @@ class SalUn(RandomLabel):
        original weights, take its magnitude, keep the global top `1 - sparsity` share of entries
        (`unlearn.params.saliency_mask`; sparsity 0.5 = the reference's `with_0.5.pt`). Or load a saved mask
        from `mask_path`. The mask is saved to the run folder as `saliency_mask.safetensors` for reuse.
-    2. Random labelling (`RandomLabel.phases`) on the masked model, as the reference code schedules it
-       (`Classification/unlearn/RL.py`): each epoch one pass over the forget set with fresh random labels,
-       then one pass over the retain set with true labels (alpha = 1, sequential: the authors' answer in
-       issue #21). `mixed: true` is the reference's CIFAR-100 branch: one shuffled loader for both.
+    2. Random labelling on the masked model (`phases`), as the reference code schedules it
+       (`Classification/unlearn/RL.py`): each epoch one pass over the forget set, every example labelled with
+       a fresh uniformly random class, then one pass over the retain set with true labels (both terms weighted
+       1, sequential: the authors' answer in issue #21). `mixed: true` is the reference's CIFAR-100 branch:
+       one shuffled loader for both. `exclude_true_label: true` draws y' != y as the paper writes (the
+       reference code may draw the true label). SGD (momentum, weight decay) as the reference.
     3. Weights outside the mask never move: gradients are masked and, after every step, pinned entries and
        their optimizer state are restored, so weight decay and momentum cannot move them either (the
        reference's PR #33 fix; the paper's numbers predate it).
@@ -51,14 +52,45 @@ class SalUn(RandomLabel):
        Weights a pruned model pins (`model.pruning_mask`) take no part: they stay exactly 0.0 and do not
        count in k.
 
-    Defaults suit the digits world; the CIFAR-10 recipe carries the paper's settings (10 epochs, lr 0.013).
+    SalUn shares its random labelling with the `random_label` baseline but keeps its own copy here, so that
+    the method reads top to bottom in this file. Defaults suit the digits world; the CIFAR-10 recipe carries
+    the paper's settings (10 epochs, lr 0.013, batch 256).
     """
 
     families = ("classifier",)
-    lr: float = 0.02
-    sparsity: float = 0.5
-    mask_path: str | None = None
-    soft: bool = False
+    epochs: int = hyperparameter(
+        10, "epochs of random labelling; one epoch = a pass over the forget set, then one over the retain set"
+    )
+    lr: float = hyperparameter(0.02, "learning rate (digits default; the paper's CIFAR-10 value is 0.013)")
+    batch_size: int = hyperparameter(
+        64, "examples per batch, for the saliency pass and for training (paper 256)"
+    )
+    optimizer: str = hyperparameter("sgd", "sgd (the reference's), adam or adamw")
+    momentum: float = hyperparameter(0.9, "SGD momentum (reference 0.9)")
+    weight_decay: float = hyperparameter(5e-4, "L2 weight decay of the optimizer (reference 5e-4)")
+    lr_schedule: str = hyperparameter(
+        "constant", "constant (the reference's), cosine or linear decay over all steps"
+    )
+    max_grad_norm: float | None = hyperparameter(None, "clip the gradient to this L2 norm; null: no clipping")
+    augment: str = hyperparameter(
+        "none", "batch augmentation: none, or crop_flip (CIFAR's random crop and flip)"
+    )
+    mixed: bool = hyperparameter(
+        False, "one shuffled loader for forget and retain examples (the reference's CIFAR-100 branch)"
+    )
+    exclude_true_label: bool = hyperparameter(
+        False, "draw random labels different from the true one (the paper's y' != y; the reference may not)"
+    )
+    sparsity: float = hyperparameter(
+        0.5, "share of weights frozen outside the saliency mask, in [0, 1); 0.5 = the reference's with_0.5.pt"
+    )
+    mask_path: str | None = hyperparameter(
+        None, "load a saved saliency mask (saliency_mask.safetensors) instead of computing it"
+    )
+    soft: bool = hyperparameter(
+        False,
+        "SalUn-soft: no mask; after every step reset a shrinking share (from sparsity) of weights to θ_o",
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -71,24 +103,6 @@ class SalUn(RandomLabel):
             return self.unlearn_soft(model, data, accelerator)
         mask = self.mask(model, data, accelerator)
         return self._fit(model, self.phases(data), accelerator, "salun", mask=mask)
-
-    def unlearn_soft(self, model: Model, data: UnlearnData, accelerator) -> Model:
-        """SalUn-soft: random labelling with a proximal step towards θ_o after every optimizer step."""
-        named = [(name, p) for name, p in model.trainable.named_parameters() if p.requires_grad]
-        params = [p for _, p in named]
-        init = [p.detach().clone() for p in params]
-        pruning = getattr(model, "pruning_mask", None)
-        free = [pruning.masks.get(name) if pruning is not None else None for name, _ in named]
-        n_free = sum(p.numel() if f is None else int(f.sum()) for p, f in zip(params, free))
-
-        def proximal_step(step: int, total_steps: int) -> None:
-            if init[0].device != params[0].device:  # fit() moved the model to the accelerator's device
-                init[:] = [i.to(p.device) for i, p in zip(init, params)]
-            if any(f is not None and f.device != p.device for f, p in zip(free, params)):
-                free[:] = [None if f is None else f.to(p.device) for f, p in zip(free, params)]
-            soft_threshold_(params, init, soft_k(step, total_steps, self.epochs, self.sparsity, n_free), free)
-
-        return self._fit(model, self.phases(data), accelerator, "salun_soft", after_step=proximal_step)
 
     def mask(self, model: Model, data: UnlearnData, accelerator) -> ParamMask:
         """The saliency mask: loaded from `mask_path`, or computed on the forget set (and saved in the run)."""
@@ -108,6 +122,93 @@ class SalUn(RandomLabel):
         if accelerator.project_dir and accelerator.is_main_process:
             mask.save(Path(accelerator.project_dir) / "saliency_mask.safetensors")
         return mask
+
+    def phases(self, data: UnlearnData) -> list[Phase]:
+        """One epoch of random labelling: the forget pass with random labels and the retain pass (or one mixed
+        pass). Random labels are drawn per batch, in the order the loss is evaluated."""
+        num_classes = data.num_classes
+
+        def random_labels(labels: torch.Tensor) -> torch.Tensor:
+            if not self.exclude_true_label:
+                return torch.randint(0, num_classes, labels.shape, device=labels.device)
+            shift = torch.randint(1, num_classes, labels.shape, device=labels.device)
+            return (labels + shift) % num_classes
+
+        def forget_loss(model, batch):
+            images, labels = batch
+            return F.cross_entropy(model(images), random_labels(labels))
+
+        def retain_loss(model, batch):
+            images, labels = batch
+            return F.cross_entropy(model(images), labels)
+
+        if not self.mixed:
+            return [
+                Phase(make_loader(data.forget, self.batch_size), forget_loss, "forget"),
+                Phase(make_loader(data.retain, self.batch_size), retain_loss, "retain"),
+            ]
+        both = torch.utils.data.ConcatDataset([_Flagged(data.forget, True), _Flagged(data.retain, False)])
+
+        def mixed_loss(model, batch):
+            images, labels, is_forget = batch
+            labels = torch.where(is_forget, random_labels(labels), labels)
+            return F.cross_entropy(model(images), labels)
+
+        return [Phase(make_loader(both, self.batch_size), mixed_loss, "mixed")]
+
+    def _fit(
+        self, model: Model, phases: list[Phase], accelerator, stage: str, mask=None, after_step=None
+    ) -> Model:
+        """`epochs` epochs over `phases` with the configured optimizer (masked weights pinned)."""
+        optimizer = make_optimizer(
+            model.parameters(), self.optimizer, self.lr, self.momentum, self.weight_decay
+        )
+        return fit(
+            model,
+            phases,
+            optimizer,
+            accelerator,
+            self.epochs,
+            lr_schedule=self.lr_schedule,
+            mask=mask,
+            max_grad_norm=self.max_grad_norm,
+            augment=self.augment,
+            stage=stage,
+            after_step=after_step,
+            settings={"method": self},
+        )
+
+    def unlearn_soft(self, model: Model, data: UnlearnData, accelerator) -> Model:
+        """SalUn-soft: random labelling with a proximal step towards θ_o after every optimizer step."""
+        named = [(name, p) for name, p in model.trainable.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        init = [p.detach().clone() for p in params]
+        pruning = getattr(model, "pruning_mask", None)
+        free = [pruning.masks.get(name) if pruning is not None else None for name, _ in named]
+        n_free = sum(p.numel() if f is None else int(f.sum()) for p, f in zip(params, free))
+
+        def proximal_step(step: int, total_steps: int) -> None:
+            if init[0].device != params[0].device:  # fit() moved the model to the accelerator's device
+                init[:] = [i.to(p.device) for i, p in zip(init, params)]
+            if any(f is not None and f.device != p.device for f, p in zip(free, params)):
+                free[:] = [None if f is None else f.to(p.device) for f, p in zip(free, params)]
+            soft_threshold_(params, init, soft_k(step, total_steps, self.epochs, self.sparsity, n_free), free)
+
+        return self._fit(model, self.phases(data), accelerator, "salun_soft", after_step=proximal_step)
+
+
+class _Flagged(torch.utils.data.Dataset):
+    """Adds a forget flag to each example of a dataset (the mixed loader's way to tell forget from retain)."""
+
+    def __init__(self, dataset, flag: bool):
+        self.dataset, self.flag = dataset, flag
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return image, label, torch.tensor(self.flag)
 
 
 def soft_k(step: int, total_steps: int, epochs: int, ratio: float, n_params: int) -> int:
@@ -178,25 +279,38 @@ class SalUnDiffusion(Method):
        anchor (the pseudo class (c + 1) mod K / the pseudo prompt): the target is the *current* model under
        c', detached, as both reference codes do (not a frozen copy);
        retain loss = the ordinary diffusion loss on the retain batch;
-       loss = forget + `alpha` * retain; clip to `max_grad_norm`; gradients masked; Adam.
+       loss = forget + `retain_weight` * retain (the reference's `--alpha`); clip to `max_grad_norm`;
+       gradients masked; Adam.
     3. Weights outside the mask never move (values and optimizer state restored after every step).
 
-    Defaults are the DDPM reference's (Adam lr 1e-4, batch 128, clip 1, alpha 1e-3 per the authors' answer in
-    issue #19: alpha 0 collapses every class); the SD recipes carry lr 1e-5, alpha 0.5 (Imagenette) or 0.1
-    (nudity), batch 8 and `mask_guidance` 8.5.
+    Defaults are the DDPM reference's (Adam lr 1e-4, batch 128, clip 1, retain weight 1e-3 per the authors'
+    answer in issue #19: 0 collapses every class); the SD recipes carry lr 1e-5, retain weight 0.5
+    (Imagenette) or 0.1 (nudity), batch 8 and `mask_guidance` 8.5.
     """
 
     families = ("diffusion",)
-    steps: int = 1000
-    lr: float = 1e-4
-    batch_size: int = 128
-    alpha: float = 1e-3
-    sparsity: float = 0.5
-    mask_guidance: float = 2.0
-    mask_path: str | None = None
-    params: str | list = "full"
-    max_grad_norm: float | None = 1.0
-    weight_decay: float = 0.0
+    steps: int = hyperparameter(1000, "optimizer steps, each on one forget batch and one retain batch")
+    lr: float = hyperparameter(1e-4, "Adam learning rate (DDPM reference 1e-4; Stable Diffusion 1e-5)")
+    batch_size: int = hyperparameter(128, "images per forget batch and per retain batch (DDPM 128, SD 8)")
+    retain_weight: float = hyperparameter(
+        1e-3, "weight of the retain set's diffusion loss against the forget loss (the reference's --alpha)"
+    )
+    sparsity: float = hyperparameter(
+        0.5, "share of trained weights frozen outside the saliency mask, in [0, 1); 0.5 = with_0.5.pt"
+    )
+    mask_guidance: float = hyperparameter(
+        2.0, "classifier-free guidance scale w of the saliency pass (DDPM code 2; SD code 8.5)"
+    )
+    mask_path: str | None = hyperparameter(
+        None, "load a saved saliency mask (saliency_mask.safetensors) instead of computing it"
+    )
+    params: str | list = hyperparameter(
+        "full", "UNet weights that may move: full, xattn, kv, noxattn, or a list of parameter-name globs"
+    )
+    max_grad_norm: float | None = hyperparameter(
+        1.0, "clip each step's gradient (and each saliency batch's) to this L2 norm; null: no clipping"
+    )
+    weight_decay: float = hyperparameter(0.0, "Adam's L2 weight decay (reference 0)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -211,15 +325,12 @@ class SalUnDiffusion(Method):
 
         def loss_fn(step: int) -> torch.Tensor:
             images, conditions = next(forget)
-            x0 = model.to_latents(images)
-            noise = torch.randn_like(x0)
-            t = model.sample_timesteps(len(x0))
-            x_t = model.add_noise(x0, noise, t)
+            x_t, _, t = model.noised(model.to_latents(images))
             anchors = model.as_conditions(pseudo[_key(c)] for c in conditions)
             forget_out = model(x_t, t, model.encode(conditions))
             pseudo_out = model(x_t, t, model.encode(anchors)).detach()
             forget_loss = F.mse_loss(forget_out.float(), pseudo_out.float())
-            return forget_loss + self.alpha * model.loss(next(retain))
+            return forget_loss + self.retain_weight * model.loss(next(retain))
 
         optimizer = torch.optim.Adam(chosen.values(), lr=self.lr, weight_decay=self.weight_decay)
         return train_steps(
@@ -231,6 +342,8 @@ class SalUnDiffusion(Method):
             mask=mask,
             max_grad_norm=self.max_grad_norm,
             stage="salun",
+            state={"forget": forget, "retain": retain},
+            settings={"method": self, "data": data},
         )
 
     def mask(self, model: Model, data: UnlearnData, accelerator) -> ParamMask:
@@ -240,13 +353,10 @@ class SalUnDiffusion(Method):
 
         def forgetting_loss(model, batch):
             images, conditions = batch
-            x0 = model.to_latents(images)
-            noise = torch.randn_like(x0)
-            t = model.sample_timesteps(len(x0))
-            x_t = model.add_noise(x0, noise, t)
-            uncond = model.encode(model.null_conditions(len(x0)))
+            x_t, noise, t = model.noised(model.to_latents(images))
+            uncond = model.encode(model.null_conditions(len(x_t)))
             eps = model.guided(x_t, t, model.encode(conditions), uncond, self.mask_guidance)
-            return F.mse_loss(eps.float(), noise.float(), reduction="sum") / len(x0)
+            return F.mse_loss(eps.float(), noise.float(), reduction="sum") / len(x_t)
 
         batches = iter(make_loader(data.forget, self.batch_size, shuffle=False))
         with accelerator.autocast():

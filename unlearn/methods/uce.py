@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..data import UnlearnData
 from ..errors import ConfigError
 from ..models.base import Model
-from .base import Method
+from .base import Method, hyperparameter
 from .closed_form import concept_keys, edit_cross_attention, preserved_keys
 
 
@@ -27,19 +27,23 @@ class UCE(Method):
     4. Each projection becomes W* = (Σ v cᵀ + s W0 Σ c_p c_pᵀ + λ W0)(Σ c cᵀ + s Σ c_p c_pᵀ + λ I)⁻¹ with
        `erase_scale` weighting the erased terms (the reference's `erase_scale`, folded into the keys).
 
-    Defaults follow the reference's `train-scripts/train_erase.py`: `lamb` λ = 0.1, `erase_scale` 1, and
-    `preserve_scale` None = max(0.1, 1 / number of preserved prompts).
+    Defaults follow the reference's `train-scripts/train_erase.py`: `ridge` λ = 0.1 (the reference's `lamb`),
+    `erase_scale` 1, and `preserve_scale` None = max(0.1, 1 / number of preserved prompts).
     """
 
     families = ("diffusion",)
-    erase_scale: float = 1.0
-    preserve_scale: float | None = None
-    lamb: float = 0.1
-    preserve_unconditional: bool = True
+    erase_scale: float = hyperparameter(1.0, "weight of the erased concept's terms in the solve")
+    preserve_scale: float | None = hyperparameter(
+        None, "weight of the preserved states' terms; None = max(0.1, 1 / number of preserved prompts)"
+    )
+    ridge: float = hyperparameter(0.1, "λ > 0, the ridge term λ ||W - W0||² that keeps the edit small")
+    preserve_unconditional: bool = hyperparameter(
+        True, "also preserve the empty prompt (the unconditional branch of classifier-free guidance)"
+    )
 
     def __post_init__(self) -> None:
-        if self.lamb <= 0:
-            raise ConfigError(f"uce lamb (the ridge λ) must be positive, got {self.lamb}")
+        if self.ridge <= 0:
+            raise ConfigError(f"uce ridge (λ) must be positive, got {self.ridge}")
         if self.erase_scale <= 0:
             raise ConfigError(f"uce erase_scale must be positive, got {self.erase_scale}")
 
@@ -61,7 +65,7 @@ class UCE(Method):
             target_keys=anchor_keys * root,
             preserve_keys=preserve_keys,
             preserve_scale=scale,
-            ridge=self.lamb,
+            ridge=self.ridge,
         )
         accelerator.print(
             f"uce: edited {len(edited)} projections with {len(keys)} concept states and "

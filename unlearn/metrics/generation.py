@@ -4,8 +4,6 @@ Images everywhere are float tensors in [0, 1] with shape (N, C, H, W), C = 1 or 
 
 - `judge_labels` / `load_judge`: classify generations with a judge (a classifier folder, a
   "module:function" factory, or any callable returning logits).
-- `ConceptRate` (the erasure rate: the share of generations the judge still calls the erased concept) and
-  `JudgeAccuracy` (the share the judge calls the prompted concept), as torchmetrics `Metric`s, in percent.
 - `fid`: the Fréchet distance computed as clean-fid computes it, on clean-fid's Inception ("clean" mode) or
   on any feature extractor (e.g. the judge's penultimate features), with optional cached real statistics.
 - `clip_score`: torchmetrics' `CLIPScore` on a local CLIP folder, made to work with transformers 5.
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoints import atomic_path
+from ..checkpoints import atomic_path, refuse_custom_code
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, DataError
 
 # Where clean-fid (non-Windows) looks for, and otherwise downloads, its TorchScript Inception weights.
@@ -191,71 +189,6 @@ def _folder_classes(path: Path) -> int:
     raise CheckpointError(
         f"cannot tell the number of classes of judge folder {str(path)!r}; pass num_classes"
     )
-
-
-# --------------------------------------------------------------------------------------------------------
-# Erasure rate and judge accuracy
-
-
-def _labels(predicted: torch.Tensor) -> torch.Tensor:
-    """Labels from labels (N,) or logits (N, K)."""
-    return predicted.argmax(dim=1) if predicted.ndim == 2 else predicted
-
-
-def _define_metrics():
-    """Define the `Metric` subclasses (importing torchmetrics takes seconds, so this runs on first use)."""
-    from torchmetrics import Metric
-
-    class ConceptRate(Metric):
-        """Percent of generations the judge classifies as one concept (the erasure rate; NaN if none).
-
-        For concept erasure, feed the judge's predictions on generations from the erased concept's prompts:
-        the result is the share that still shows the concept, so lower means more erased.
-        """
-
-        higher_is_better = False
-        full_state_update = False
-
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.add_state("hits", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-            self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-        def update(self, predicted_labels: torch.Tensor, concept_label: int) -> None:
-            """Count predictions (labels (N,), or logits (N, K)) equal to `concept_label`."""
-            labels = _labels(predicted_labels)
-            self.hits += (labels == int(concept_label)).sum().to(self.hits.device)
-            self.total += labels.numel()
-
-        def compute(self) -> torch.Tensor:
-            return 100.0 * self.hits.double() / self.total.double()  # 0/0 -> NaN
-
-    class JudgeAccuracy(Metric):
-        """Percent of generations whose judge prediction equals the prompted class (NaN if none)."""
-
-        higher_is_better = True
-        full_state_update = False
-
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-            self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-        def update(self, predicted: torch.Tensor, targets: torch.Tensor) -> None:
-            """Count predictions (labels (N,), or logits (N, K)) equal to `targets` (N,)."""
-            labels = _labels(predicted)
-            targets = torch.as_tensor(targets, device=labels.device)
-            if labels.shape != targets.shape:
-                raise DataError(f"{labels.shape[0]} predictions for {targets.shape} targets")
-            self.correct += (labels == targets).sum().to(self.correct.device)
-            self.total += labels.numel()
-
-        def compute(self) -> torch.Tensor:
-            return 100.0 * self.correct.double() / self.total.double()
-
-    for cls in (ConceptRate, JudgeAccuracy):
-        cls.__module__, cls.__qualname__ = __name__, cls.__name__  # picklable as module attributes
-    return ConceptRate, JudgeAccuracy
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -453,9 +386,10 @@ def load_clip(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise CheckpointNotFoundError(f"CLIP model folder {str(path)!r} does not exist")
+    refuse_custom_code(path)
     try:
-        model = CLIPModel.from_pretrained(str(path), local_files_only=True)
-        processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
+        model = CLIPModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"cannot load a CLIP model and processor from {str(path)!r}: {reason}") from err
@@ -543,20 +477,9 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, scale: int = 4)
     return path
 
 
-def __getattr__(name: str):
-    # ConceptRate and JudgeAccuracy subclass torchmetrics.Metric: defined on first access.
-    if name in ("ConceptRate", "JudgeAccuracy"):
-        concept_rate, judge_accuracy = _define_metrics()
-        globals().update(ConceptRate=concept_rate, JudgeAccuracy=judge_accuracy)
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "INCEPTION_WEIGHTS",
     "CLIPFeatures",
-    "ConceptRate",  # noqa: F822 (defined on first access, see __getattr__)
-    "JudgeAccuracy",  # noqa: F822
     "clip_score",
     "fid",
     "fid_from_features",

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .base import Model
 from .classifier import Classifier, build_classifier, load_classifier
 
 
 def load_model(
-    checkpoint: str | None, arch: str | None = None, num_classes: int = 10, family: str = "classifier"
-):
-    """Load a model of `family` from a checkpoint path, a `world:<name>` checkpoint, or fresh from `arch`."""
+    checkpoint: str | Path | None, arch: str | None = None, num_classes: int = 10, family: str = "classifier"
+) -> Model:
+    """Load a model of `family` from a checkpoint path, a `world:<name>` checkpoint, or fresh from `arch`.
+
+    Folders that name custom code (transformers' `auto_map`, a custom diffusers pipeline or component) are
+    refused with `CheckpointError` before anything loads: no code from a checkpoint ever runs."""
     from ..errors import ConfigError
     from ..worlds import resolve
 

@@ -11,7 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import atomic_path, load_into, load_state_dict, save_state_dict, write_json
+from ..checkpoints import (
+    atomic_path,
+    float_dtypes,
+    load_into,
+    load_state_dict,
+    refuse_custom_code,
+    save_state_dict,
+    saved_as,
+    stored_dtypes,
+    write_json,
+)
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from .base import Model
 from .zoo import ARCHITECTURES
@@ -65,6 +75,9 @@ class Classifier(Model):
         self._capture = False
         self._captured: torch.Tensor | None = None
         self.head.register_forward_hook(self._capture_head_input)
+        # The dtype of each tensor as loaded (name -> dtype): the network trains in fp32, `save` writes each
+        # tensor back in the dtype it came in.
+        self.input_dtypes: dict[str, torch.dtype] = {}
 
     @property
     def trainable(self) -> nn.Module:
@@ -112,9 +125,9 @@ class Classifier(Model):
     def save(self, path: str | Path) -> None:
         """Write a folder in the format the model came in: a transformers folder (reloads with
         `from_pretrained`), or the network's plain state dict (`model.safetensors` or `model.pt`, loadable
-        into the bare architecture) plus `unlearn_model.json`."""
+        into the bare architecture) plus `unlearn_model.json`. Every tensor keeps the dtype it was loaded in."""
         path = Path(path)
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, saved_as(self.network, self.input_dtypes):
             tmp.mkdir()
             config = {
                 "family": self.family,
@@ -200,8 +213,10 @@ def load_classifier(checkpoint: str | Path | None, arch: str | None, num_classes
     if not arch or arch == "transformers":
         raise ConfigError(f"model.arch must name the architecture of the weights file {str(path)!r}")
     model = build_classifier(arch, num_classes)
-    load_into(model.network, load_state_dict(path), str(path))
+    state = load_state_dict(path)
+    load_into(model.network, state, str(path))
     model.source["weights_suffix"] = path.suffix
+    model.input_dtypes = float_dtypes(state)
     return model
 
 
@@ -218,20 +233,26 @@ def _load_saved_folder(path: Path, num_classes: int) -> Classifier:
     else:
         model = build_classifier(config["arch"], num_classes, channels=config.get("channels"))
         weights = path / config.get("weights", "model.safetensors")
-        load_into(model.network, load_state_dict(weights), str(weights))
+        state = load_state_dict(weights)
+        load_into(model.network, state, str(weights))
         model.source["weights_suffix"] = weights.suffix
+        model.input_dtypes = float_dtypes(state)
     model.mean.copy_(torch.tensor(config["mean"]).view(1, -1, 1, 1))
     model.std.copy_(torch.tensor(config["std"]).view(1, -1, 1, 1))
     return model
 
 
 def _load_transformers(path: Path, num_classes: int) -> Classifier:
+    refuse_custom_code(path)
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForImageClassification
 
     try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        network = AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
+        # trust_remote_code=False: never import code from the folder, never ask (refuse_custom_code said why)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        network = AutoModelForImageClassification.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
     except pickle.UnpicklingError as err:  # transformers loads .bin weights with weights_only=True
         raise CheckpointError(
             f"transformers folder {str(path)!r} holds pickled objects beyond plain tensors; refusing to unpickle "
@@ -262,7 +283,10 @@ def _load_transformers(path: Path, num_classes: int) -> Classifier:
     source = {"format": "transformers", "arch": config.model_type}
     if processor.exists():
         source["processor_file"] = str(processor.resolve())
-    return Classifier(network, num_classes, source, mean, std, channels=channels, image_size=size)
+    dtypes = stored_dtypes(network, path)
+    model = Classifier(network.float(), num_classes, source, mean, std, channels=channels, image_size=size)
+    model.input_dtypes = dtypes
+    return model
 
 
 def _per_channel(value, channels: int, source: Path) -> tuple[float, ...]:

@@ -11,12 +11,15 @@ Two kinds of conditioning are supported:
 
 Images enter and leave as float tensors in [0, 1], shape (N, C, H, W); inside, the UNet sees [-1, 1] pixels or
 VAE latents. Every primitive the erasure methods need (reference/methods.md §8) lives here: `encode`,
-`add_noise`, `forward` (the noise prediction), `guided` (classifier-free guidance), `predict_x0`, `denoise`
-over part of a sampling trajectory, `generate`, and `loss` (the ordinary ε-MSE diffusion loss).
+`add_noise` and `noised` (noise a batch at random timesteps), `forward` (the noise prediction), `guided`
+(classifier-free guidance), `predict_x0`, `denoise` over part of a sampling trajectory and `trajectory` (the
+model's own DDIM trajectory from fresh noise), `cross_attention_maps`, `generate`, and `loss` (the ordinary
+ε-MSE diffusion loss).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import atomic_path
+from ..checkpoints import atomic_path, refuse_custom_code, saved_as, stored_dtypes
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from .base import Model
 
@@ -69,6 +72,10 @@ class Diffusion(Model):
         self.tokenizer = tokenizer
         self.pipeline_class = pipeline_class
         self.extra_components = dict(extra_components or {})  # safety checker, feature extractor, ...
+        # component -> tensor name -> dtype as loaded, and the tensors `cast_frozen` replaced: `save` writes
+        # every component in the dtype it came in (mixed precision is a training setting, not a format).
+        self.input_dtypes: dict[str, dict[str, torch.dtype]] = {}
+        self._uncast: dict[str, dict[str, torch.Tensor]] = {}
         for frozen in (text_encoder, vae):
             if frozen is not None:
                 frozen.requires_grad_(False)
@@ -141,10 +148,19 @@ class Diffusion(Model):
         return chosen
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
-        """Cast the frozen text encoder and VAE (not the UNet) to `dtype`, e.g. bf16 to save memory."""
-        for frozen in (self.text_encoder, self.vae):
-            if frozen is not None:
-                frozen.to(dtype)
+        """Cast the frozen text encoder and VAE (not the UNet) to `dtype`, e.g. bf16 to save memory.
+
+        The tensors they had are kept on the CPU, so that `save` writes these parts back bit for bit in the
+        dtype they came in (a reloaded pipeline must not mix bf16 parts with an fp32 UNet)."""
+        for name in ("text_encoder", "vae"):
+            frozen = getattr(self, name)
+            if frozen is None:
+                continue
+            uncast = self._uncast.setdefault(name, {})
+            for key, tensor in frozen.state_dict().items():
+                if tensor.is_floating_point() and tensor.dtype != dtype and key not in uncast:
+                    uncast[key] = tensor.detach().cpu()
+            frozen.to(dtype)
 
     def enable_gradient_checkpointing(self) -> None:
         if not getattr(self.unet, "_supports_gradient_checkpointing", False):
@@ -272,7 +288,15 @@ class Diffusion(Model):
         return (x_t - (1 - alphas).sqrt() * eps) / alphas.sqrt()
 
     def sample_timesteps(self, n: int) -> torch.Tensor:
+        """n timesteps drawn uniformly from the training schedule."""
         return torch.randint(0, self.num_train_timesteps, (n,), device=self.device)
+
+    def noised(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Noise a batch: draw ε ~ N(0, I), then (unless `t` is given) uniform timesteps t, in that order, and
+        return `(x_t, ε, t)` with x_t = `add_noise(x0, ε, t)`."""
+        noise = torch.randn_like(x0)
+        t = self.sample_timesteps(len(x0)) if t is None else t
+        return self.add_noise(x0, noise, t), noise, t
 
     def loss(self, batch, uncond_prob: float = 0.0) -> torch.Tensor:
         """The ordinary diffusion loss: MSE between the noise and its prediction, at uniform timesteps.
@@ -286,9 +310,8 @@ class Diffusion(Model):
         if conditions is not None:
             conditions = self.drop_conditions(conditions, uncond_prob)
         cond = self.encode(conditions)
-        noise = torch.randn_like(x0)
-        t = self.sample_timesteps(len(x0))
-        return F.mse_loss(self.forward(self.add_noise(x0, noise, t), t, cond).float(), noise.float())
+        x_t, noise, t = self.noised(x0)
+        return F.mse_loss(self.forward(x_t, t, cond).float(), noise.float())
 
     def sampler(self, steps: int):
         """A DDIM scheduler (η = 0, deterministic) over `steps` of the training schedule."""
@@ -315,6 +338,58 @@ class Diffusion(Model):
             eps = self.guided(latents, t, cond, uncond, guidance)
             latents = sampler.step(eps, t, latents).prev_sample
         return latents
+
+    def trajectory(
+        self, cond, sampler, stops: list[int], guidance: float = 1.0, uncond=None
+    ) -> list[torch.Tensor]:
+        """The model's own DDIM trajectory under `cond` from fresh noise (drawn here), returned at the sampling
+        indices `stops` (ascending; index k is the latent before step k, at timestep `sampler.timesteps[k]`).
+        ESD and ANT train on these points. Gradients flow unless the caller disables them."""
+        latents = torch.randn(self.latent_shape(len(cond)), device=self.device) * sampler.init_noise_sigma
+        points, start = [], 0
+        for stop in stops:
+            latents = self.denoise(latents, cond, sampler, start, stop, guidance, uncond)
+            points.append(latents)
+            start = stop
+        return points
+
+    @contextlib.contextmanager
+    def cross_attention_maps(self):
+        """Record the cross-attention maps softmax(QKᵀ/√d) of every `attn2` layer during the UNet calls inside
+        the block; yields {layer name: [maps (batch, heads, pixels, tokens), one per call]}.
+
+        Inside the block these layers run diffusers' plain `AttnProcessor`, which materialises the maps (their
+        outputs equal the fused kernel's up to float rounding); the processors are restored on exit.
+        """
+        from diffusers.models.attention_processor import AttnProcessor
+
+        layers = {
+            n: m for n, m in self.unet.named_modules() if n.endswith("attn2") and hasattr(m, "processor")
+        }
+        if not layers:
+            raise ConfigError("this UNet has no cross-attention (attn2) layers whose maps could be recorded")
+        maps = {name: [] for name in layers}
+        processors = {name: layer.processor for name, layer in layers.items()}
+
+        def recording(name, layer):
+            scores = layer.get_attention_scores
+
+            def record(query, key, attention_mask=None):
+                probs = scores(query, key, attention_mask)
+                maps[name].append(probs.unflatten(0, (-1, layer.heads)))
+                return probs
+
+            return record
+
+        try:
+            for name, layer in layers.items():
+                layer.set_processor(AttnProcessor())
+                layer.get_attention_scores = recording(name, layer)  # shadows the method for this instance
+            yield maps
+        finally:
+            for name, layer in layers.items():
+                vars(layer).pop("get_attention_scores", None)
+                layer.set_processor(processors[name])
 
     @torch.no_grad()
     def generate(
@@ -394,7 +469,10 @@ class Diffusion(Model):
     def save(self, path: str | Path) -> None:
         """Write a diffusers pipeline folder (loads with `DiffusionPipeline.from_pretrained`), atomically."""
         pipeline = _pipeline_class(self)(**self.components())
-        with atomic_path(Path(path)) as tmp:
+        with atomic_path(Path(path)) as tmp, contextlib.ExitStack() as stack:
+            for name, module in self.components().items():  # each component in the dtype it came in
+                if isinstance(module, nn.Module) and name in self.input_dtypes:
+                    stack.enter_context(saved_as(module, self.input_dtypes[name], self._uncast.get(name)))
             pipeline.save_pretrained(str(tmp), safe_serialization=True)
 
 
@@ -410,6 +488,8 @@ def load_diffusion(path: str | Path) -> Diffusion:
     """Load a diffusers pipeline folder (or, with network access, a hub id) that has a UNet and a scheduler.
 
     Never executes pickled code: diffusers reads safetensors, or `.bin` weights with `weights_only` loading.
+    Never runs code shipped with the pipeline: a hub id is downloaded first, and a folder naming custom code
+    is refused before anything loads (`refuse_custom_code`).
     """
     from diffusers import DiffusionPipeline
 
@@ -417,27 +497,32 @@ def load_diffusion(path: str | Path) -> Diffusion:
     is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None and not local.exists()
     if not local.exists() and not is_hub_id:
         raise CheckpointNotFoundError(f"diffusion checkpoint {str(path)!r} does not exist")
-    if local.exists() and not (local / "model_index.json").exists():
+    if not local.exists():  # a hub id: fetch the files (no code runs), then check them like a local folder
+        try:
+            local = Path(DiffusionPipeline.download(str(path), trust_remote_code=False))
+        except (OSError, ValueError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(f"cannot download the diffusers pipeline {str(path)!r}: {reason}") from err
+    if not (local / "model_index.json").exists():
         raise CheckpointError(
             f"{str(path)!r} is not a diffusers pipeline folder (it has no model_index.json)"
         )
+    refuse_custom_code(local)
     # A component saved as null (a text-to-image model in pixel space has no VAE) is passed as None: diffusers
     # refuses to load a null component that its pipeline class does not list as optional.
-    nulls = {}
-    if local.exists():
-        index = json.loads((local / "model_index.json").read_text())
-        nulls = {name: None for name, value in index.items() if value == [None, None]}
-        if "safety_checker" in nulls and index.get("requires_safety_checker"):
-            # there is no safety checker to require; diffusers would warn at length on every load
-            nulls["requires_safety_checker"] = False
+    index = json.loads((local / "model_index.json").read_text())
+    nulls = {name: None for name, value in index.items() if value == [None, None]}
+    if "safety_checker" in nulls and index.get("requires_safety_checker"):
+        # there is no safety checker to require; diffusers would warn at length on every load
+        nulls["requires_safety_checker"] = False
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()  # loading bars would bury a one-line error; the run log says more
     transformers_logging.disable_progress_bar()
     try:
-        pipeline = DiffusionPipeline.from_pretrained(str(local) if local.exists() else str(path), **nulls)
-    except (OSError, ValueError, KeyError) as err:
+        pipeline = DiffusionPipeline.from_pretrained(str(local), trust_remote_code=False, **nulls)
+    except (OSError, ValueError, KeyError, AttributeError) as err:
         raise CheckpointError(f"cannot load the diffusers pipeline {str(path)!r}: {err}") from err
     finally:
         diffusers_logging.enable_progress_bar()
@@ -454,4 +539,9 @@ def load_diffusion(path: str | Path) -> Diffusion:
     )
     model = Diffusion(unet, scheduler, text_encoder, tokenizer, vae, type(pipeline), parts)
     model.source = {"path": str(path)}
+    model.input_dtypes = {  # as the files hold them (diffusers loads its own models in fp32 by default)
+        name: stored_dtypes(module, local / name)
+        for name, module in model.components().items()
+        if isinstance(module, nn.Module)
+    }
     return model

@@ -22,7 +22,6 @@ A saved GAN is a folder: `gan_config.json` (architecture, sizes) and `generator.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -30,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import atomic_path, load_into, load_state_dict, save_state_dict
+from ..checkpoints import (
+    atomic_path,
+    float_dtypes,
+    load_into,
+    load_state_dict,
+    save_state_dict,
+    saved_as,
+)
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from .base import Model
 
@@ -186,6 +192,9 @@ class GAN(Model):
         self.discriminator = discriminator
         self.latent_dim = int(latent_dim)
         self.config = {"arch": "custom", "latent_dim": int(latent_dim), **dict(config or {})}
+        # The dtype of each tensor as loaded, per part ("generator"/"discriminator" -> name -> dtype): the
+        # networks train in fp32, `save` writes each tensor back in the dtype it came in.
+        self.input_dtypes: dict[str, dict[str, torch.dtype]] = {}
 
     @property
     def trainable(self) -> nn.Module:
@@ -257,12 +266,6 @@ class GAN(Model):
 
     # -- Model ---------------------------------------------------------------------------------------------
 
-    def frozen_copy(self) -> GAN:
-        twin = copy.deepcopy(self)
-        twin.eval()
-        twin.requires_grad_(False)
-        return twin
-
     def reinitialize(self) -> None:
         """Fresh weights for generator and discriminator from the global torch RNG."""
         for part in (self.generator, self.discriminator):
@@ -272,12 +275,16 @@ class GAN(Model):
 
     def save(self, path: str | Path) -> None:
         """Write `gan_config.json`, `generator.safetensors` and `discriminator.safetensors` into the folder
-        `path`, atomically."""
+        `path`, atomically, each tensor in the dtype it was loaded in."""
         with atomic_path(Path(path)) as tmp:
             tmp.mkdir()
             (tmp / CONFIG_NAME).write_text(json.dumps({"family": "gan", **self.config}, indent=2) + "\n")
-            save_state_dict(self.generator.state_dict(), tmp / GENERATOR_FILE)
-            save_state_dict(self.discriminator.state_dict(), tmp / DISCRIMINATOR_FILE)
+            for name, module, file in (
+                ("generator", self.generator, GENERATOR_FILE),
+                ("discriminator", self.discriminator, DISCRIMINATOR_FILE),
+            ):
+                with saved_as(module, self.input_dtypes.get(name, {})):
+                    save_state_dict(module.state_dict(), tmp / file)
 
 
 def build_gan(arch: str = "dcgan_digits", **config) -> GAN:
@@ -348,7 +355,12 @@ def load_gan(
             f"GAN folder {str(path)!r} holds a {arch!r} architecture; pass its generator and discriminator "
             "modules (load_gan(path, generator=..., discriminator=...))"
         )
-    load_into(model.generator, load_state_dict(path / GENERATOR_FILE), str(path / GENERATOR_FILE))
-    load_into(model.discriminator, load_state_dict(path / DISCRIMINATOR_FILE), str(path / DISCRIMINATOR_FILE))
+    for name, module, file in (
+        ("generator", model.generator, GENERATOR_FILE),
+        ("discriminator", model.discriminator, DISCRIMINATOR_FILE),
+    ):
+        state = load_state_dict(path / file)
+        load_into(module, state, str(path / file))
+        model.input_dtypes[name] = float_dtypes(state)
     model.source = {"path": str(path)}
     return model.eval()

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import ConfigError
+from .cache import cache_dir
+
+__all__ = ["FAMILIES", "WORLDS", "cache_dir", "prepare", "resolve"]
 
 WORLDS = ("digits",)
-CACHE_ENV = "UNLEARN_CACHE"
-
-
-def cache_dir() -> Path:
-    """Where worlds are cached: `$UNLEARN_CACHE`, else `~/.cache/unlearn-toolkit`."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "unlearn-toolkit")
+FAMILIES = {"digits": ("classifier", "ddpm", "t2i", "gan")}  # the models each world can build
 
 
 def prepare(world: str, verbose: bool = True, families: Sequence[str] | str | None = None) -> dict[str, Path]:
@@ -28,9 +25,45 @@ def prepare(world: str, verbose: bool = True, families: Sequence[str] | str | No
     """
     if world not in WORLDS:
         raise ConfigError(f"unknown world {world!r}; known worlds: {', '.join(WORLDS)}")
-    from .digits import prepare_digits
+    return _prepare_digits(verbose, families)
 
-    return prepare_digits(verbose=verbose, families=families)
+
+def _prepare_digits(verbose: bool = True, families: Sequence[str] | str | None = None) -> dict[str, Path]:
+    """The digits world. The classifier (seconds) is always built: it judges the generative models. The DDPM
+    and the text-to-image model (several minutes each, `digits_diffusion`) and the GAN (minutes, `digits_gan`)
+    are built only when asked for in `families`; when already cached they are returned whether asked for or
+    not."""
+    from .digits import classifier_path, world_folder
+
+    known = FAMILIES["digits"]
+    if families is None:
+        wanted: tuple[str, ...] = ("classifier",)
+    elif isinstance(families, str):
+        wanted = known if families == "all" else (families,)
+    else:
+        wanted = tuple(families)
+    unknown = [f for f in wanted if f not in known]
+    if unknown:
+        raise ConfigError(f"the digits world has no {unknown[0]!r} model; it has: {', '.join(known)}")
+    folder = world_folder()
+    paths = {"classifier": classifier_path(verbose=verbose)}
+    for family in ("ddpm", "t2i"):
+        path = folder / family
+        if not (path / "model_index.json").exists() and family in wanted:
+            from . import digits_diffusion
+
+            build = digits_diffusion.prepare_ddpm if family == "ddpm" else digits_diffusion.prepare_t2i
+            build(path, verbose=verbose)
+        if (path / "model_index.json").exists():
+            paths[family] = path
+    gan = folder / "gan"
+    if not (gan / "gan_config.json").exists() and "gan" in wanted:
+        from .digits_gan import prepare_gan
+
+        prepare_gan(gan, verbose=verbose)
+    if (gan / "gan_config.json").exists():
+        paths["gan"] = gan
+    return paths
 
 
 def resolve(checkpoint: str) -> Path:
@@ -38,11 +71,8 @@ def resolve(checkpoint: str) -> Path:
     name = checkpoint.split(":", 1)[1]
     world, _, family = name.partition("/")
     family = family or "classifier"
-    if world in WORLDS:
-        from .digits import FAMILIES
-
-        if family not in FAMILIES:
-            raise ConfigError(f"world {world!r} has no {family!r} model; it has: {', '.join(FAMILIES)}")
+    if world in WORLDS and family not in FAMILIES[world]:
+        raise ConfigError(f"world {world!r} has no {family!r} model; it has: {', '.join(FAMILIES[world])}")
     paths = prepare(world, verbose=True, families=(family,))
     if family not in paths:
         raise ConfigError(f"world {world!r} has no {family!r} model; it has: {', '.join(paths)}")

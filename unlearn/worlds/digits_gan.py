@@ -25,6 +25,7 @@ import torch
 from ..checkpoints import write_json
 from ..datasets import load_dataset
 from ..errors import TrainingError
+from ..train import Batches, Trainer
 
 SEED = 0
 ARCH = "dcgan_digits"
@@ -73,27 +74,21 @@ def train_gan(
     gen_opt = torch.optim.Adam(model.generator.parameters(), lr=lr, betas=BETAS)
     dis_opt = torch.optim.Adam(model.discriminator.parameters(), lr=lr, betas=BETAS)
     ema = copy.deepcopy(model.generator).requires_grad_(False)
-    order_rng = torch.Generator().manual_seed(seed)
-    order: list[int] = []
+    reals = Batches(images, batch_size, torch.Generator().manual_seed(seed), torch.stack)
+    trainer = Trainer(model, gen_opt, None, stage="train_gan", total=steps)
     started = time.perf_counter()
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for step in range(steps):
-            if len(order) < batch_size:
-                order += torch.randperm(len(images), generator=order_rng).tolist()
-            real, order = images[order[:batch_size]], order[batch_size:]
+        for step in trainer.loop():
+            real = next(reals)
             fake = model.generate(model.random_latents(batch_size))
             d_loss = model.discriminator_loss(real, fake)
             if r1_gamma and step % R1_EVERY == 0:
                 d_loss = d_loss + R1_EVERY * model.r1_penalty(real, r1_gamma)
-            dis_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            dis_opt.step()
+            trainer.step(d_loss, optimizer=dis_opt, name="discriminator")
             g_loss = model.generator_loss(model.generate(model.random_latents(batch_size)))
-            gen_opt.zero_grad(set_to_none=True)
-            g_loss.backward()
-            gen_opt.step()
+            trainer.step(g_loss, name="generator")
             if not (torch.isfinite(d_loss) and torch.isfinite(g_loss)):
                 raise TrainingError(f"GAN training diverged at step {step}")
             with torch.no_grad():

@@ -1,0 +1,270 @@
+"""What every family's harness offers: build the task, score a model, report it, put it in a bench table."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..data import UnlearnData
+    from ..models.base import Model
+    from ..recipe import Recipe
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """One entry of a family's metric catalogue.
+
+    Attributes:
+        title: short name in tables.
+        meaning: one line: what is measured.
+        better: "higher", "lower", or "retrain" (best when closest to the Retrain model's value).
+        unit: "%", "s" or "" (a plain number).
+        requested_by: the `eval.metrics` entry that produces this key; None: the key is itself an entry.
+    """
+
+    title: str
+    meaning: str
+    better: str
+    unit: str = "%"
+    requested_by: str | None = None
+
+
+# Keys every run writes, whatever its family.
+COMMON: dict[str, MetricInfo] = {
+    "RTE_s": MetricInfo(
+        "RTE (s)",
+        "run time of the unlearning call (summed over the segments of a resumed run)",
+        "lower",
+        "s",
+        "(always)",
+    ),
+    "pruned_sparsity": MetricInfo(
+        "sparsity",
+        "share of zero weights after `model.prune`, before unlearning",
+        "higher",
+        "",
+        "model.prune",
+    ),
+}
+
+
+@dataclass
+class Scores:
+    """What scoring a model gives: flat metrics, and the images it drew (generative families)."""
+
+    metrics: dict[str, float]
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Harness(ABC):
+    """Everything family-specific about evaluating an unlearning run.
+
+    One instance serves one run: `setup` loads the recipe's model and builds its task, `before` takes what
+    scoring needs from the original model, `score` scores a model (the original and the unlearned one alike),
+    `compare` derives the keys that set a score against the original's or Retrain's, `save_artifacts` writes
+    sample grids, `report` writes the family's report.md. The class attributes are the family's metric
+    catalogue and bench table.
+    """
+
+    family: ClassVar[str]
+    catalogue: ClassVar[dict[str, MetricInfo]]
+    default_metrics: ClassVar[tuple[str, ...]]
+    columns: ClassVar[tuple[str, ...]]  # bench table columns (catalogue keys), in order
+    legend: ClassVar[str]  # what the bench table's columns mean
+
+    def __init__(self, recipe: Recipe, device: str | torch.device = "cpu", log=print):
+        self.recipe = recipe
+        self.device = torch.device(device)
+        self.log = log
+        self.names = list(recipe.eval.metrics)
+
+    # ---------------------------------------------------------------------------------------------- catalogue
+
+    @classmethod
+    def metric_names(cls) -> list[str]:
+        """The names `eval.metrics` may list for this family."""
+        return [key for key, info in cls.catalogue.items() if info.requested_by is None]
+
+    @classmethod
+    def check_metrics(cls, names) -> None:
+        known = cls.metric_names()
+        for name in names:
+            if name not in known:
+                raise ConfigError(
+                    f"{name!r} is not a metric of the {cls.family} family; its metrics: {', '.join(known)}"
+                )
+
+    @classmethod
+    def info(cls, key: str) -> MetricInfo | None:
+        """The catalogue entry of a metric key, also of patterned keys such as `acc_class_3` or
+        `erasure_rate:three`."""
+        catalogue = {**cls.catalogue, **COMMON}
+        if key in catalogue:
+            return catalogue[key]
+        for pattern, info in catalogue.items():
+            if "<" in pattern and key.startswith(pattern.split("<")[0]):
+                return info
+        return None
+
+    # -------------------------------------------------------------------------------------------- the task
+
+    @abstractmethod
+    def setup(self) -> tuple[Model, UnlearnData]:
+        """The recipe's model (loaded, on the device, prepared as the recipe trains it) and the task."""
+
+    @abstractmethod
+    def load_output(self, path: Path, data: UnlearnData) -> Model:
+        """A run's saved model, prepared as `setup` prepares the original (so it scores as it did in the run)."""
+
+    @abstractmethod
+    def before(self, original: Model, data: UnlearnData, reference_dir: Path | None) -> None:
+        """Take from the original model, before unlearning, what scoring needs (frozen copies, draws)."""
+
+    # ------------------------------------------------------------------------------------------------ scoring
+
+    multi_process: ClassVar[bool] = False  # whether a run of this family may be launched on several processes
+
+    @abstractmethod
+    def score(self, model: Model, data: UnlearnData, original: bool = False) -> Scores:
+        """Score `model` on the task with the recipe's `eval.metrics`; `original`: it is the model before
+        unlearning (comparisons of a model with itself are skipped)."""
+
+    @classmethod
+    def compare(cls, metrics: dict, reference: dict | None) -> dict:
+        """Keys that set the unlearned model's scores against the original's (`original_*` in `metrics`) or
+        Retrain's (`reference`, its metrics): none by default."""
+        return {}
+
+    # ---------------------------------------------------------------------------------------------- writing
+
+    def save_model(self, model: Model, output: Path) -> None:
+        """The unlearned model, in the format the user brought (`output/model`)."""
+        model.save(output / "model")
+
+    def save_artifacts(self, output: Path, scores: Scores, original: Scores | None) -> dict[str, dict]:
+        """Write what a reader looks at besides numbers (sample grids); returns {name: {kind: file}}."""
+        return {}
+
+    def report(self, data: UnlearnData, metrics: dict, artifacts: dict) -> str:
+        """report.md: the header, the metric table (original / unlearned / Retrain), the family's sections."""
+        has_gap = any(key.startswith("gap_") for key in metrics)
+        lines = [
+            *self.report_header(data, metrics),
+            f"- run time (RTE): {metrics['RTE_s']:.1f} s on {metrics.get('device', '?')}"
+            f" ({metrics.get('num_processes', 1)} process(es))",
+            "",
+            "| metric | original | unlearned | Retrain |" + (" gap |" if has_gap else ""),
+            "|---|---|---|---|" + ("---|" if has_gap else ""),
+        ]
+        for key in self.report_keys(metrics):
+            info = self.info(key)
+            title = info.title + (f": {key.split(':', 1)[1]}" if ":" in key else "")
+            unit = f" ({info.unit})" if info.unit else ""
+            row = f"| {title}{unit} | {fmt(metrics.get(f'original_{key}'))} | {fmt(metrics[key])} | "
+            row += f"{fmt(metrics.get(f'retrain_{key}'))} |"
+            lines.append(row + (f" {fmt(metrics.get(f'gap_{key}'))} |" if has_gap else ""))
+        lines += self.report_sections(data, metrics, artifacts)
+        lines += ["", "Metrics:", ""]
+        for key in self.report_keys(metrics):
+            info = self.info(key)
+            if ":" not in key:
+                lines.append(f"- {info.title}: {info.meaning}; {better_text(info.better)}.")
+        lines += ["", f"Files: {self.files}", ""]
+        return "\n".join(lines)
+
+    files = (
+        "`model/` (the unlearned model), `recipe.yaml` (resolved), `metrics.json`, `train.jsonl`, `run.log`."
+    )
+
+    def report_keys(self, metrics: dict) -> list[str]:
+        """The keys of the report's main table: scalar catalogue keys the run wrote, in catalogue order, each
+        followed by its per-concept keys."""
+        keys = []
+        for key in self.catalogue:
+            if "<" in key or key not in metrics:
+                continue
+            keys.append(key)
+            keys += [k for k in metrics if k.startswith(f"{key}:")]
+        return keys
+
+    def report_header(self, data: UnlearnData, metrics: dict) -> list[str]:
+        recipe = self.recipe
+        return [
+            f"# {recipe.method} on `{recipe.model.checkpoint}`",
+            "",
+            f"- task: {data.describe()}",
+        ]
+
+    def report_sections(self, data: UnlearnData, metrics: dict, artifacts: dict) -> list[str]:
+        return []
+
+    def headline(self, metrics: dict) -> str:
+        """One line for the log: the bench columns the run has."""
+        shown = [
+            f"{self.info(k).title} {metrics[k]:.2f}" for k in self.columns if k in metrics and k != "RTE_s"
+        ]
+        return "  ".join([*shown, f"RTE {metrics['RTE_s']:.1f}s"])
+
+    # -------------------------------------------------------------------------------------------- the bench
+
+    @classmethod
+    def bench_row(cls, metrics: dict, reference: dict) -> dict:
+        """A method's row of the bench: the table's columns and their per-concept keys."""
+        keys = [*cls.columns, *cls.row_extras]
+        row = {k: metrics[k] for k in keys if k in metrics}
+        row.update({k: v for k, v in metrics.items() if ":" in k and k.split(":")[0] in cls.columns})
+        return row
+
+    row_extras: ClassVar[tuple[str, ...]] = ()  # keys kept in results.json beside the table's columns
+
+    @classmethod
+    def reference_rows(cls, reference: dict) -> tuple[dict, dict]:
+        """The `original` and Retrain rows of the bench, from the Retrain run's metrics."""
+        original = {k[len("original_") :]: v for k, v in reference.items() if k.startswith("original_")}
+        return {**cls.bench_row(original, reference), "RTE_s": 0.0}, cls.bench_row(reference, reference)
+
+
+def fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def better_text(direction: str) -> str:
+    return {"higher": "higher is better", "lower": "lower is better"}.get(
+        direction, "best when close to Retrain"
+    )
+
+
+def share(hits: torch.Tensor) -> float:
+    """Percent of True entries; NaN for none."""
+    return 100.0 * float(hits.float().mean()) if len(hits) else math.nan
+
+
+def recipe_judge(recipe: Recipe, device):
+    """The classifier that tells which class or concept a generation shows: `eval.judge`, else the digits
+    world's classifier for digits recipes, else None."""
+    from ..metrics.generation import load_judge
+
+    if recipe.eval.judge:
+        judge = load_judge(recipe.eval.judge)
+    elif recipe.data.dataset == "digits":
+        from ..worlds.digits import load_digits_classifier
+
+        judge = load_digits_classifier()
+    else:
+        return None
+    return judge.to(device) if isinstance(judge, torch.nn.Module) else judge
+
+
+def features_of(judge):
+    """The judge's penultimate features (a `Classifier`), else its logits: FID's feature extractor."""
+    return getattr(judge, "features", judge)

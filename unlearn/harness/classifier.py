@@ -1,0 +1,267 @@
+"""The classifier harness: forget / retain / test sets, UA / RA / TA / MIA, per-class and representation
+metrics, SalUn's Avg. Gap to Retrain."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data import UnlearnData, forget_classes, forget_fraction
+from ..datasets import load_dataset
+from .base import Harness, MetricInfo, Scores, fmt
+
+GAP_KEYS = ("UA", "RA", "TA", "MIA")
+
+
+def classifier_task(recipe) -> UnlearnData:
+    """The forget / retain / test sets a recipe names: whole classes, or a seeded random share."""
+    spec = recipe.data
+    train = load_dataset(spec.dataset, "train", spec.root, spec.download, spec.image_size)
+    test = load_dataset(spec.dataset, "test", spec.root, spec.download, spec.image_size)
+    if spec.forget_class is not None:
+        return forget_classes(train, test, spec.forget_class)
+    return forget_fraction(train, test, spec.forget_fraction, seed=recipe.seed)
+
+
+@torch.no_grad()
+def _logits(model, dataset, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    outputs, labels = [], []
+    for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        outputs.append(model(images.to(device)).float().cpu())
+        labels.append(targets)
+    if not outputs:
+        return torch.zeros(0, model.num_classes), torch.zeros(0, dtype=torch.long)
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    if len(labels) == 0:
+        return math.nan
+    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+
+
+@torch.no_grad()
+def score_classifier(model, data: UnlearnData, names, batch_size: int = 256, references=None) -> dict:
+    """UA, RA, TA, MIA (percent), `forget_test_acc`, `acc_class_<c>` and, given reference models, the
+    representation metrics of a classifier on a task (see `ClassifierHarness.catalogue`)."""
+    from ..metrics.classification import MEMBER, NONMEMBER, TARGET, MIAEfficacy, PerClassAccuracy
+
+    ClassifierHarness.check_metrics(names)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    forget = _logits(model, data.forget, batch_size, device)
+    retain = _logits(model, data.retain, batch_size, device)
+    test = _logits(model, data.test, batch_size, device)
+    test_forget = _logits(model, data.test_forget, batch_size, device)
+    results: dict[str, float] = {}
+    if "UA" in names:
+        results["UA"] = 100.0 - _accuracy(*forget)
+    if "RA" in names:
+        results["RA"] = _accuracy(*retain)
+    if "TA" in names:
+        results["TA"] = _accuracy(*test)
+    if data.forget_classes:
+        results["forget_test_acc"] = _accuracy(*test_forget)
+    if "MIA" in names:
+        # Members: the first |D_test| retain examples in dataset order (as the reference code takes them).
+        members = min(len(data.test), len(data.retain))
+        # No sync across processes: scoring sees the whole sets in one process (the pipeline scores on the
+        # main process only), and a sync would wait forever for processes that are not computing.
+        mia = MIAEfficacy(sync_on_compute=False)
+        mia.update(retain[0][:members], retain[1][:members], MEMBER)
+        mia.update(*test, NONMEMBER)
+        mia.update(*forget, TARGET)
+        results["MIA"] = float(mia.compute())
+    if "per_class" in names:
+        per_class = PerClassAccuracy(data.num_classes, sync_on_compute=False)
+        per_class.update(torch.cat([test[0], test_forget[0]]), torch.cat([test[1], test_forget[1]]))
+        for c, value in enumerate(per_class.compute().tolist()):
+            results[f"acc_class_{c}"] = value
+    if "representation" in names and references:
+        from ..metrics.representation import representation_metrics
+
+        results.update(representation_metrics(model, data, references, batch_size))
+    model.train(was_training)
+    return results
+
+
+class ClassifierHarness(Harness):
+    family = "classifier"
+    catalogue = {
+        "UA": MetricInfo("UA", "unlearning accuracy: 100 − accuracy on the forget set", "retrain"),
+        "RA": MetricInfo("RA", "remaining accuracy: accuracy on the retain set", "higher"),
+        "TA": MetricInfo(
+            "TA", "testing accuracy: accuracy on the test set, forgotten classes removed", "higher"
+        ),
+        "forget_test_acc": MetricInfo(
+            "forget test acc.",
+            "test accuracy on the forgotten classes (class-wise tasks)",
+            "retrain",
+            "%",
+            "TA",
+        ),
+        "MIA": MetricInfo(
+            "MIA",
+            "MIA-efficacy: share of forget examples an SVC attack on true-label confidence calls non-member",
+            "retrain",
+        ),
+        "per_class": MetricInfo("per class", "test accuracy per class (keys acc_class_<c>)", "higher"),
+        "acc_class_<c>": MetricInfo("acc. class", "test accuracy of class c", "higher", "%", "per_class"),
+        "representation": MetricInfo(
+            "representation",
+            "linear CKA of penultimate features to the original and Retrain models, and linear probe / 5-NN "
+            "accuracy on the forgotten data from frozen features",
+            "retrain",
+        ),
+        **{
+            f"CKA_{part}_{ref}": MetricInfo(
+                f"CKA {part}→{'orig' if ref == 'original' else 'Retrain'}",
+                f"linear CKA of penultimate features on the {part} set to the {ref} model's",
+                "retrain",
+                "%",
+                "representation",
+            )
+            for part in ("forget", "test")
+            for ref in ("original", "retrain")
+        },
+        "probe_forget": MetricInfo(
+            "probe forget",
+            "a linear probe on frozen features reads the forgotten data out (accuracy)",
+            "retrain",
+            "%",
+            "representation",
+        ),
+        "knn_forget": MetricInfo(
+            "5-NN forget",
+            "5-NN on frozen features on the forgotten data (accuracy)",
+            "retrain",
+            "%",
+            "representation",
+        ),
+        **{
+            f"gap_{key}": MetricInfo(
+                f"gap {key}", f"|{key} − Retrain's {key}|", "lower", "%", "eval.reference"
+            )
+            for key in GAP_KEYS
+        },
+        "avg_gap": MetricInfo(
+            "Avg. Gap",
+            "SalUn's Avg. Gap: mean |metric − Retrain| over UA, RA, TA, MIA",
+            "lower",
+            "%",
+            "eval.reference",
+        ),
+    }
+    default_metrics = ("UA", "RA", "TA", "MIA", "per_class", "representation")
+    multi_process = True
+    columns = (
+        "UA",
+        "RA",
+        "TA",
+        "MIA",
+        "avg_gap",
+        "CKA_forget_original",
+        "CKA_forget_retrain",
+        "CKA_test_retrain",
+        "probe_forget",
+        "RTE_s",
+    )
+    row_extras = ("gap_UA", "gap_RA", "gap_TA", "gap_MIA")
+    legend = (
+        "UA, RA, TA, MIA in percent (mean ± std over seeds); Avg. Gap = mean |metric − Retrain| over "
+        "UA, RA, TA, MIA, per seed; CKA = linear CKA (percent) of penultimate features on the forget / test "
+        "set to the original model and to Retrain; probe forget = accuracy of a linear probe on frozen features "
+        "on the forgotten data; `original` is the model before unlearning."
+    )
+
+    def setup(self):
+        from ..models import load_model
+
+        data = classifier_task(self.recipe)
+        spec = self.recipe.model
+        model = load_model(spec.checkpoint, spec.arch, data.num_classes, spec.family)
+        return model.to(self.device), data
+
+    def load_output(self, path: Path, data: UnlearnData):
+        from ..models.classifier import load_classifier
+
+        return load_classifier(path, self.recipe.model.arch, data.num_classes).to(self.device)
+
+    def before(self, original, data, reference_dir):
+        """The representation metrics compare the unlearned features with the original's and Retrain's."""
+        self.references = {}
+        if "representation" in self.names:
+            self.references["original"] = original.frozen_copy()
+            if reference_dir is not None and (reference_dir / "model").exists():
+                self.references["retrain"] = self.load_output(reference_dir / "model", data)
+
+    def score(self, model, data, original: bool = False) -> Scores:
+        references = None if original else getattr(self, "references", None)
+        return Scores(score_classifier(model, data, self.names, self.recipe.eval.batch_size, references))
+
+    @classmethod
+    def compare(cls, metrics: dict, reference: dict | None) -> dict:
+        if reference is None:
+            return {}
+        keys = [k for k in GAP_KEYS if k in metrics and k in reference]
+        out = {f"gap_{k}": abs(float(metrics[k]) - float(reference[k])) for k in keys}
+        if len(keys) == len(GAP_KEYS):  # SalUn's Avg. Gap is over all four
+            out["avg_gap"] = sum(out.values()) / len(out)
+        out.update({f"retrain_{k}": reference[k] for k in (*GAP_KEYS, "RTE_s") if k in reference})
+        return out
+
+    def report_header(self, data, metrics):
+        recipe = self.recipe
+        return [
+            f"# {recipe.method} on {recipe.data.dataset}",
+            "",
+            f"- task: {data.describe()}",
+            f"- model: {recipe.model.arch} from `{recipe.model.checkpoint}`",
+        ]
+
+    def report_keys(self, metrics: dict) -> list[str]:
+        return [k for k in super().report_keys(metrics) if not k.startswith("gap_")]
+
+    def report_sections(self, data, metrics, artifacts):
+        lines = []
+        if "avg_gap" in metrics:
+            lines += ["", f"Average gap to Retrain over UA, RA, TA, MIA: **{metrics['avg_gap']:.2f}**"]
+        per_class = sorted(
+            (int(k.rsplit("_", 1)[1]), v) for k, v in metrics.items() if k.startswith("acc_class_")
+        )
+        if per_class:
+            forgotten = set(data.forget_classes)
+            lines += [
+                "",
+                "Test accuracy per class (forgotten classes marked *):",
+                "",
+                "| class | " + " | ".join(f"{c}{'*' if c in forgotten else ''}" for c, _ in per_class) + " |",
+                "|---|" + "---|" * len(per_class),
+                "| original | "
+                + " | ".join(fmt(metrics.get(f"original_acc_class_{c}")) for c, _ in per_class)
+                + " |",
+                "| unlearned | " + " | ".join(fmt(v) for _, v in per_class) + " |",
+            ]
+        return lines
+
+    @classmethod
+    def reference_rows(cls, reference: dict) -> tuple[dict, dict]:
+        """The original and Retrain rows; their CKA columns come from the Retrain run's CKA to the original
+        (CKA is symmetric), and 100 for a model against itself. Their gaps are to the Retrain row."""
+        original, retrain = super().reference_rows(reference)
+        if "CKA_forget_original" in reference:
+            between = {"forget": reference["CKA_forget_original"], "test": reference["CKA_test_original"]}
+            for row, own, other in ((original, "original", "retrain"), (retrain, "retrain", "original")):
+                row.update({f"CKA_{part}_{own}": 100.0 for part in between})
+                row.update({f"CKA_{part}_{other}": value for part, value in between.items()})
+        return original, retrain
+
+    @classmethod
+    def bench_row(cls, metrics: dict, reference: dict) -> dict:
+        row = super().bench_row(metrics, reference)
+        row.update({k: v for k, v in cls.compare(metrics, reference).items() if not k.startswith("retrain_")})
+        return row

@@ -1,0 +1,367 @@
+"""The diffusion harness: a class of a class-conditional DDPM or a concept of a text-to-image model, judged on
+generations before and after unlearning (same seeds), with FID and CLIP score (reference/evals.md §2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data import UnlearnData, forget_digits_concept, forget_generated_concept
+from ..datasets import load_dataset
+from ..errors import ConfigError
+from .base import Harness, MetricInfo, Scores, features_of, recipe_judge, share
+
+JUDGED = ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy")
+
+
+class DiffusionHarness(Harness):
+    family = "diffusion"
+    catalogue = {
+        "erasure_rate": MetricInfo(
+            "erasure (exact)",
+            "share of generations from the erased concept's prompts (or class) the judge still calls it "
+            "(several concepts: their mean; each one as erasure_rate:<concept>)",
+            "lower",
+        ),
+        "erasure_rate:<concept>": MetricInfo(
+            "erasure (exact)",
+            "erasure_rate of one of several concepts erased together",
+            "lower",
+            "%",
+            "erasure_rate",
+        ),
+        "erasure_rate_paraphrase": MetricInfo(
+            "erasure (paraphrase)", "erasure_rate on paraphrases of the concept that no method saw", "lower"
+        ),
+        "erasure_rate_paraphrase:<concept>": MetricInfo(
+            "erasure (paraphrase)",
+            "erasure_rate_paraphrase of one of several concepts",
+            "lower",
+            "%",
+            "erasure_rate_paraphrase",
+        ),
+        "retain_accuracy": MetricInfo(
+            "retained acc.",
+            "share of generations for the kept classes / prompts the judge calls the prompted one",
+            "higher",
+        ),
+        "neighbor_accuracy": MetricInfo(
+            "neighbours acc.",
+            "retained accuracy on the classes next to an erased one (over-erasure shows there first)",
+            "higher",
+            "%",
+            "retain_accuracy",
+        ),
+        "unrelated_accuracy": MetricInfo(
+            "others acc.", "retained accuracy on the other kept classes", "higher", "%", "retain_accuracy"
+        ),
+        "fid": MetricInfo(
+            "FID (retained)",
+            "Fréchet distance of the retained generations to real retained images (judge features or Inception)",
+            "lower",
+            "",
+        ),
+        "clip_score": MetricInfo(
+            "CLIP score",
+            "100 × mean cosine of CLIP image and prompt embeddings, retained prompts",
+            "higher",
+            "",
+        ),
+        "clip_score_forget": MetricInfo(
+            "CLIP score (forget)", "CLIP score of the forget prompts' generations", "lower", "", "clip_score"
+        ),
+    }
+    default_metrics = ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid")
+    columns = (
+        "erasure_rate",
+        "erasure_rate_paraphrase",
+        "retain_accuracy",
+        "neighbor_accuracy",
+        "unrelated_accuracy",
+        "fid",
+        "RTE_s",
+    )
+    row_extras = ("clip_score",)
+    legend = (
+        "Erasure = share (percent) of generations from the erased concept's prompts (exact / paraphrases no "
+        "method saw) that the judge classifies as the concept (several concepts: the mean, and each concept's "
+        "own column); retained acc. = the judge's accuracy on generations of the kept classes, split into the "
+        "neighbours of the erased concepts (the digits next to them) and the others; FID between those "
+        "generations and real images of the kept classes (judge features); mean ± std over seeds; `original` is "
+        "the model before unlearning."
+    )
+    files = (
+        "`model/` (a diffusers pipeline folder), `edit.safetensors` (the changed UNet tensors only), "
+        "`recipe.yaml`, `metrics.json`, `train.jsonl`, `run.log`."
+    )
+
+    def setup(self):
+        from ..models import load_model
+
+        spec = self.recipe.model
+        model = self.prepare(load_model(spec.checkpoint, spec.arch, 0, spec.family))
+        return model, self.task(model)
+
+    def prepare(self, model):
+        """On the device; frozen parts in half precision where the recipe trains in mixed precision (the
+        trainable UNet keeps fp32 weights), as in the run."""
+        model.to(self.device)
+        train = self.recipe.train
+        if train.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        if train.mixed_precision != "no":
+            model.cast_frozen(torch.bfloat16 if train.mixed_precision == "bf16" else torch.float16)
+        return model
+
+    def load_output(self, path: Path, data):
+        from ..models.diffusion import load_diffusion
+
+        return self.prepare(load_diffusion(path))
+
+    def task(self, model) -> UnlearnData:
+        """The erasure task: a digits class or concept, or a concept whose images the original model draws."""
+        recipe, spec = self.recipe, self.recipe.data
+        if spec.dataset == "digits":
+            train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+            return forget_digits_concept(
+                train,
+                test,
+                model.conditioning,
+                spec.concept,
+                spec.forget_class,
+                spec.anchor,
+                seed=recipe.seed,
+            )
+        if model.conditioning != "text":
+            raise ConfigError(
+                "dataset: generated erases a concept from a text-to-image model; this one takes no text"
+            )
+        return forget_generated_concept(
+            model,
+            spec.concept,
+            spec.forget_prompts,
+            spec.paraphrases,
+            spec.retain_prompts,
+            spec.anchor,
+            spec.num_images,
+            concept_label=recipe.eval.concept_label,
+            guidance=recipe.eval.guidance,
+            steps=recipe.eval.steps,
+            seed=recipe.seed,
+        )
+
+    def before(self, original, data, reference_dir):
+        """The judge, the metrics it allows, FID's cached real statistics, and the UNet's weights (for the
+        edit file)."""
+        ev = self.recipe.eval
+        self.judge = recipe_judge(self.recipe, self.device)
+        if self.judge is None and set(JUDGED) & set(self.names):
+            self.names = [n for n in self.names if n not in JUDGED]
+            self.log("no judge (eval.judge): erasure rates and retained accuracy are not computed")
+        if self.judge is None and ev.fid_features == "judge" and "fid" in self.names:
+            self.names.remove("fid")
+            self.log(
+                "no judge to take FID features from: FID needs eval.judge or eval.fid_features: inception"
+            )
+        self.fid_cache = None
+        if self.recipe.data.dataset == "digits" and ev.fid_features == "judge":
+            from ..worlds import cache_dir
+
+            name = f"digits-retain-{data.prompts.concept}-{original.conditioning}-judge.npz"
+            self.fid_cache = cache_dir() / "fid" / name
+        self.unet_before = {n: t.detach().cpu().clone() for n, t in original.unet.state_dict().items()}
+
+    def score(self, model, data, original: bool = False) -> Scores:
+        ev = self.recipe.eval
+        metrics, images = evaluate_generation(
+            model,
+            data,
+            self.names,
+            self.judge,
+            ev.samples,
+            ev.steps,
+            ev.guidance,
+            self.recipe.seed,
+            ev.batch_size,
+            ev.fid_features,
+            self.fid_cache,
+            ev.clip_model,
+        )
+        return Scores(metrics, images)
+
+    @classmethod
+    def compare(cls, metrics, reference):
+        if reference is None:
+            return {}
+        keys = [k for k in metrics if k in reference and not k.startswith("original_")]
+        return {f"retrain_{k}": reference[k] for k in keys if k not in ("device", "num_processes")}
+
+    def save_model(self, model, output: Path) -> None:
+        """The pipeline folder, and the edit alone: the UNet tensors the method changed, under their diffusers
+        names (load them over the original UNet with `load_state_dict(..., strict=False)`)."""
+        from ..checkpoints import save_state_dict
+
+        model.save(output / "model")
+        after = model.unet.state_dict()
+        changed = {
+            n: t.detach().cpu()
+            for n, t in after.items()
+            if not torch.equal(t.detach().cpu(), self.unet_before[n])
+        }
+        save_state_dict(changed, output / "edit.safetensors")
+
+    def save_artifacts(self, output, scores, original):
+        from ..metrics.generation import save_grid
+
+        grids = {}
+        for name, after in scores.images.items():
+            count = min(len(after), 40)
+            grids[name] = {
+                "unlearned": save_grid(after[:count], output / f"samples_{name}.png", nrow=10).name
+            }
+            if original is not None and name in original.images:
+                path = save_grid(
+                    original.images[name][:count], output / f"samples_{name}_original.png", nrow=10
+                )
+                grids[name]["original"] = path.name
+        return grids
+
+    def report_header(self, data, metrics):
+        recipe, prompts = self.recipe, data.prompts
+        more = " ..." if len(prompts.forget) > 6 else ""
+        return [
+            f"# {recipe.method}: erase {prompts.concept!r} from `{recipe.model.checkpoint}`",
+            "",
+            f"- task: {data.describe()}",
+            f"- forget conditions: {', '.join(map(repr, prompts.forget[:6]))}{more}",
+            f"- anchor: {', '.join(map(repr, dict.fromkeys(prompts.anchor)))}",
+            f"- paraphrases (never seen by the method): {', '.join(map(repr, prompts.paraphrases)) or '–'}",
+            f"- sampling: {recipe.eval.samples} images per set, {recipe.eval.steps} DDIM steps, guidance "
+            f"{recipe.eval.guidance}",
+        ]
+
+    def report_sections(self, data, metrics, artifacts):
+        lines = []
+        for name, files in artifacts.items():
+            lines += ["", f"## Samples: {name} conditions (same seeds before and after)", ""]
+            if "original" in files:
+                lines += ["Original:", "", f"![original {name}]({files['original']})", ""]
+            lines += ["Unlearned:", "", f"![unlearned {name}]({files['unlearned']})"]
+        return lines
+
+
+@torch.no_grad()
+def evaluate_generation(
+    model,
+    data: UnlearnData,
+    names=DiffusionHarness.default_metrics,
+    judge=None,
+    samples: int = 100,
+    steps: int = 25,
+    guidance: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    fid_features: str = "judge",
+    fid_cache=None,
+    clip_model: str | None = None,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Score a diffusion model on a concept-erasure task by generating and judging (see the catalogue).
+
+    Every set is generated from fixed seeds (image i of a set always starts from the same noise), so scores
+    and sample grids before and after unlearning compare the same draws: `samples` generations from the
+    forget conditions and from the paraphrases (per concept when several are erased together, each scored
+    against its own label), and `samples` per retained class (text models: spread over that class's prompts).
+    FID compares the retained generations with the real retained images (the retain set).
+
+    Returns:
+        The metrics and the generated images by set ("forget", "paraphrase", "retain"), for sample grids.
+    """
+    from ..metrics.generation import clip_score, fid, judge_labels
+
+    DiffusionHarness.check_metrics(names)
+    prompts = data.prompts
+    parts = prompts.split()
+    needs_judge = set(JUDGED) & set(names)
+    if needs_judge and (judge is None or any(p.concept_label is None for p in parts)):
+        raise ConfigError(
+            f"metrics {sorted(needs_judge)} need a judge that knows each concept's label: set eval.judge and "
+            "eval.concept_label (one label per concept when several are erased), or drop them from eval.metrics"
+        )
+    results: dict[str, float] = {}
+    images: dict[str, torch.Tensor] = {}
+
+    def draw(conditions: list, offset: int) -> torch.Tensor:
+        return model.generate(
+            model.as_conditions(conditions),
+            steps=steps,
+            guidance=guidance,
+            seed=seed + offset,
+            batch_size=batch_size,
+        )
+
+    def erasure(key: str, kind: str, offset: int) -> list:
+        """`samples` generations per concept from its conditions of `kind`, and the share judged as the
+        concept; returns the conditions."""
+        conditions, labels, spans = [], [], []
+        for part in parts:
+            own = getattr(part, kind)
+            if own:
+                spans.append((part.concept, len(conditions), len(conditions) + samples))
+                conditions += [own[i % len(own)] for i in range(samples)]
+                labels += [part.concept_label] * samples
+        metric = "erasure_rate" if key == "forget" else "erasure_rate_paraphrase"
+        if not conditions:
+            return conditions
+        images[key] = draw(conditions, offset)
+        if metric not in names:
+            return conditions
+        hits = judge_labels(judge, images[key]) == torch.tensor(labels)
+        results[metric] = share(hits)
+        if len(parts) > 1:
+            for concept, start, stop in spans:
+                results[f"{metric}:{concept}"] = share(hits[start:stop])
+        return conditions
+
+    forget = erasure("forget", "forget", 0)
+    erasure("paraphrase", "paraphrases", 1)
+    retain, labels = _per_label(prompts.retain, prompts.retain_labels, samples)
+    if retain:
+        images["retain"] = draw(retain, 2)
+    if "retain_accuracy" in names and labels:
+        labels = torch.tensor(labels)
+        correct = judge_labels(judge, images["retain"]) == labels
+        results["retain_accuracy"] = share(correct)
+        if prompts.neighbor_labels:
+            near = torch.isin(labels, torch.tensor(prompts.neighbor_labels))
+            results["neighbor_accuracy"] = share(correct[near])
+            results["unrelated_accuracy"] = share(correct[~near])
+    if "fid" in names and retain:
+        cached = fid_cache is not None and Path(fid_cache).exists()  # real statistics computed once
+        real = None if cached else torch.stack([data.retain[i][0] for i in range(len(data.retain))])
+        extractor = "inception" if fid_features == "inception" else features_of(judge)
+        results["fid"] = fid(real, images["retain"], extractor, device=model.device, cache=fid_cache)
+    if "clip_score" in names or clip_model:
+        if clip_model is None:
+            raise ConfigError("clip_score needs a local CLIP model folder: set eval.clip_model")
+        if model.conditioning == "text":
+            results["clip_score_forget"] = clip_score(
+                images["forget"], forget, clip_model, device=model.device
+            )
+            if retain:
+                results["clip_score"] = clip_score(images["retain"], retain, clip_model, device=model.device)
+    return results, images
+
+
+def _per_label(conditions: list, labels: list, per_label: int) -> tuple[list, list]:
+    """`per_label` conditions for each judge label, cycling through that label's conditions in order."""
+    if not labels:
+        return [conditions[i % len(conditions)] for i in range(per_label)] if conditions else [], []
+    by_label: dict = {}
+    for condition, label in zip(conditions, labels):
+        by_label.setdefault(label, []).append(condition)
+    chosen, chosen_labels = [], []
+    for label, group in by_label.items():
+        chosen += [group[i % len(group)] for i in range(per_label)]
+        chosen_labels += [label] * per_label
+    return chosen, chosen_labels
