@@ -326,6 +326,7 @@ class _ScriptedModel:
 
     conditioning = "text"
     device = torch.device("cpu")
+    unet = torch.nn.Linear(1, 1)
 
     def __init__(self, answers):
         from unlearn.worlds.digits_text import CAPTIONS
@@ -343,11 +344,34 @@ def _scripted_judge(images):
     return torch.nn.functional.one_hot((images.mean((1, 2, 3)) * 10).round().long(), 10).float()
 
 
+def scripted_judge():
+    """The `eval.judge` factory of `_judged`."""
+    return _scripted_judge
+
+
+def _judged(model, task, names, samples: int) -> tuple[dict, dict]:
+    """The diffusion harness's scores of `model` on `task`, judged by `_scripted_judge`."""
+    from unlearn.harness import DiffusionHarness
+    from unlearn.recipe import from_dict
+
+    recipe = from_dict(
+        {
+            "method": "esd",
+            "model": {"family": "diffusion", "checkpoint": "scripted"},
+            "data": {"dataset": "generated", "concept": "scripted"},
+            "eval": {"metrics": list(names), "samples": samples, "judge": "test_diffusion:scripted_judge"},
+        }
+    )
+    harness = DiffusionHarness(recipe)
+    harness.before(model, task, None)
+    scores = harness.score(model, task)
+    return scores.metrics, scores.images
+
+
 def test_generation_scores_each_concept_and_the_neighbours_apart():
     """Per-concept erasure rates and their mean; neighbour and unrelated accuracy split the retained digits."""
     from unlearn.data import forget_digits_concept
     from unlearn.datasets import load_dataset
-    from unlearn.harness.diffusion import evaluate_generation
     from unlearn.worlds.digits_text import CAPTIONS
 
     task = forget_digits_concept(
@@ -357,7 +381,7 @@ def test_generation_scores_each_concept_and_the_neighbours_apart():
     answers = {c: 4 for c in CAPTIONS[3]} | {c: 8 for c in task.prompts.split()[1].forget}
     answers |= {c: 1 for c in CAPTIONS[2]}
     names = ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy")
-    results, images = evaluate_generation(_ScriptedModel(answers), task, names, _scripted_judge, samples=10)
+    results, images = _judged(_ScriptedModel(answers), task, names, samples=10)
     assert results["erasure_rate:three"] == 0 and results["erasure_rate:seven"] == 0
     assert results["erasure_rate_paraphrase:three"] == 0 and results["erasure_rate_paraphrase:seven"] == 100
     assert results["erasure_rate_paraphrase"] == 50 and results["erasure_rate"] == 0
@@ -370,7 +394,6 @@ def test_generated_multi_concept_runs_are_judged_per_concept():
     """Several concepts on generated data: `eval.concept_label` gives one judge label per concept, so each part
     is judged against its own label."""
     from unlearn.data import forget_generated_concept
-    from unlearn.harness.diffusion import evaluate_generation
 
     model = _ScriptedModel({"three": 3, "seven": 2, "a house": 1})  # "seven" already erased to a two
     task = forget_generated_concept(
@@ -385,9 +408,7 @@ def test_generated_multi_concept_runs_are_judged_per_concept():
         retain_labels=[1],
     )
     assert [p.concept_label for p in task.prompts.split()] == [3, 7]
-    results, _ = evaluate_generation(
-        model, task, ("erasure_rate", "retain_accuracy"), _scripted_judge, samples=4
-    )
+    results, _ = _judged(model, task, ("erasure_rate", "retain_accuracy"), samples=4)
     assert results["erasure_rate:three"] == 100 and results["erasure_rate:seven"] == 0
     assert results["retain_accuracy"] == 100
 

@@ -172,23 +172,87 @@ class DiffusionHarness(Harness):
             self.fid_cache = cache_dir() / "fid" / name
         self.unet_before = {n: t.detach().cpu().clone() for n, t in original.unet.state_dict().items()}
 
+    @torch.no_grad()
     def score(self, model, data, original: bool = False) -> Scores:
-        ev = self.recipe.eval
-        metrics, images = evaluate_generation(
-            model,
-            data,
-            self.names,
-            self.judge,
-            ev.samples,
-            ev.steps,
-            ev.guidance,
-            self.recipe.seed,
-            ev.batch_size,
-            ev.fid_features,
-            self.fid_cache,
-            ev.clip_model,
-        )
-        return Scores(metrics, images)
+        """Generate and judge (see the catalogue). Every set is generated from fixed seeds (image i of a set
+        always starts from the same noise), so scores and sample grids before and after unlearning compare the
+        same draws: `eval.samples` generations from the forget conditions and from the paraphrases (per concept
+        when several are erased together, each judged against its own label), and `eval.samples` per retained
+        class (text models: spread over that class's prompts). FID compares the retained generations with the
+        real retained images (the retain set). The images come back by set: forget, paraphrase, retain."""
+        from ..metrics.generation import clip_score, fid, judge_labels
+
+        ev, names, judge, samples = self.recipe.eval, self.names, self.judge, self.recipe.eval.samples
+        prompts = data.prompts
+        parts = prompts.split()
+        needs_judge = set(JUDGED) & set(names)
+        if needs_judge and (judge is None or any(p.concept_label is None for p in parts)):
+            raise ConfigError(
+                f"metrics {sorted(needs_judge)} need a judge that knows each concept's label: set eval.judge and "
+                "eval.concept_label (one label per concept when several are erased), or drop them from eval.metrics"
+            )
+        results: dict[str, float] = {}
+        images: dict[str, torch.Tensor] = {}
+
+        def draw(conditions: list, offset: int) -> torch.Tensor:
+            conditions = model.as_conditions(conditions)
+            seed = self.recipe.seed + offset
+            return model.generate(
+                conditions, steps=ev.steps, guidance=ev.guidance, seed=seed, batch_size=ev.batch_size
+            )
+
+        def erasure(key: str, kind: str, offset: int) -> list:
+            """`samples` generations per concept from its conditions of `kind`, and the share judged as the
+            concept; returns the conditions."""
+            conditions, labels, spans = [], [], []
+            for part in parts:
+                own = getattr(part, kind)
+                if own:
+                    spans.append((part.concept, len(conditions), len(conditions) + samples))
+                    conditions += [own[i % len(own)] for i in range(samples)]
+                    labels += [part.concept_label] * samples
+            metric = "erasure_rate" if key == "forget" else "erasure_rate_paraphrase"
+            if not conditions:
+                return conditions
+            images[key] = draw(conditions, offset)
+            if metric not in names:
+                return conditions
+            hits = judge_labels(judge, images[key]) == torch.tensor(labels)
+            results[metric] = share(hits)
+            if len(parts) > 1:
+                for concept, start, stop in spans:
+                    results[f"{metric}:{concept}"] = share(hits[start:stop])
+            return conditions
+
+        forget = erasure("forget", "forget", 0)
+        erasure("paraphrase", "paraphrases", 1)
+        retain, labels = _per_label(prompts.retain, prompts.retain_labels, samples)
+        if retain:
+            images["retain"] = draw(retain, 2)
+        if "retain_accuracy" in names and labels:
+            labels = torch.tensor(labels)
+            correct = judge_labels(judge, images["retain"]) == labels
+            results["retain_accuracy"] = share(correct)
+            if prompts.neighbor_labels:
+                near = torch.isin(labels, torch.tensor(prompts.neighbor_labels))
+                results["neighbor_accuracy"] = share(correct[near])
+                results["unrelated_accuracy"] = share(correct[~near])
+        if "fid" in names and retain:
+            cached = (
+                self.fid_cache is not None and Path(self.fid_cache).exists()
+            )  # real statistics computed once
+            real = None if cached else torch.stack([data.retain[i][0] for i in range(len(data.retain))])
+            extractor = "inception" if ev.fid_features == "inception" else features_of(judge)
+            results["fid"] = fid(real, images["retain"], extractor, device=model.device, cache=self.fid_cache)
+        if "clip_score" in names or ev.clip_model:
+            if ev.clip_model is None:
+                raise ConfigError("clip_score needs a local CLIP model folder: set eval.clip_model")
+            if model.conditioning == "text":
+                clip = ev.clip_model
+                results["clip_score_forget"] = clip_score(images["forget"], forget, clip, device=model.device)
+                if retain:
+                    results["clip_score"] = clip_score(images["retain"], retain, clip, device=model.device)
+        return Scores(results, images)
 
     @classmethod
     def compare(cls, metrics, reference):
@@ -249,108 +313,6 @@ class DiffusionHarness(Harness):
                 lines += ["Original:", "", f"![original {name}]({files['original']})", ""]
             lines += ["Unlearned:", "", f"![unlearned {name}]({files['unlearned']})"]
         return lines
-
-
-@torch.no_grad()
-def evaluate_generation(
-    model,
-    data: UnlearnData,
-    names=DiffusionHarness.default_metrics,
-    judge=None,
-    samples: int = 100,
-    steps: int = 25,
-    guidance: float = 3.0,
-    seed: int = 0,
-    batch_size: int = 256,
-    fid_features: str = "judge",
-    fid_cache=None,
-    clip_model: str | None = None,
-) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Score a diffusion model on a concept-erasure task by generating and judging (see the catalogue).
-
-    Every set is generated from fixed seeds (image i of a set always starts from the same noise), so scores
-    and sample grids before and after unlearning compare the same draws: `samples` generations from the
-    forget conditions and from the paraphrases (per concept when several are erased together, each scored
-    against its own label), and `samples` per retained class (text models: spread over that class's prompts).
-    FID compares the retained generations with the real retained images (the retain set).
-
-    Returns:
-        The metrics and the generated images by set ("forget", "paraphrase", "retain"), for sample grids.
-    """
-    from ..metrics.generation import clip_score, fid, judge_labels
-
-    DiffusionHarness.check_metrics(names)
-    prompts = data.prompts
-    parts = prompts.split()
-    needs_judge = set(JUDGED) & set(names)
-    if needs_judge and (judge is None or any(p.concept_label is None for p in parts)):
-        raise ConfigError(
-            f"metrics {sorted(needs_judge)} need a judge that knows each concept's label: set eval.judge and "
-            "eval.concept_label (one label per concept when several are erased), or drop them from eval.metrics"
-        )
-    results: dict[str, float] = {}
-    images: dict[str, torch.Tensor] = {}
-
-    def draw(conditions: list, offset: int) -> torch.Tensor:
-        return model.generate(
-            model.as_conditions(conditions),
-            steps=steps,
-            guidance=guidance,
-            seed=seed + offset,
-            batch_size=batch_size,
-        )
-
-    def erasure(key: str, kind: str, offset: int) -> list:
-        """`samples` generations per concept from its conditions of `kind`, and the share judged as the
-        concept; returns the conditions."""
-        conditions, labels, spans = [], [], []
-        for part in parts:
-            own = getattr(part, kind)
-            if own:
-                spans.append((part.concept, len(conditions), len(conditions) + samples))
-                conditions += [own[i % len(own)] for i in range(samples)]
-                labels += [part.concept_label] * samples
-        metric = "erasure_rate" if key == "forget" else "erasure_rate_paraphrase"
-        if not conditions:
-            return conditions
-        images[key] = draw(conditions, offset)
-        if metric not in names:
-            return conditions
-        hits = judge_labels(judge, images[key]) == torch.tensor(labels)
-        results[metric] = share(hits)
-        if len(parts) > 1:
-            for concept, start, stop in spans:
-                results[f"{metric}:{concept}"] = share(hits[start:stop])
-        return conditions
-
-    forget = erasure("forget", "forget", 0)
-    erasure("paraphrase", "paraphrases", 1)
-    retain, labels = _per_label(prompts.retain, prompts.retain_labels, samples)
-    if retain:
-        images["retain"] = draw(retain, 2)
-    if "retain_accuracy" in names and labels:
-        labels = torch.tensor(labels)
-        correct = judge_labels(judge, images["retain"]) == labels
-        results["retain_accuracy"] = share(correct)
-        if prompts.neighbor_labels:
-            near = torch.isin(labels, torch.tensor(prompts.neighbor_labels))
-            results["neighbor_accuracy"] = share(correct[near])
-            results["unrelated_accuracy"] = share(correct[~near])
-    if "fid" in names and retain:
-        cached = fid_cache is not None and Path(fid_cache).exists()  # real statistics computed once
-        real = None if cached else torch.stack([data.retain[i][0] for i in range(len(data.retain))])
-        extractor = "inception" if fid_features == "inception" else features_of(judge)
-        results["fid"] = fid(real, images["retain"], extractor, device=model.device, cache=fid_cache)
-    if "clip_score" in names or clip_model:
-        if clip_model is None:
-            raise ConfigError("clip_score needs a local CLIP model folder: set eval.clip_model")
-        if model.conditioning == "text":
-            results["clip_score_forget"] = clip_score(
-                images["forget"], forget, clip_model, device=model.device
-            )
-            if retain:
-                results["clip_score"] = clip_score(images["retain"], retain, clip_model, device=model.device)
-    return results, images
 
 
 def _per_label(conditions: list, labels: list, per_label: int) -> tuple[list, list]:
