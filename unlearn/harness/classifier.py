@@ -11,9 +11,8 @@ from torch.utils.data import DataLoader
 
 from ..data import UnlearnData, forget_classes, forget_fraction
 from ..datasets import load_dataset
+from ..metrics.functional import GAP_KEYS, gap
 from .base import Harness, MetricInfo, Scores, fmt
-
-GAP_KEYS = ("UA", "RA", "TA", "MIA")
 
 
 def classifier_task(recipe) -> UnlearnData:
@@ -208,9 +207,9 @@ class ClassifierHarness(Harness):
         if reference is None:
             return {}
         keys = [k for k in GAP_KEYS if k in metrics and k in reference]
-        out = {f"gap_{k}": abs(float(metrics[k]) - float(reference[k])) for k in keys}
-        if len(keys) == len(GAP_KEYS):  # SalUn's Avg. Gap is over all four
-            out["avg_gap"] = sum(out.values()) / len(out)
+        out = gap(metrics, reference, keys) if keys else {}
+        if len(keys) < len(GAP_KEYS):  # SalUn's Avg. Gap is over all four
+            out.pop("avg_gap", None)
         out.update({f"retrain_{k}": reference[k] for k in (*GAP_KEYS, "RTE_s") if k in reference})
         return out
 
