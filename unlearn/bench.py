@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +170,3 @@ def _pm(stat) -> str:
     if stat is None:
         return "–"
     return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
-
-
-def load_results(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

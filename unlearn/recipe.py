@@ -152,9 +152,6 @@ class Recipe:
         out["output"] = self.output
         return out
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file and apply `section.key=value` overrides (values parsed as YAML)."""

@@ -7,7 +7,6 @@ accuracy. It is the "original model" of the digits recipes, and later judges wha
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -76,7 +75,3 @@ def train_digits_classifier(path: Path, verbose: bool = True) -> float:
 def load_digits_classifier():
     """The digits classifier (trained on first use): the judge of the digits world's generative models."""
     return load_classifier(classifier_path(), None, 10)
-
-
-def world_info() -> dict:
-    return json.loads((classifier_path() / "world.json").read_text())
