@@ -156,6 +156,7 @@ def test_erase_writes_a_complete_run_folder(rl_run):
 
     report = (rl_run / "report.md").read_text()
     assert "random_label" in report and "| UA (%) |" in report
+    assert "| class | 0 | 1 | 2 | 3* | 4 |" in report  # per-class accuracy, the forgotten class starred
     epochs = [r["epoch"] for r in epoch_records(rl_run) if r["phase"] == "epoch"]
     assert epochs == [1, 2]
     assert "wrote" in (rl_run / "run.log").read_text()

@@ -317,7 +317,7 @@ def test_cli_erase_writes_a_generator_that_reloads_and_samples(tmp_path, world_c
     assert (run / "adapted_generator_0.safetensors").exists()
     assert (run / "samples.png").exists() and (run / "samples_original.png").exists()
     report = (run / "report.md").read_text()
-    assert "samples_original.png" in report and "| class |" in report
+    assert "samples_original.png" in report and "| class | 0 | 1 | 2 | 3* | 4 |" in report
     stages = {json.loads(line)["stage"] for line in (run / "train.jsonl").read_text().splitlines()}
     assert stages == {"adapt0", "unlearn"}
     again = load_gan(run / "model")

@@ -79,6 +79,10 @@ class Harness(ABC):
     default_metrics: ClassVar[tuple[str, ...]]
     columns: ClassVar[tuple[str, ...]]  # bench table columns (catalogue keys), in order
     legend: ClassVar[str]  # what the bench table's columns mean
+    row_extras: ClassVar[tuple[str, ...]] = ()  # keys kept in results.json beside the table's columns
+    files: ClassVar[str] = (  # what report.md says the run folder holds
+        "`model/` (the unlearned model), `recipe.yaml` (resolved), `metrics.json`, `train.jsonl`, `run.log`."
+    )
 
     def __init__(self, recipe: Recipe, device: str | torch.device = "cpu", log=print):
         self.recipe = recipe
@@ -180,10 +184,6 @@ class Harness(ABC):
         lines += ["", f"Files: {self.files}", ""]
         return "\n".join(lines)
 
-    files = (
-        "`model/` (the unlearned model), `recipe.yaml` (resolved), `metrics.json`, `train.jsonl`, `run.log`."
-    )
-
     def report_keys(self, metrics: dict) -> list[str]:
         """The keys of the report's main table: scalar catalogue keys the run wrote, in catalogue order, each
         followed by its per-concept keys."""
@@ -223,13 +223,28 @@ class Harness(ABC):
         row.update({k: v for k, v in metrics.items() if ":" in k and k.split(":")[0] in cls.columns})
         return row
 
-    row_extras: ClassVar[tuple[str, ...]] = ()  # keys kept in results.json beside the table's columns
-
     @classmethod
     def reference_rows(cls, reference: dict) -> tuple[dict, dict]:
         """The `original` and Retrain rows of the bench, from the Retrain run's metrics."""
         original = {k[len("original_") :]: v for k, v in reference.items() if k.startswith("original_")}
         return {**cls.bench_row(original, reference), "RTE_s": 0.0}, cls.bench_row(reference, reference)
+
+
+def class_table(metrics: dict, prefix: str, marked, caption: str) -> list[str]:
+    """Report lines of a per-class table: the keys `<prefix><c>` of the original and the unlearned model, the
+    classes in `marked` starred; none when the run has no such keys."""
+    classes = sorted(int(k[len(prefix) :]) for k in metrics if k.startswith(prefix))
+    if not classes:
+        return []
+    return [
+        "",
+        caption,
+        "",
+        "| class | " + " | ".join(f"{c}{'*' if c in marked else ''}" for c in classes) + " |",
+        "|---|" + "---|" * len(classes),
+        "| original | " + " | ".join(fmt(metrics.get(f"original_{prefix}{c}")) for c in classes) + " |",
+        "| unlearned | " + " | ".join(fmt(metrics.get(f"{prefix}{c}")) for c in classes) + " |",
+    ]
 
 
 def fmt(value) -> str:

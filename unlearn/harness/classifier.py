@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from ..data import UnlearnData, forget_classes, forget_fraction
 from ..datasets import load_dataset
 from ..metrics.functional import GAP_KEYS, gap
-from .base import Harness, MetricInfo, Scores, fmt
+from .base import Harness, MetricInfo, Scores, class_table
 
 
 def classifier_task(recipe) -> UnlearnData:
@@ -229,23 +229,8 @@ class ClassifierHarness(Harness):
         lines = []
         if "avg_gap" in metrics:
             lines += ["", f"Average gap to Retrain over UA, RA, TA, MIA: **{metrics['avg_gap']:.2f}**"]
-        per_class = sorted(
-            (int(k.rsplit("_", 1)[1]), v) for k, v in metrics.items() if k.startswith("acc_class_")
-        )
-        if per_class:
-            forgotten = set(data.forget_classes)
-            lines += [
-                "",
-                "Test accuracy per class (forgotten classes marked *):",
-                "",
-                "| class | " + " | ".join(f"{c}{'*' if c in forgotten else ''}" for c, _ in per_class) + " |",
-                "|---|" + "---|" * len(per_class),
-                "| original | "
-                + " | ".join(fmt(metrics.get(f"original_acc_class_{c}")) for c, _ in per_class)
-                + " |",
-                "| unlearned | " + " | ".join(fmt(v) for _, v in per_class) + " |",
-            ]
-        return lines
+        caption = "Test accuracy per class (forgotten classes marked *):"
+        return lines + class_table(metrics, "acc_class_", set(data.forget_classes), caption)
 
     @classmethod
     def reference_rows(cls, reference: dict) -> tuple[dict, dict]:

@@ -10,7 +10,7 @@ import torch
 from ..data import ConceptPrompts, UnlearnData
 from ..datasets import ImageTensorDataset
 from ..errors import ConfigError
-from .base import Harness, MetricInfo, Scores, features_of, fmt, recipe_judge, share
+from .base import Harness, MetricInfo, Scores, class_table, features_of, recipe_judge, share
 from .classifier import classifier_task
 
 CONFIDENCE = 0.9  # a sample counts as `confident` when the judge's top probability reaches this
@@ -182,20 +182,8 @@ class GANHarness(Harness):
 
     def report_sections(self, data, metrics, artifacts):
         label = data.prompts.concept_label
-        lines = []
-        shares = sorted(int(k.rsplit("_", 1)[1]) for k in metrics if k.startswith("class_share_"))
-        if shares:
-            lines += [
-                "",
-                "Share of samples per judged class (percent; the erased class marked *):",
-                "",
-                "| class | " + " | ".join(f"{c}{'*' if c == label else ''}" for c in shares) + " |",
-                "|---|" + "---|" * len(shares),
-                "| original | "
-                + " | ".join(fmt(metrics.get(f"original_class_share_{c}")) for c in shares)
-                + " |",
-                "| unlearned | " + " | ".join(fmt(metrics.get(f"class_share_{c}")) for c in shares) + " |",
-            ]
+        caption = "Share of samples per judged class (percent; the erased class marked *):"
+        lines = class_table(metrics, "class_share_", {label}, caption)
         lines += ["", "## Samples (same latents before and after)", ""]
         if "original" in artifacts:
             lines += ["Original:", "", f"![original]({artifacts['original']})", ""]
