@@ -69,6 +69,7 @@ TINY: dict[tuple[str, str], dict] = {
     ("realera", "diffusion"): dict(
         num_neighbors=2, num_beyond=2, lora_steps=2, lora_batch_size=2, lora_rank=2, lora_lr=1e-2
     ),
+    ("retrain", "gan"): dict(steps=2, batch_size=8),
     ("adapt_then_unlearn", "gan"): dict(
         feedback=JUDGE,
         negatives=4,
@@ -263,7 +264,8 @@ def _gan_world(name, settings):
         "gan",
         settings,
         {"arch": "dcgan_digits", "checkpoint": None},
-        {"dataset": "generated", "forget_class": [3]},
+        # Retrain trains on the real retained images: the digits dataset; the others use none
+        {"dataset": "digits" if name == "retrain" else "generated", "forget_class": [3]},
         {"judge": JUDGE, "samples": 32, "metrics": ["erasure_rate", "class_histogram", "confident"]},
     )
     torch.manual_seed(0)

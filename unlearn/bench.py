@@ -24,6 +24,7 @@ class Suite:
     reference: str = "retrain"
     overrides: list = field(default_factory=list)
     method_overrides: dict = field(default_factory=dict)  # {method: [overrides]}, the task's own settings
+    attacks: list = field(default_factory=list)  # eval.attacks of every method's run (not the reference's)
     description: str = ""
     source: str = ""
 
@@ -64,6 +65,10 @@ def suite_recipe(suite: Suite, method: str, seed: int):
         apply_override(raw, item)
     raw["seed"] = seed
     raw.setdefault("eval", {})["reference"] = None
+    # The reference run is not attacked itself: each method's run attacks it (and the original) as its control,
+    # once per seed (the results are cached in the reference's folder).
+    if suite.attacks and method != suite.reference:
+        raw["eval"]["attacks"] = suite.attacks
     return from_dict(raw, source=str(path))
 
 
@@ -95,13 +100,21 @@ def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -
         ref_dir = output / "runs" / suite.reference / f"seed{seed}"
         reference = run(suite_recipe(suite, suite.reference, seed), ref_dir, log=log)
         original, retrain = harness.reference_rows(reference)
-        rows.append({"method": "original", "seed": seed, **original})
-        rows.append({"method": suite.reference, "seed": seed, **retrain})
+        original = {"method": "original", "seed": seed, **original}
+        retrain = {"method": suite.reference, "seed": seed, **retrain}
+        rows += [original, retrain]
         for method in suite.methods:
             recipe = suite_recipe(suite, method, seed)
             recipe.eval.reference = str(ref_dir)
             metrics = run(recipe, output / "runs" / method / f"seed{seed}", log=log)
             rows.append({"method": method, "seed": seed, **harness.bench_row(metrics, reference)})
+            if suite.attacks:
+                from .attacks.run import attack_columns
+
+                unlearned, original_row, retrain_row = attack_columns(metrics)
+                rows[-1].update(unlearned)
+                original.update(original_row)  # the same for every method: the first one's
+                retrain.update(retrain_row)
     order = ["original", suite.reference, *suite.methods]
     summary = {m: _summarize([r for r in rows if r["method"] == m]) for m in order}
     results = {
@@ -150,6 +163,13 @@ def results_table(results: dict) -> str:
         columns.append((key, harness.info(key).title))
         if split and key == split[-1]:
             columns += [(p, f"{harness.info(p).title}: {p.split(':', 1)[1]}") for p in present if ":" in p]
+    legend = [harness.legend]
+    attacked = [k for k in dict.fromkeys(k for stats in summary.values() for k in stats) if "." in k]
+    if attacked:
+        from .attacks.run import attack_info, attack_legend
+
+        columns[-1:-1] = [(k, attack_info(k).title) for k in attacked]  # before RTE
+        legend.append(attack_legend(attacked))
     reference = "Retrain" if results["reference"] == "retrain" else results["reference"]
     lines = [
         f"## {results['suite']} ({len(results['seeds'])} seed{'s' if len(results['seeds']) > 1 else ''})",
@@ -162,7 +182,7 @@ def results_table(results: dict) -> str:
         ratio = stats["RTE_s"]["mean"] / ref_time if ref_time and method != "original" else math.nan
         cells.append("–" if math.isnan(ratio) else f"{ratio:.2f}×")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", harness.legend, ""]
+    lines += ["", *legend, ""]
     return "\n".join(lines)
 
 

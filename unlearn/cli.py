@@ -1,4 +1,4 @@
-"""The `unlearn` command line: erase | eval | bench | ls | check | prepare.
+"""The `unlearn` command line: erase | eval | attack | bench | ls | check | prepare.
 
 User errors print one line and exit with status 2; heavy packages are imported only by the commands that
 need them, so `unlearn --help` stays fast.
@@ -38,13 +38,29 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("target", help="RUN_DIR or RECIPE")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
+    attack = sub.add_parser(
+        "attack",
+        help="try to bring the erased concept back: attacks on a run folder, with Retrain as the control",
+    )
+    attack.add_argument("run_dir", help="a finished run folder (its Retrain reference is the control)")
+    attack.add_argument(
+        "--attack",
+        action="append",
+        metavar="NAME",
+        help="an attack (`unlearn ls attacks`); repeat for several; default: the recipe's eval.attacks",
+    )
+    attack.add_argument("settings", nargs="*", help="key=value settings of a single --attack, e.g. steps=50")
+    attack.add_argument("--json", action="store_true", help="print the attack metrics as JSON")
+
     bench = sub.add_parser("bench", help="run an evaluation suite over methods and seeds")
     bench.add_argument("suite", help="suite YAML (see evals/)")
     bench.add_argument("-o", "--output", help="output folder for results.json / results.md")
 
-    ls = sub.add_parser("ls", help="list methods, metrics or recipes; `ls methods NAME` documents a method")
-    ls.add_argument("what", choices=["methods", "metrics", "recipes"])
-    ls.add_argument("name", nargs="?", help="methods only: print this method's hyperparameters")
+    ls = sub.add_parser(
+        "ls", help="list methods, attacks, metrics or recipes; `ls methods NAME` documents a method"
+    )
+    ls.add_argument("what", choices=["methods", "attacks", "metrics", "recipes"])
+    ls.add_argument("name", nargs="?", help="methods and attacks: print this one's settings")
 
     check = sub.add_parser("check", help="validate recipes or suites without running anything")
     check.add_argument("files", nargs="+")
@@ -115,6 +131,52 @@ def _eval(args) -> int:
     return 0
 
 
+def _attack(args) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from .attacks.run import SECTION, attack_run, attack_section
+    from .checkpoints import write_json, write_text
+
+    specs = None
+    if args.attack:
+        specs = [{"name": name} for name in args.attack]
+    if args.settings:
+        if not args.attack or len(args.attack) != 1:
+            raise ConfigError("key=value settings need exactly one --attack NAME to apply to")
+        for item in args.settings:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"attack settings are key=value, got {item!r}")
+            try:
+                specs[0][key] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"setting {item!r}: the value is not valid YAML") from None
+    run_dir = Path(args.run_dir)
+    metrics, shown = attack_run(run_dir, specs, log=lambda message: print(message, file=sys.stderr))
+    recorded = (
+        json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    )
+    write_json({**recorded, **metrics}, run_dir / "metrics.json")
+    report = (run_dir / "report.md").read_text() if (run_dir / "report.md").is_file() else ""
+    head = report.split(f"\n{SECTION}")[0].rstrip("\n")
+    write_text(
+        "\n".join([head, *attack_section({**recorded, **metrics}, shown)]) + "\n", run_dir / "report.md"
+    )
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    for name in shown:
+        print(
+            f"{name}: success original {metrics[f'original_{name}.success']:.1f} %, "
+            f"Retrain {metrics[f'retrain_{name}.success']:.1f} %, unlearned {metrics[f'{name}.success']:.1f} %; "
+            f"R = {metrics[f'{name}.R']:.2f}"
+        )
+    print(f"wrote {run_dir / 'metrics.json'} and the report's attack section")
+    return 0
+
+
 def _bench(args) -> int:
     from .bench import bench
     from .pipeline import shutdown
@@ -125,10 +187,23 @@ def _bench(args) -> int:
 
 
 def _ls(args) -> int:
-    if args.name is not None and args.what != "methods":
-        raise ConfigError(f"`unlearn ls {args.what}` takes no name; only `unlearn ls methods NAME` does")
+    if args.name is not None and args.what not in ("methods", "attacks"):
+        raise ConfigError(f"`unlearn ls {args.what}` takes no name; only methods and attacks do")
     if args.what == "methods" and args.name is not None:
         _ls_method(args.name)
+    elif args.what == "attacks":
+        from .attacks import ATTACKS, attack_names, get_attack
+
+        names = [get_attack(args.name).name] if args.name else attack_names()
+        for name in names:
+            cls = ATTACKS[name]
+            summary = (cls.__doc__ or "").strip().splitlines()[0]
+            print(f"{name:20s} [{', '.join(cls.families)}]  {summary}")
+            if args.name:
+                print(f"  success: {cls.success_meaning}")
+                if cls.baselines:
+                    print(f"  same-budget baselines: {', '.join(cls.baselines)}")
+                _print_fields(cls)
     elif args.what == "methods":
         from .methods import METHODS, families
 
@@ -160,19 +235,24 @@ def _ls(args) -> int:
 def _ls_method(name: str) -> None:
     """Each family implementation of method `name`: its summary line, then every field with type, default
     and help, in recipe (YAML) spelling."""
-    import dataclasses
-
     from .methods import METHODS, get_method
 
     get_method(name)  # refuses an unknown name in one sentence, with the closest names
     for i, cls in enumerate(METHODS[name]):
         summary = (cls.__doc__ or "").strip().splitlines()[0]
         print(("\n" if i else "") + f"{name} [{', '.join(cls.families)}]  {summary}")
-        fields = dataclasses.fields(cls)
-        rows = [(f.name, str(f.type), _yaml_default(f), f.metadata.get("help", "")) for f in fields]
-        widths = [max((len(row[k]) for row in rows), default=0) for k in range(3)]
-        for row in rows:
-            print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+        _print_fields(cls)
+
+
+def _print_fields(cls) -> None:
+    """Every field of a method or attack with type, default and help, in recipe (YAML) spelling."""
+    import dataclasses
+
+    fields = dataclasses.fields(cls)
+    rows = [(f.name, str(f.type), _yaml_default(f), f.metadata.get("help", "")) for f in fields]
+    widths = [max((len(row[k]) for row in rows), default=0) for k in range(3)]
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
 
 
 def _yaml_default(field) -> str:
@@ -223,7 +303,15 @@ def _prepare(args) -> int:
     return 0
 
 
-COMMANDS = {"erase": _erase, "eval": _eval, "bench": _bench, "ls": _ls, "check": _check, "prepare": _prepare}
+COMMANDS = {
+    "erase": _erase,
+    "eval": _eval,
+    "attack": _attack,
+    "bench": _bench,
+    "ls": _ls,
+    "check": _check,
+    "prepare": _prepare,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         if args.command == "erase" and not any(item.startswith("-") for item in extra):
             args.overrides = [*args.overrides, *extra]
+        elif args.command == "attack" and not any(item.startswith("-") for item in extra):
+            args.settings = [*args.settings, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

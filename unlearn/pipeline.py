@@ -16,8 +16,8 @@ from .checkpoints import write_json, write_text
 from .errors import CheckpointNotFoundError, ConfigError
 from .harness import HARNESSES
 from .recipe import Recipe, load_recipe
-from .runfolder import RunFolder
-from .train import end_trackers
+from .runfolder import RunFolder, reference_folder
+from .train import end_trackers, reset_accelerate_state
 
 if TYPE_CHECKING:
     from .data import UnlearnData
@@ -43,7 +43,7 @@ def make_accelerator(recipe: Recipe, output: Path, log=None):
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     cpu = use_cpu(recipe)
-    _reset_accelerate_state_if_changed(recipe.train.mixed_precision, cpu)
+    reset_accelerate_state(recipe.train.mixed_precision, cpu)
     accelerator = Accelerator(
         mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
@@ -84,23 +84,6 @@ def shutdown() -> None:
         PartialState().destroy_process_group()
 
 
-def _reset_accelerate_state_if_changed(mixed_precision: str, cpu: bool) -> None:
-    """accelerate keeps one process-wide state and refuses (ValueError) an Accelerator whose mixed precision or
-    cpu flag differs from the first one's. A process that runs several recipes (`unlearn bench`, a test session)
-    drops that state when the next run asks for other settings. Under a multi-process launch only the
-    AcceleratorState is dropped; the PartialState (process group, device) stays."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    state = AcceleratorState._shared_state
-    if not state or "_mixed_precision" not in state:
-        return
-    if state["_mixed_precision"] == mixed_precision and (not cpu or state["device"].type == "cpu"):
-        return
-    single = PartialState._shared_state.get("num_processes", 1) == 1
-    AcceleratorState._reset_state(reset_partial_state=single)
-    GradientState._reset_state()
-
-
 def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
     """Erase as the recipe says and score the result; returns the metrics (also in `output/metrics.json`).
 
@@ -132,6 +115,11 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
 def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool) -> dict:
     from accelerate.utils import set_seed
 
+    if recipe.eval.attacks and not recipe.eval.reference and recipe.method != "retrain":
+        raise ConfigError(
+            "eval.attacks need the Retrain reference as their control: set eval.reference to a Retrain recipe "
+            "or run folder"
+        )
     reference, reference_dir = _reference(recipe, output, log) if recipe.eval.reference else (None, None)
     accelerator = make_accelerator(recipe, output, log)
     set_seed(recipe.seed)
@@ -175,6 +163,14 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool) -> di
         artifacts = harness.save_artifacts(output, scores, original)
         write_json(metrics, output / "metrics.json")
         write_text(harness.report(data, metrics, artifacts), output / "report.md")
+        if recipe.eval.attacks:  # on the saved model, as `unlearn attack` would
+            from .attacks.run import attack_run, attack_section
+
+            attacked, shown = attack_run(output, log=log)
+            metrics.update(attacked)
+            write_json(metrics, output / "metrics.json")
+            report = harness.report(data, metrics, artifacts).splitlines() + attack_section(metrics, shown)
+            write_text("\n".join(report) + "\n", output / "report.md")
         shutil.rmtree(output / "checkpoints", ignore_errors=True)  # resume state is not needed once finished
         folder.finish(seconds)
         log(harness.headline(metrics))
@@ -208,7 +204,7 @@ def evaluate_run(target: str | Path, log=print) -> dict:
         return harness.score(original, data, original=True).metrics
     if (path / "pruned").exists():  # the run unlearned (and scored as original) the pruned model
         original = harness.load_output(path / "pruned", data)
-    reference_dir, reference = _reference_folder(recipe, path)
+    reference_dir, reference = reference_folder(recipe, path)
     harness.before(original, data, reference_dir)
     metrics: dict = {}
     if recipe.eval.original:
@@ -219,18 +215,11 @@ def evaluate_run(target: str | Path, log=print) -> dict:
     recorded = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").exists() else {}
     metrics = {**scores.metrics, **({"RTE_s": recorded["RTE_s"]} if "RTE_s" in recorded else {}), **metrics}
     metrics.update(harness.compare(metrics, reference))
+    if recipe.eval.attacks:
+        from .attacks.run import attack_run
+
+        metrics.update(attack_run(path, log=log)[0])
     return metrics
-
-
-def _reference_folder(recipe: Recipe, run_dir: Path) -> tuple[Path | None, dict | None]:
-    """The Retrain run a finished run was compared with: `run_dir/reference`, or its `eval.reference` folder."""
-    candidates = [run_dir / "reference"]
-    if recipe.eval.reference:
-        candidates.append(Path(recipe.eval.reference))
-    for folder in candidates:
-        if (folder / "metrics.json").exists():
-            return folder, json.loads((folder / "metrics.json").read_text())
-    return None, None
 
 
 def _reference(recipe: Recipe, output: Path, log) -> tuple[dict, Path]:

@@ -111,6 +111,8 @@ class EvalSpec:
     batch_size: int = 256
     # Generative models: how samples are drawn and judged (unlearn.harness.diffusion, unlearn.harness.gan).
     judge: str | None = None  # a classifier folder or "module:function"; None: the digits world's classifier
+    # the judge that scores what attacks found searching on `judge`; None: the digits world's MLP (digits)
+    second_judge: str | None = None
     # the judge's label of the concept (digits world: the digit); one label per concept when several are erased
     concept_label: int | list | None = None
     samples: int = 100  # images per prompt set (forget, paraphrases) and per retained class
@@ -118,6 +120,11 @@ class EvalSpec:
     guidance: float = 3.0  # classifier-free guidance scale
     fid_features: str = "judge"  # "judge" (the judge's penultimate features) or "inception" (clean-fid)
     clip_model: str | None = None  # a local CLIP folder: adds clip_score
+    # attacks that try to bring the concept back (`unlearn ls attacks`): names, or {name: ..., setting: value}
+    attacks: list | None = None
+    attack_seeds: int = (
+        2  # each attack runs with this many seeds on the original, Retrain and the unlearned model
+    )
 
 
 SECTIONS = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec, "eval": EvalSpec}
@@ -139,6 +146,34 @@ class Recipe:
     def build_method(self):
         """The method instance with this recipe's hyperparameters."""
         return get_method(self.method, self.model.family)(**self.method_args)
+
+    def build_attacks(self, specs: list | None = None) -> list:
+        """The attacks `specs` (default: `eval.attacks`) name, with their settings: each a name, or a mapping
+        with `name` and settings. Unknown names, families they do not apply to, unknown settings and wrongly
+        typed values are refused in one sentence."""
+        from .attacks import get_attack
+
+        specs = self.eval.attacks if specs is None else specs
+        if not isinstance(specs, list):
+            raise ConfigError(f"eval.attacks must be a list of attack names or mappings, got {specs!r}")
+        attacks, seen = [], set()
+        for spec in specs:
+            if isinstance(spec, str):
+                spec = {"name": spec}
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                raise ConfigError(f"each eval.attacks entry is a name or a mapping with a name, got {spec!r}")
+            cls = get_attack(spec["name"], self.model.family)
+            if cls.name in seen:
+                raise ConfigError(f"attack {cls.name!r} is listed twice")
+            seen.add(cls.name)
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            settings = {k: v for k, v in spec.items() if k != "name"}
+            for key, value in settings.items():
+                if key not in fields:
+                    _unknown(f"setting of attack {cls.name!r}", key, fields)
+                _check_type(f"attack {cls.name}.{key}", fields[key].type, value)
+            attacks.append(cls(**settings))
+        return attacks
 
     def to_dict(self) -> dict:
         """The resolved recipe: every hyperparameter spelt out, defaults included."""
@@ -268,6 +303,10 @@ def validate(recipe: Recipe) -> None:
             raise ConfigError("the forget set is empty: data.forget_class lists no class")
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in data.forget_class):
             raise ConfigError(f"data.forget_class must list integer class ids, got {data.forget_class!r}")
+    if ev.attacks:
+        recipe.build_attacks()
+    if not isinstance(ev.attack_seeds, int) or ev.attack_seeds < 1:
+        raise ConfigError(f"eval.attack_seeds must be a positive integer, got {ev.attack_seeds!r}")
     if ev.fid_features not in ("judge", "inception"):
         _unknown("eval.fid_features", ev.fid_features, ("judge", "inception"))
     if train.mixed_precision not in PRECISIONS:

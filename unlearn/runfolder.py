@@ -201,3 +201,15 @@ class RunFolder:
         self.record["complete"] = True
         if self.main:
             write_json(self.record, self.path / "run.json")
+
+
+def reference_folder(recipe, run_dir: Path) -> tuple[Path | None, dict | None]:
+    """The Retrain run a finished run was compared with, and its metrics: `run_dir/reference`, or the run's
+    `eval.reference` folder; (None, None) when it has neither."""
+    candidates = [Path(run_dir) / "reference"]
+    if recipe.eval.reference:
+        candidates.append(Path(recipe.eval.reference))
+    for folder in candidates:
+        if (folder / "metrics.json").exists():
+            return folder, json.loads((folder / "metrics.json").read_text())
+    return None, None

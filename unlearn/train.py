@@ -917,3 +917,20 @@ def flat_config(config: dict, prefix: str = "") -> dict:
         else:
             flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
     return flat
+
+
+def reset_accelerate_state(mixed_precision: str, cpu: bool) -> None:
+    """accelerate keeps one process-wide state and refuses (ValueError) an Accelerator whose mixed precision or
+    cpu flag differs from the first one's. A process that runs several recipes (`unlearn bench`, a test session)
+    drops that state when the next run asks for other settings. Under a multi-process launch only the
+    AcceleratorState is dropped; the PartialState (process group, device) stays."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    state = AcceleratorState._shared_state
+    if not state or "_mixed_precision" not in state:
+        return
+    if state["_mixed_precision"] == mixed_precision and (not cpu or state["device"].type == "cpu"):
+        return
+    single = PartialState._shared_state.get("num_processes", 1) == 1
+    AcceleratorState._reset_state(reset_partial_state=single)
+    GradientState._reset_state()

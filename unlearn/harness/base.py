@@ -57,6 +57,33 @@ COMMON: dict[str, MetricInfo] = {
 
 
 @dataclass
+class Recognition:
+    """Which draws of the erased class or concept show it (attacks, `Harness.recognized`).
+
+    Attributes:
+        by_judge: one boolean per draw: the harness's judge recognizes the concept (for a classifier: the model
+            itself classifies the held-out example correctly).
+        by_second_judge: the same by the second, independently trained judge (a classifier: the same as
+            `by_judge`).
+        images: the images judged (generators), else None.
+    """
+
+    by_judge: torch.Tensor
+    by_second_judge: torch.Tensor
+    images: torch.Tensor | None = None
+
+    @property
+    def rate(self) -> float:
+        """Percent recognized by the judge."""
+        return share(self.by_judge)
+
+    @property
+    def second_rate(self) -> float:
+        """Percent recognized by the second judge."""
+        return share(self.by_second_judge)
+
+
+@dataclass
 class Scores:
     """What scoring a model gives: flat metrics, and the images it drew (generative families)."""
 
@@ -113,6 +140,7 @@ class Harness(ABC):
         catalogue = {**cls.catalogue, **COMMON}
         if key in catalogue:
             return catalogue[key]
+
         for pattern, info in catalogue.items():
             if "<" in pattern and key.startswith(pattern.split("<")[0]):
                 return info
@@ -213,6 +241,36 @@ class Harness(ABC):
         ]
         return "  ".join([*shown, f"RTE {metrics['RTE_s']:.1f}s"])
 
+    # ------------------------------------------------------------------------------------------------ attacks
+
+    @property
+    def second_judge(self):
+        """The judge that scores what an attack found searching on `self.judge` (loaded on first use)."""
+        if getattr(self, "_second_judge", None) is None:
+            self._second_judge = recipe_second_judge(self.recipe, self.device, getattr(self, "judge", None))
+        return self._second_judge
+
+    def recognized(
+        self,
+        model: Model,
+        data: UnlearnData,
+        *,
+        samples: int | None = None,
+        seed: int = 0,
+        images: torch.Tensor | None = None,
+        labels=None,
+    ) -> Recognition:
+        """How much of the erased class or concept `model` shows: draws of it (generators: `samples` images
+        from its conditions with `seed`, or the given `images`) judged by the judge and the second judge. A
+        classifier classifies held-out examples of the forgotten data (`images` / `labels`, default: the test
+        examples of the forgotten classes)."""
+        raise ConfigError(f"the {self.family} harness cannot tell whether a model shows the erased concept")
+
+    def original_training_steps(self) -> int | None:
+        """Optimizer steps that trained the recipe's original model, where known (the digits worlds): relearning
+        budgets are also stated as a share of them."""
+        return None
+
     # -------------------------------------------------------------------------------------------- the bench
 
     @classmethod
@@ -278,6 +336,23 @@ def recipe_judge(recipe: Recipe, device):
     else:
         return None
     return judge.to(device) if isinstance(judge, torch.nn.Module) else judge
+
+
+def recipe_second_judge(recipe: Recipe, device, judge):
+    """The second, independently trained judge that scores what an attack found by searching on the first
+    (reference/attacks.md §0, rule 3): `eval.second_judge`, else the digits world's MLP for digits recipes, else
+    the first judge itself (then an attack can win by fooling it: the report says so)."""
+    from ..metrics.generation import load_judge
+
+    if recipe.eval.second_judge:
+        second = load_judge(recipe.eval.second_judge)
+    elif recipe.data.dataset == "digits":
+        from ..worlds.digits import load_digits_second_judge
+
+        second = load_digits_second_judge()
+    else:
+        return judge
+    return second.to(device) if isinstance(second, torch.nn.Module) else second
 
 
 def features_of(judge):

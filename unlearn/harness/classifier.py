@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader
 
 from ..data import UnlearnData, forget_classes, forget_fraction
 from ..datasets import load_dataset
+from ..errors import ConfigError
 from ..metrics.functional import GAP_KEYS, gap
-from .base import Harness, MetricInfo, Scores, class_table
+from .base import Harness, MetricInfo, Recognition, Scores, class_table
 
 
 def classifier_task(recipe) -> UnlearnData:
@@ -157,6 +158,7 @@ class ClassifierHarness(Harness):
     }
     default_metrics = ("UA", "RA", "TA", "MIA", "per_class", "representation")
     multi_process = True
+    second_judge = None  # a classifier is judged by itself
     columns = (
         "UA",
         "RA",
@@ -212,6 +214,35 @@ class ClassifierHarness(Harness):
             out.pop("avg_gap", None)
         out.update({f"retrain_{k}": reference[k] for k in (*GAP_KEYS, "RTE_s") if k in reference})
         return out
+
+    @torch.no_grad()
+    def recognized(self, model, data, *, samples=None, seed=0, images=None, labels=None) -> Recognition:
+        """Which held-out examples of the forgotten data the model still classifies correctly (`images` /
+        `labels`; default: the test examples of the forgotten classes). The model is its own judge."""
+        if images is None:
+            if not len(data.test_forget):
+                raise ConfigError(
+                    "this task has no held-out examples of the forgotten data (random forgetting): give them"
+                )
+            images = torch.stack([data.test_forget[i][0] for i in range(len(data.test_forget))])
+            labels = torch.tensor([int(data.test_forget[i][1]) for i in range(len(data.test_forget))])
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        batch = self.recipe.eval.batch_size
+        predicted = torch.cat(
+            [model(images[i : i + batch].to(device)).argmax(1).cpu() for i in range(0, len(images), batch)]
+        )
+        model.train(was_training)
+        hits = predicted == torch.as_tensor(labels)
+        return Recognition(hits, hits)
+
+    def original_training_steps(self):
+        if self.recipe.model.checkpoint == "world:digits":
+            from ..worlds.digits import TRAIN_STEPS
+
+            return TRAIN_STEPS
+        return None
 
     def report_header(self, data, metrics):
         recipe = self.recipe

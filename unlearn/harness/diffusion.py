@@ -10,7 +10,15 @@ import torch
 from ..data import UnlearnData, forget_digits_concept, forget_generated_concept
 from ..datasets import load_dataset
 from ..errors import ConfigError
-from .base import Harness, MetricInfo, Scores, features_of, recipe_judge, share
+from .base import (
+    Harness,
+    MetricInfo,
+    Recognition,
+    Scores,
+    features_of,
+    recipe_judge,
+    share,
+)
 
 JUDGED = ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy")
 
@@ -253,6 +261,48 @@ class DiffusionHarness(Harness):
                 if retain:
                     results["clip_score"] = clip_score(images["retain"], retain, clip, device=model.device)
         return Scores(results, images)
+
+    @torch.no_grad()
+    def recognized(self, model, data, *, samples=None, seed=0, images=None, labels=None, guidance=None):
+        """`samples` generations (default `eval.samples`) from the erased concepts' exact conditions (cycled;
+        several concepts: in equal shares), drawn with `seed` at `guidance` (default `eval.guidance`), or the
+        given `images`; each judged against its concept's label (`labels`: one per image, or one for all;
+        default: the concept's) by the judge and the second judge."""
+        from ..metrics.generation import judge_labels
+
+        ev = self.recipe.eval
+        if self.judge is None or any(p.concept_label is None for p in data.prompts.split()):
+            raise ConfigError("judging the erased concept needs eval.judge and eval.concept_label")
+        if images is None:
+            parts = data.prompts.split()
+            samples = samples or ev.samples
+            conditions, labels = [], []
+            for index, part in enumerate(parts):
+                count = samples // len(parts) + (index < samples % len(parts))
+                conditions += [part.forget[i % len(part.forget)] for i in range(count)]
+                labels += [part.concept_label] * count
+            images = model.generate(
+                model.as_conditions(conditions),
+                steps=ev.steps,
+                guidance=ev.guidance if guidance is None else guidance,
+                seed=seed,
+                batch_size=ev.batch_size,
+            )
+        if labels is None:
+            labels = data.prompts.split()[0].concept_label
+        labels = torch.as_tensor(labels).expand(len(images))
+        first = judge_labels(self.judge, images, ev.batch_size) == labels
+        second = judge_labels(self.second_judge, images, ev.batch_size) == labels
+        return Recognition(first, second, images)
+
+    def original_training_steps(self):
+        from ..worlds import digits_diffusion
+
+        steps = {
+            "world:digits/ddpm": digits_diffusion.DDPM_STEPS,
+            "world:digits/t2i": digits_diffusion.T2I_STEPS,
+        }
+        return steps.get(self.recipe.model.checkpoint)
 
     @classmethod
     def compare(cls, metrics, reference):

@@ -10,7 +10,16 @@ import torch
 from ..data import ConceptPrompts, UnlearnData
 from ..datasets import ImageTensorDataset
 from ..errors import ConfigError
-from .base import Harness, MetricInfo, Scores, class_table, features_of, recipe_judge, share
+from .base import (
+    Harness,
+    MetricInfo,
+    Recognition,
+    Scores,
+    class_table,
+    features_of,
+    recipe_judge,
+    share,
+)
 from .classifier import classifier_task
 
 CONFIDENCE = 0.9  # a sample counts as `confident` when the judge's top probability reaches this
@@ -148,6 +157,27 @@ class GANHarness(Harness):
         if original and "erasure_rate" in results:
             results["erasure_reduction"] = 0.0
         return Scores(results, {"samples": images})
+
+    @torch.no_grad()
+    def recognized(self, model, data, *, samples=None, seed=0, images=None, labels=None) -> Recognition:
+        """`samples` draws (default `eval.samples`) with latents from `seed`, or the given `images`, judged as the
+        erased class (or `labels`) by the judge and the second judge."""
+        from ..metrics.generation import judge_labels
+
+        ev = self.recipe.eval
+        if images is None:
+            images = model.sample(samples or ev.samples, seed=seed, batch_size=ev.batch_size)
+        label = torch.as_tensor(data.prompts.concept_label if labels is None else labels).expand(len(images))
+        first = judge_labels(self.judge, images, ev.batch_size) == label
+        second = judge_labels(self.second_judge, images, ev.batch_size) == label
+        return Recognition(first, second, images)
+
+    def original_training_steps(self):
+        if self.recipe.model.checkpoint == "world:digits/gan":
+            from ..worlds.digits_gan import STEPS
+
+            return STEPS
+        return None
 
     @classmethod
     def compare(cls, metrics, reference):

@@ -8,7 +8,15 @@ from ..errors import ConfigError
 from .adapt_then_unlearn import AdaptThenUnlearn
 from .ant import ANT
 from .base import Method
-from .baselines import FineTune, GradAscent, GradAscentDiffusion, RandomLabel, Retrain, RetrainDiffusion
+from .baselines import (
+    FineTune,
+    GradAscent,
+    GradAscentDiffusion,
+    RandomLabel,
+    Retrain,
+    RetrainDiffusion,
+    RetrainGAN,
+)
 from .doco import DoCo
 from .esd import ESD
 from .l1_sparse import L1Sparse
@@ -20,7 +28,7 @@ from .uce import UCE
 # name -> its implementations, one per model family (a method's objective differs by family, so do its
 # hyperparameters: SalUn trains a classifier in epochs with SGD, a diffusion model in steps with Adam).
 METHODS: dict[str, tuple[type[Method], ...]] = {
-    "retrain": (Retrain, RetrainDiffusion),
+    "retrain": (Retrain, RetrainDiffusion, RetrainGAN),
     "finetune": (FineTune,),
     "grad_ascent": (GradAscent, GradAscentDiffusion),
     "random_label": (RandomLabel,),

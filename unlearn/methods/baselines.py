@@ -277,3 +277,48 @@ class GradAscentDiffusion(Method):
             state={"forget": forget, "retain": retain},
             settings={"method": self, "data": data},
         )
+
+
+# -- GANs ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RetrainGAN(Method):
+    """Retrain for GANs: generator and discriminator trained from scratch on the retained classes' real images.
+
+    1. Draw fresh weights for both networks.
+    2. Train them with the digits GAN world's own loop (`unlearn.worlds.digits_gan.train_gan`: logistic
+       discriminator loss with lazy R1, non-saturating generator loss, Adam betas (0.5, 0.99), the generator
+       ending as its exponential moving average) on the real images of every class but the erased one, seeded
+       by the run's seed. fp32, single process, no checkpoints (the world's loop has none).
+
+    The defaults are the digits GAN world's training recipe, so Retrain is the original minus the class: the
+    control of the attacks (a generator that never saw the class). It needs the task's real retained images
+    (`data.dataset: digits`); a GAN task without a dataset (`generated`) has none and is refused.
+    """
+
+    families = ("gan",)
+    steps: int = hyperparameter(3500, "alternating discriminator / generator steps (the digits GAN world's)")
+    lr: float = hyperparameter(2e-4, "Adam learning rate of both networks (the digits GAN world's)")
+    batch_size: int = hyperparameter(64, "real retained images (and as many samples) per step (the world's)")
+
+    def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
+        from ..errors import ConfigError
+        from ..worlds.digits_gan import train_gan
+
+        if not len(data.retain):
+            raise ConfigError(
+                "retraining a GAN needs real images of the retained classes: give data.dataset (e.g. digits)"
+            )
+        images = torch.stack([data.retain[i][0] for i in range(len(data.retain))]).to(model.device)
+        model.reinitialize()
+        train_gan(
+            model,
+            images,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=torch.initial_seed() % 2**63,
+            log=accelerator.print if accelerator is not None else print,
+        )
+        return model

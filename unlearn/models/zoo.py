@@ -1,4 +1,5 @@
-"""Built-in classifier architectures: a small CNN for the 8x8 digits and the CIFAR variant of ResNet-18."""
+"""Built-in classifier architectures: a small CNN and an MLP for the 8x8 digits, and the CIFAR variant of
+ResNet-18."""
 
 from __future__ import annotations
 
@@ -26,6 +27,27 @@ class DigitsCNN(nn.Module):
             nn.ReLU(),
         )
         self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+class DigitsMLP(nn.Module):
+    """Two hidden layers on the flattened image, no convolution: the digits world's second judge, built to share
+    as little with `DigitsCNN` as possible (an attack that fools one by exploiting its filters should not fool
+    the other)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 256, image_size: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_channels * image_size**2, width),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(width, width),
+            nn.ReLU(),
+        )
+        self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x))
@@ -76,5 +98,6 @@ class ResNet18Cifar(nn.Module):
 # name -> (builder(num_classes, in_channels), default normalisation mean, std)
 ARCHITECTURES: dict[str, tuple[Callable[..., nn.Module], tuple[float, ...], tuple[float, ...]]] = {
     "digits_cnn": (lambda n, c: DigitsCNN(n, c), (0.3,), (0.4,)),
+    "digits_mlp": (lambda n, c: DigitsMLP(n, c), (0.3,), (0.4,)),
     "resnet18_cifar": (lambda n, c: ResNet18Cifar(n, c), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }

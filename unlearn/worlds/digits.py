@@ -24,6 +24,8 @@ BATCH_SIZE = 64
 LR = 0.05
 WEIGHT_DECAY = 5e-4
 MIN_TEST_ACCURACY = 95.0
+SECOND_JUDGE_SEED = 1
+TRAIN_STEPS = EPOCHS * -(-1437 // BATCH_SIZE)  # optimizer steps of the digits classifier (1,437 train images)
 
 
 def world_folder() -> Path:
@@ -39,18 +41,46 @@ def classifier_path(verbose: bool = True) -> Path:
     return path
 
 
-def train_digits_classifier(path: Path, verbose: bool = True) -> float:
-    """Train the digits classifier deterministically on CPU in fp32 and save it; returns test accuracy."""
+def second_judge_path(verbose: bool = True) -> Path:
+    """The digits world's second judge's folder (an MLP, other seed), trained there on first use."""
+    path = world_folder() / "second_judge"
+    if not (path / CONFIG_NAME).exists():
+        train_digits_classifier(path, verbose=verbose, arch="digits_mlp", seed=SECOND_JUDGE_SEED)
+    return path
+
+
+def train_digits_classifier(
+    path: Path, verbose: bool = True, arch: str = "digits_cnn", seed: int = SEED
+) -> float:
+    """Train a digits classifier deterministically on CPU in fp32 and save it; returns test accuracy."""
     started = time.perf_counter()
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
-    torch.manual_seed(SEED)
-    model = build_classifier("digits_cnn", num_classes=10)
+    model = fit_digits_classifier(train, arch, seed)
+    with torch.no_grad():
+        accuracy = 100.0 * float((model(test.images).argmax(1) == test.labels).float().mean())
+    model.save(path)
+    seconds = time.perf_counter() - started
+    info = {"arch": arch, "test_accuracy": accuracy, "train_seconds": seconds, "seed": seed}
+    write_json(info, path / "world.json")
+    if verbose:
+        print(f"digits world: {arch} trained in {seconds:.1f} s, test accuracy {accuracy:.2f} %")
+    if accuracy < MIN_TEST_ACCURACY:
+        raise RuntimeError(f"digits classifier reached only {accuracy:.2f} % test accuracy")
+    return accuracy
+
+
+def fit_digits_classifier(train, arch: str = "digits_cnn", seed: int = SEED, epochs: int = EPOCHS):
+    """The world's training recipe on a given dataset (SGD lr 0.05, momentum 0.9, weight decay 5e-4, batch 64,
+    cosine over `epochs` epochs, fp32 on CPU, seeded): returns the trained classifier in eval mode. The world's
+    classifiers are it on the full train set for 30 epochs; U-LiRA's shadow models use it on subsets."""
+    torch.manual_seed(seed)
+    model = build_classifier(arch, num_classes=10)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=WEIGHT_DECAY)
     steps_per_epoch = -(-len(train) // BATCH_SIZE)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, EPOCHS * steps_per_epoch)
-    generator = torch.Generator().manual_seed(SEED)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(EPOCHS):
+    for _ in range(epochs):
         order = torch.randperm(len(train), generator=generator)
         for start in range(0, len(train), BATCH_SIZE):
             batch = order[start : start + BATCH_SIZE]
@@ -60,18 +90,15 @@ def train_digits_classifier(path: Path, verbose: bool = True) -> float:
             optimizer.step()
             scheduler.step()
     model.eval()
-    with torch.no_grad():
-        accuracy = 100.0 * float((model(test.images).argmax(1) == test.labels).float().mean())
-    model.save(path)
-    seconds = time.perf_counter() - started
-    write_json({"test_accuracy": accuracy, "train_seconds": seconds, "seed": SEED}, path / "world.json")
-    if verbose:
-        print(f"digits world: classifier trained in {seconds:.1f} s, test accuracy {accuracy:.2f} %")
-    if accuracy < MIN_TEST_ACCURACY:
-        raise RuntimeError(f"digits classifier reached only {accuracy:.2f} % test accuracy")
-    return accuracy
+    return model
 
 
 def load_digits_classifier():
     """The digits classifier (trained on first use): the judge of the digits world's generative models."""
     return load_classifier(classifier_path(), None, 10)
+
+
+def load_digits_second_judge():
+    """The digits world's second judge (an MLP, independently seeded and trained on first use): attacks that
+    stop their search on the first judge are scored by this one (reference/attacks.md §0, rule 3)."""
+    return load_classifier(second_judge_path(), None, 10)
