@@ -368,8 +368,9 @@ def test_gan_recipes_and_suite_validate():
     assert len(recipes) >= 5
     for path in recipes:
         recipe = load_recipe(path)
-        assert recipe.model.family == "gan" and recipe.method == "adapt_then_unlearn"
+        assert recipe.model.family == "gan" and recipe.method in ("adapt_then_unlearn", "retrain")
     check_suite(load_suite(ROOT / "evals" / "digits_gan_class.yaml"))
+    check_suite(load_suite(ROOT / "evals" / "digits_gan_robust.yaml"))
 
 
 def test_gan_bench_table_has_the_gan_columns():
