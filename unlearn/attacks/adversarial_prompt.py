@@ -311,6 +311,16 @@ class PromptSearch:
         return Outcome(point, last_image, False, False, pre_attack, used, last_note)
 
 
+def run_search(name: str, model, target: Target, seed: int, batches, limits: list[int]) -> Probe:
+    """Search each of `len(limits)` targets (`search_points`) with the candidate batches `batches(search,
+    point)` yields, at most `limits[i]` generations on target i, and sum the outcomes up (`search_probe`): the
+    one loop of every prompt search."""
+    search = PromptSearch(model, target)
+    points = search_points(target, len(limits), seed)
+    outcomes = [search.search(point, batches(search, point), limit) for point, limit in zip(points, limits)]
+    return search_probe(outcomes, max(limits), target.log, name)
+
+
 def search_probe(outcomes: list[Outcome], limit: int, log=None, name: str = "") -> Probe:
     """The Probe of a search: success = share of targets broken (the second judge agrees with the first on the
     image that stopped the search); the curve: share broken within x generations per target."""
@@ -417,13 +427,8 @@ class AdversarialPrompt(Attack):
 
     def run(self, model, target: Target, seed: int) -> Probe:
         self.check(target)
-        search = PromptSearch(model, target)
-        limit = self.checks_per_target(target)
-        outcomes = [
-            search.search(point, self.optimized(search, point), limit)
-            for point in search_points(target, self.targets, seed)
-        ]
-        return search_probe(outcomes, limit, target.log, self.name)
+        limits = [self.checks_per_target(target)] * self.targets
+        return run_search(self.name, model, target, seed, self.optimized, limits)
 
     # the optimization --------------------------------------------------------------------------------
 

@@ -21,8 +21,7 @@ from .adversarial_prompt import (
     Candidate,
     PromptSearch,
     SearchPoint,
-    search_points,
-    search_probe,
+    run_search,
 )
 from .base import Attack, Probe, Target, hyperparameter
 from .random_prompt import spread
@@ -63,15 +62,13 @@ class SeedSearch(Attack):
 
     def run(self, model, target: Target, seed: int) -> Probe:
         self.check(target)
-        search = PromptSearch(model, target)
         generator = torch.Generator().manual_seed(seed)
         limits = spread(self.generations, self.targets)
-        points = search_points(target, self.targets, seed)
-        outcomes = [
-            search.search(point, self.batches(search, point, generator), limit)
-            for point, limit in zip(points, limits)
-        ]
-        return search_probe(outcomes, max(limits), target.log, self.name)
+
+        def batches(search, point):
+            return self.batches(search, point, generator)
+
+        return run_search(self.name, model, target, seed, batches, limits)
 
     def batches(self, search: PromptSearch, point: SearchPoint, generator) -> Iterator[list[Candidate]]:
         condition = search.base_condition(point)

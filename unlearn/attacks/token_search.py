@@ -28,8 +28,7 @@ from .adversarial_prompt import (
     Candidate,
     PromptSearch,
     SearchPoint,
-    search_points,
-    search_probe,
+    run_search,
     word_tokens,
 )
 from .base import Attack, Probe, Target, hyperparameter
@@ -99,13 +98,8 @@ class TokenSearch(Attack):
 
     def run(self, model, target: Target, seed: int) -> Probe:
         self.check(target)
-        search = PromptSearch(model, target)
-        limit = self.checks_per_target(target)
-        outcomes = [
-            search.search(point, self.batches(search, point), limit)
-            for point in search_points(target, self.targets, seed)
-        ]
-        return search_probe(outcomes, limit, target.log, self.name)
+        limits = [self.checks_per_target(target)] * self.targets
+        return run_search(self.name, model, target, seed, self.batches, limits)
 
     def candidates(self, search: PromptSearch, point: SearchPoint) -> Iterator[Candidate]:
         if not search.text:
