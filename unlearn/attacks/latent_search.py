@@ -128,8 +128,10 @@ def percent(flags: torch.Tensor) -> float:
 
 @dataclass
 class LatentSearch(Attack):
-    """Gradient ascent on judge A's log-probability of the erased class over the GAN's latents, counted only
-    where the second judge agrees and the original's discriminator finds the sample realistic."""
+    """Judge-guided gradient ascent over the GAN's latents towards the erased class, with a realism guard.
+
+    It climbs judge A's log-probability of the class; a sample counts only where the second judge agrees and the
+    original's discriminator finds it realistic."""
 
     name: ClassVar[str] = "latent_search"
     families: ClassVar[tuple[str, ...]] = ("gan",)

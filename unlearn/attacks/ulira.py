@@ -81,8 +81,9 @@ _CACHE: dict[tuple, dict] = {}
 
 @dataclass
 class ULiRA(Attack):
-    """Tell the procedure's unlearned shadow models from retrained ones, example by example: U-LiRA's
-    likelihood-ratio test (balanced accuracy, TPR at 1 % FPR) and KLoM, sharing one set of shadow models."""
+    """U-LiRA and KLoM: tell the procedure's shadow models from retrained ones, example by example.
+
+    U-LiRA's likelihood-ratio test (balanced accuracy, TPR at 1 % FPR) and KLoM share one set of shadow models."""
 
     name = "ulira"
     families = ("classifier",)
