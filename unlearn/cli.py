@@ -136,8 +136,7 @@ def _attack(args) -> int:
 
     import yaml
 
-    from .attacks.run import SECTION, attack_run, attack_section
-    from .checkpoints import write_json, write_text
+    from .attacks.run import attack_run, record_attacks
 
     specs = None
     if args.attack:
@@ -155,15 +154,7 @@ def _attack(args) -> int:
                 raise ConfigError(f"setting {item!r}: the value is not valid YAML") from None
     run_dir = Path(args.run_dir)
     metrics, shown = attack_run(run_dir, specs, log=lambda message: print(message, file=sys.stderr))
-    recorded = (
-        json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
-    )
-    write_json({**recorded, **metrics}, run_dir / "metrics.json")
-    report = (run_dir / "report.md").read_text() if (run_dir / "report.md").is_file() else ""
-    head = report.split(f"\n{SECTION}")[0].rstrip("\n")
-    write_text(
-        "\n".join([head, *attack_section({**recorded, **metrics}, shown)]) + "\n", run_dir / "report.md"
-    )
+    record_attacks(run_dir, metrics, shown)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0

@@ -164,13 +164,9 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool) -> di
         write_json(metrics, output / "metrics.json")
         write_text(harness.report(data, metrics, artifacts), output / "report.md")
         if recipe.eval.attacks:  # on the saved model, as `unlearn attack` would
-            from .attacks.run import attack_run, attack_section
+            from .attacks.run import attack_run, record_attacks
 
-            attacked, shown = attack_run(output, log=log)
-            metrics.update(attacked)
-            write_json(metrics, output / "metrics.json")
-            report = harness.report(data, metrics, artifacts).splitlines() + attack_section(metrics, shown)
-            write_text("\n".join(report) + "\n", output / "report.md")
+            metrics = record_attacks(output, *attack_run(output, log=log))
         shutil.rmtree(output / "checkpoints", ignore_errors=True)  # resume state is not needed once finished
         folder.finish(seconds)
         log(harness.headline(metrics))

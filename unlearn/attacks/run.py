@@ -358,6 +358,18 @@ def attack_info(key: str) -> MetricInfo | None:
     return None
 
 
+def record_attacks(run_dir: Path, metrics: dict, shown: dict) -> dict:
+    """Merge attack metrics into `run_dir/metrics.json` and put their section at the end of `report.md`
+    (replacing an earlier attack section); returns the merged metrics."""
+    path, report_path = run_dir / "metrics.json", run_dir / "report.md"
+    merged = {**(json.loads(path.read_text()) if path.is_file() else {}), **metrics}
+    write_json(merged, path)
+    report = report_path.read_text() if report_path.is_file() else ""
+    head = report.split(f"\n{SECTION}")[0].rstrip("\n")
+    write_text("\n".join([head, *attack_section(merged, shown)]) + "\n", report_path)
+    return merged
+
+
 def attack_section(metrics: dict, shown: dict) -> list[str]:
     """report.md's attack section: per attack its budget, a table original / Retrain / unlearned (success with
     Wilson bounds, R, the baselines, the attack's own numbers), its curve and images."""
