@@ -86,14 +86,17 @@ def saliency_mask(
     As the reference code computes it (`generate_mask.py`; reference/methods.md §1.2): the model in eval mode,
     the gradient of `loss_fn(model, batch)` summed over all `batches` (a signed sum), then its magnitude ranked
     globally over every parameter of `model.trainable`; the largest `1 - sparsity` share may change, the rest
-    is pinned. sparsity 0.5 is the reference's `with_0.5.pt` (threshold at the global median).
+    is pinned. The reference names its masks by the share kept: sparsity s is its `with_{1 - s}.pt` (0.5 =
+    `with_0.5.pt`, the threshold at the global median; 0.8 = `with_0.2.pt`). Ties at the threshold are broken
+    by `torch.topk` here and by `argsort` there, so only entries with exactly equal |gradient| can differ.
 
     Args:
         model: a family adapter (its `trainable` part is masked).
         loss_fn: `loss_fn(model, batch) -> Tensor`, the forgetting loss (e.g. -CE on the forget set).
         batches: an iterable of batches on the model's device.
-        sparsity: share of the entries that are pinned, in [0, 1).
-        max_grad_norm: clip each batch's gradient to this norm before summing (the DDPM reference does).
+        sparsity: share of the entries that are pinned, in [0, 1) (the reference's `with_{1 - sparsity}.pt`).
+        max_grad_norm: clip each batch's gradient to this norm before summing (the DDPM reference does, over
+            all parameters; here over the `trainable` parameters that require a gradient).
     """
     if not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"saliency sparsity must lie in [0, 1), got {sparsity}")

@@ -146,11 +146,12 @@ class Trainer:
 
     A loop walks `for position in trainer.loop():` (0-based steps or epochs, from after the last checkpoint) and
     calls `trainer.step(loss)` per batch: backward (inside `accelerator.accumulate`, so the loss is scaled and
-    the optimizer steps every `gradient_accumulation_steps` calls), then on the steps that sync: the gradients of
-    pinned weights masked, clipping, the optimizer step, pinned weights and their optimizer state restored, the
-    learning-rate step. A second optimizer (a discriminator's, LAF's alignment step) steps through the same call:
-    `trainer.step(loss, optimizer=other)`. After each step (step loops) or epoch: a log line every `log_every`
-    steps or every epoch, and a checkpoint every `checkpoint_every` steps or epochs and at the end.
+    the optimizer steps every `gradient_accumulation_steps` calls), then on the steps that sync: clipping and the
+    gradients of pinned weights masked (in that order by default, `clip_before_mask`), the optimizer step, pinned
+    weights and their optimizer state restored, the learning-rate step. A second optimizer (a discriminator's,
+    LAF's alignment step) steps through the same call: `trainer.step(loss, optimizer=other)`. After each step
+    (step loops) or epoch: a log line every `log_every` steps or every epoch, and a checkpoint every
+    `checkpoint_every` steps or epochs and at the end.
 
     A checkpoint (`project_dir/checkpoints/<stage>/state.pt`) holds the model's trainable weights and buffers,
     the optimizers, the scheduler, the loss scaler, the global RNG and everything in `state`, and a fingerprint
@@ -170,6 +171,10 @@ class Trainer:
         scheduler: stepped after every step of `optimizer` (default: a constant learning rate).
         mask: pinned weights; a pruned model's `pruning_mask` always joins it (see `pinned_params`).
         max_grad_norm: clip the gradient of `optimizer`'s parameters to this L2 norm (not a second optimizer's).
+        clip_before_mask: clip the full gradient, then zero the pinned weights' entries (the order of SalUn's
+            reference code, `DDPM/runners/diffusion.py:saliency_unlearn`; the default); False: zero them first and
+            clip what is left (the order before issue 16). Either way a pruned model's pruned entries are zeroed
+            before clipping: under the reference's pruning (torch's `prune`) they have no gradient to count.
         state: more that the result depends on, checkpointed with the model: objects with `state_dict()` (another
             optimizer, a discriminator, `Batches`), a `torch.Generator`, a `random.Random`, a list of tensors, a
             prepared loader (its pass count); None values are skipped.
@@ -200,6 +205,7 @@ class Trainer:
         scheduler=None,
         mask: ParamMask | None = None,
         max_grad_norm: float | None = None,
+        clip_before_mask: bool = True,
         state: dict | None = None,
         settings: dict | None = None,
         log_every: int = 50,
@@ -217,6 +223,8 @@ class Trainer:
         self.state = {name: value for name, value in (state or {}).items() if value is not None}
         # after prepare(): the masks live on the model's device
         self.pinned = pinned_params(self.unwrapped, mask)
+        self.clip_before_mask = clip_before_mask
+        self.pruned = pruned_params(self.unwrapped)
         self.steps_per_epoch = steps_per_epoch
         self.position = 0  # finished steps or epochs
         self.step_count = 0  # steps of `optimizer`
@@ -286,15 +294,13 @@ class Trainer:
         for loops that set `.grad` themselves; returns whether it was the trainer's own optimizer."""
         optimizer = self.optimizer if optimizer is None else optimizer
         raw = _raw(optimizer)
-        for param, keep, _ in self.pinned:
-            if param.grad is not None:
-                param.grad.mul_(keep)
-        if self.max_grad_norm and optimizer is self.optimizer:
-            params = [p for group in raw.param_groups for p in group["params"]]
-            if self.accelerator is not None:
-                self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        clip = bool(self.max_grad_norm) and optimizer is self.optimizer
+        if clip and self.clip_before_mask:
+            _mask_gradients(self.pruned)
+            self._clip(raw)
+        _mask_gradients(self.pinned)
+        if clip and not self.clip_before_mask:
+            self._clip(raw)
         if id(optimizer) not in self._calls:
             self._calls[id(optimizer)] = _optimizer_calls(optimizer, self.accelerator)
         optimizer_step, zero_grad = self._calls[id(optimizer)]
@@ -309,6 +315,13 @@ class Trainer:
         if self.unit == "epoch":
             self.progress.update(1)
         return True
+
+    def _clip(self, raw_optimizer) -> None:
+        params = [p for group in raw_optimizer.param_groups for p in group["params"]]
+        if self.accelerator is not None:
+            self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
 
     def record(self, name: str, value) -> None:
         """Add `value` to the running mean logged as `name`."""
@@ -557,6 +570,7 @@ def fit(
     lr_schedule: str = "constant",
     mask: ParamMask | None = None,
     max_grad_norm: float | None = None,
+    clip_before_mask: bool = True,
     augment: str = "none",
     stage: str = "fit",
     log_every: int = 20,
@@ -579,6 +593,8 @@ def fit(
         mask: pinned weights never move (gradients masked, values and optimizer state restored per step).
             A pruned model's `pruning_mask` is always added: its pruned weights stay exactly zero.
         max_grad_norm: clip the gradient norm to this value.
+        clip_before_mask: clip the full gradient, then mask it (SalUn's reference order); False: mask, then clip
+            (see `Trainer`).
         augment: batch augmentation of the images ("none" or "crop_flip").
         stage: name of this training stage (for logs and checkpoints).
         log_every: also log every `log_every` optimizer steps (besides the end of each epoch).
@@ -615,6 +631,7 @@ def fit(
         scheduler=scheduler,
         mask=mask,
         max_grad_norm=max_grad_norm,
+        clip_before_mask=clip_before_mask,
         settings={
             "schedule": lr_schedule,
             "augment": augment,
@@ -755,6 +772,7 @@ def train_steps(
     *,
     mask: ParamMask | None = None,
     max_grad_norm: float | None = None,
+    clip_before_mask: bool = True,
     stage: str = "train",
     log_every: int = 50,
     state: dict | None = None,
@@ -768,9 +786,9 @@ def train_steps(
     a resumed run draws what an uninterrupted one draws. The loop owns the rest (`Trainer`): mixed precision
     (autocast; fp16 loss scaling through the prepared optimizer), gradient accumulation (`loss_fn(step)` is
     called once per micro-batch), gradient masks and pinned weights (`mask` and the model's `pruning_mask`, as in
-    `fit`), clipping, NaN detection, `train.jsonl` logging and checkpoints every `train.checkpoint_every_steps`.
-    Single process: the model is not wrapped for data parallelism. `settings`: the method's settings that a
-    checkpoint must match.
+    `fit`), clipping (`clip_before_mask`: the full gradient, then the mask, as `Trainer`), NaN detection,
+    `train.jsonl` logging and checkpoints every `train.checkpoint_every_steps`. Single process: the model is not
+    wrapped for data parallelism. `settings`: the method's settings that a checkpoint must match.
     """
     optimizer = accelerator.prepare(optimizer)
     trainer = Trainer(
@@ -781,6 +799,7 @@ def train_steps(
         total=steps,
         mask=mask,
         max_grad_norm=max_grad_norm,
+        clip_before_mask=clip_before_mask,
         state=state,
         settings=settings,
         log_every=log_every,
@@ -887,6 +906,25 @@ def pinned_params(model: nn.Module, mask: ParamMask | None):
         (params[name], keep.to(params[name].device, params[name].dtype), params[name].detach().clone())
         for name, keep in mask.masks.items()
     ]
+
+
+def pruned_params(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, keep-mask) for every parameter a pruned model's `pruning_mask` names; [] when unpruned."""
+    pruning = getattr(model, "pruning_mask", None)
+    if pruning is None:
+        return []
+    params = dict(getattr(model, "trainable", model).named_parameters())
+    return [
+        (params[name], keep.to(params[name].device, params[name].dtype))
+        for name, keep in pruning.masks.items()
+    ]
+
+
+def _mask_gradients(pinned) -> None:
+    """Zero the gradient entries of pinned weights (`pinned_params` or `pruned_params` entries)."""
+    for param, keep, *_ in pinned:
+        if param.grad is not None:
+            param.grad.mul_(keep)
 
 
 @torch.no_grad()

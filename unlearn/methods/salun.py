@@ -14,7 +14,7 @@ from ..data import UnlearnData
 from ..errors import ConfigError
 from ..models.base import Model
 from ..params import ParamMask, saliency_mask
-from ..train import Phase, endless, fit, make_loader, make_optimizer, train_steps
+from ..train import AUGMENTATIONS, Phase, endless, fit, make_loader, make_optimizer, train_steps
 from .base import Method, hyperparameter
 
 
@@ -26,8 +26,13 @@ class SalUn(Method):
 
     1. Saliency mask: sum the gradient of the forgetting loss -CE over one pass of the forget set at the
        original weights, take its magnitude, keep the global top `1 - sparsity` share of entries
-       (`unlearn.params.saliency_mask`; sparsity 0.5 = the reference's `with_0.5.pt`). Or load a saved mask
-       from `mask_path`. The mask is saved to the run folder as `saliency_mask.safetensors` for reuse.
+       (`unlearn.params.saliency_mask`). Naming: `sparsity` is the share *pinned*, the reference's file name
+       the share *kept*: sparsity s = `with_{1 - s}.pt` (0.5 = `with_0.5.pt`, 0.8 = `with_0.2.pt`). As the
+       reference (`Classification/generate_mask.py`), the pass visits the forget set in a random order seeded
+       from the run's seed (`mask_shuffle`; the batching changes the mask, since each batch loss is a mean)
+       and sees the training augmentation (`augment`: the reference builds the mask from its training loader,
+       random crop + flip on CIFAR). Or load a saved mask from `mask_path`. The mask is saved to the run
+       folder as `saliency_mask.safetensors` for reuse.
     2. Random labelling on the masked model (`phases`), as the reference code schedules it
        (`Classification/unlearn/RL.py`): each epoch one pass over the forget set, every example labelled with
        a fresh uniformly random class, then one pass over the retain set with true labels (both terms weighted
@@ -41,12 +46,17 @@ class SalUn(Method):
     With `soft: true`, SalUn-soft (Table 1's SalUn-soft row; reference `Classification/unlearn/RL_pro.py:
     RL_proximal`) replaces steps 1 and 3; no saliency mask is computed (the reference takes none):
 
-    1. Snapshot θ_o, the trainable weights at the start of unlearning.
+    1. Snapshot θ_o, the proximal anchor: with `soft_anchor: epoch` (the default, the reference's) the trainable
+       weights at the start of every epoch (`RL_proximal` runs once per epoch and takes `init_params` when it
+       starts); with `soft_anchor: original` the weights before unlearning, which is what the paper's formula
+       implies (it writes the unlearned model against θ_o, the original model: θ_u = m ⊙ (Δθ + θ_o) +
+       (1 - m) ⊙ θ_o).
     2. Random labelling on the whole model, as in step 2 (the reference's CIFAR-10/100 branch is the mixed one:
        `mixed: true`).
     3. After every optimizer step, the proximal step `soft_threshold_`: with Δ = θ - θ_o over all trainable
        weights together and τ the k-th smallest |Δ|, θ ← θ - τ where Δ > τ, θ + τ where Δ < -τ, θ_o elsewhere.
-       k = `soft_k`: the share `sparsity` (the reference's `mask_ratio`) of the weights at the first epoch,
+       k = `soft_k`: the share `sparsity` (here the reference's `mask_ratio` itself, a share reset to θ_o, not
+       `1 - ratio` as for the hard mask) of the weights at the first epoch,
        decaying linearly with the epoch, constant within one as in the reference's CIFAR branch. So the
        reset share falls from `sparsity` to `sparsity / epochs`: a soft, shrinking saliency mask.
        Weights a pruned model pins (`model.pruning_mask`) take no part: they stay exactly 0.0 and do not
@@ -71,9 +81,13 @@ class SalUn(Method):
     lr_schedule: str = hyperparameter(
         "constant", "constant (the reference's), cosine or linear decay over all steps"
     )
-    max_grad_norm: float | None = hyperparameter(None, "clip the gradient to this L2 norm; null: no clipping")
+    max_grad_norm: float | None = hyperparameter(
+        None, "clip the full gradient to this L2 norm, then mask it; null: no clipping (the reference's)"
+    )
     augment: str = hyperparameter(
-        "none", "batch augmentation: none, or crop_flip (CIFAR's random crop and flip)"
+        "none",
+        "batch augmentation, in training and in the saliency pass: none, or crop_flip (CIFAR's random crop and "
+        "flip, the reference's CIFAR loaders)",
     )
     mixed: bool = hyperparameter(
         False, "one shuffled loader for forget and retain examples (the reference's CIFAR-100 branch)"
@@ -82,14 +96,26 @@ class SalUn(Method):
         False, "draw random labels different from the true one (the paper's y' != y; the reference may not)"
     )
     sparsity: float = hyperparameter(
-        0.5, "share of weights frozen outside the saliency mask, in [0, 1); 0.5 = the reference's with_0.5.pt"
+        0.5,
+        "share of weights pinned outside the saliency mask, in [0, 1): sparsity s = the reference's "
+        "with_{1-s}.pt (0.5 = with_0.5.pt, 0.8 = with_0.2.pt); soft: the first epoch's reset share (mask_ratio)",
     )
     mask_path: str | None = hyperparameter(
         None, "load a saved saliency mask (saliency_mask.safetensors) instead of computing it"
     )
+    mask_shuffle: bool = hyperparameter(
+        True,
+        "the saliency pass visits the forget set in a random order seeded from the run's seed (the reference's); "
+        "false: in dataset order",
+    )
     soft: bool = hyperparameter(
         False,
         "SalUn-soft: no mask; after every step reset a shrinking share (from sparsity) of weights to θ_o",
+    )
+    soft_anchor: str = hyperparameter(
+        "epoch",
+        "SalUn-soft's θ_o: epoch (the weights at the start of each epoch, the reference's) or original (the "
+        "weights before unlearning, as the paper's formula reads)",
     )
 
     def __post_init__(self) -> None:
@@ -97,6 +123,10 @@ class SalUn(Method):
             raise ConfigError(f"salun sparsity must lie in [0, 1), got {self.sparsity}")
         if self.soft and self.mask_path:
             raise ConfigError("salun soft: true takes no saliency mask; drop mask_path (or set soft: false)")
+        if self.soft_anchor not in ("epoch", "original"):
+            raise ConfigError(f"salun soft_anchor must be epoch or original, got {self.soft_anchor!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"unknown augmentation {self.augment!r}; known: {', '.join(AUGMENTATIONS)}")
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         if self.soft:
@@ -109,9 +139,11 @@ class SalUn(Method):
         if self.mask_path:
             return ParamMask.load(self.mask_path)
         device = next(model.parameters()).device
+        augment = AUGMENTATIONS[self.augment] or (lambda images: images)
+        forget = seeded_order(data.forget) if self.mask_shuffle else data.forget
         batches = (
-            (images.to(device), labels.to(device))
-            for images, labels in make_loader(data.forget, self.batch_size, False)
+            (augment(images.to(device)), labels.to(device))
+            for images, labels in make_loader(forget, self.batch_size, shuffle=False)
         )
 
         def forgetting_loss(model, batch):
@@ -182,10 +214,22 @@ class SalUn(Method):
         """SalUn-soft: random labelling with a proximal step towards θ_o after every optimizer step."""
         named = [(name, p) for name, p in model.trainable.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
-        init = [p.detach().clone() for p in params]
+        init = [p.detach().clone() for p in params]  # θ_o
         pruning = getattr(model, "pruning_mask", None)
         free = [pruning.masks.get(name) if pruning is not None else None for name, _ in named]
         n_free = sum(p.numel() if f is None else int(f.sum()) for p, f in zip(params, free))
+        # soft_anchor "epoch": θ_o is taken anew by the first forward pass of every epoch (after a resume too,
+        # where it sees the restored weights), i.e. from the weights the previous epoch ended with.
+        retake = {"anchor": self.soft_anchor == "epoch"}
+
+        def anchored(loss):
+            def loss_taking_anchor(prepared, batch):
+                if retake["anchor"]:
+                    init[:] = [p.detach().clone() for p in params]
+                    retake["anchor"] = False
+                return loss(prepared, batch)
+
+            return loss_taking_anchor
 
         def proximal_step(step: int, total_steps: int) -> None:
             if init[0].device != params[0].device:  # fit() moved the model to the accelerator's device
@@ -193,8 +237,12 @@ class SalUn(Method):
             if any(f is not None and f.device != p.device for f, p in zip(free, params)):
                 free[:] = [None if f is None else f.to(p.device) for f, p in zip(free, params)]
             soft_threshold_(params, init, soft_k(step, total_steps, self.epochs, self.sparsity, n_free), free)
+            last_of_epoch = step % (total_steps // self.epochs) == 0
+            if self.soft_anchor == "epoch" and last_of_epoch:
+                retake["anchor"] = True
 
-        return self._fit(model, self.phases(data), accelerator, "salun_soft", after_step=proximal_step)
+        phases = [Phase(phase.loader, anchored(phase.loss), phase.name) for phase in self.phases(data)]
+        return self._fit(model, phases, accelerator, "salun_soft", after_step=proximal_step)
 
 
 class _Flagged(torch.utils.data.Dataset):
@@ -209,6 +257,19 @@ class _Flagged(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image, label = self.dataset[index]
         return image, label, torch.tensor(self.flag)
+
+
+def seeded_order(dataset, seed: int | None = None) -> torch.utils.data.Dataset:
+    """`dataset` in the order a shuffling `DataLoader` made right after `torch.manual_seed(seed)` yields in its
+    first pass: the reference's mask passes read such a loader (`generate_mask.py`: `replace_loader_dataset(
+    forget_dataset, seed=seed, shuffle=True)`, which seeds first). The loader's iterator draws its base seed, then
+    its sampler's seed, from the global RNG; here both come from a generator of their own, so the run's RNG is
+    left untouched. `seed` defaults to the run's seed (`torch.initial_seed()`, set by the pipeline)."""
+    generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
+    torch.empty((), dtype=torch.int64).random_(generator=generator)  # the iterator's base seed, unused here
+    sampler_seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(sampler_seed))
+    return torch.utils.data.Subset(dataset, order.tolist())
 
 
 def soft_k(step: int, total_steps: int, epochs: int, ratio: float, n_params: int) -> int:
@@ -266,26 +327,41 @@ def soft_threshold_(
 class SalUnDiffusion(Method):
     """SalUn for diffusion models (Fan et al., ICLR 2024, Eq. for L_SalUn^(2); reference/methods.md §1.2-1.4.3).
 
-    Class erasure in a class-conditional DDPM and concept erasure in text-to-image models, one algorithm:
+    Class erasure in a class-conditional DDPM and concept erasure in text-to-image models, one algorithm. The
+    defaults are the DDPM reference's (`DDPM/runners/diffusion.py`, `configs/cifar10_saliency_unlearn.yml`); the
+    SD recipes set the SD reference's choices (`SD/train-scripts/generate_mask.py`, `random_label.py`), noted
+    below as "SD:".
 
-    1. Saliency mask at the original weights: sum over one pass of D_f the gradient of the diffusion loss under
-       the classifier-free guided prediction, MSE(ε, ε_u + w (ε(x_t | c_f) - ε_u)) with w = `mask_guidance`
-       (the DDPM code uses its test-mode CFG output at cond_scale 2; the SD code (1 + 7.5) ε_c - 7.5 ε_∅, i.e.
-       w = 8.5), each batch's gradient clipped to norm `max_grad_norm` before summing (the DDPM code); keep the
-       global top `1 - sparsity` share of |sum| (sparsity 0.5 = `with_0.5.pt`). Or load `mask_path`. The mask
-       is saved to the run folder as `saliency_mask.safetensors`.
+    1. Saliency mask at the original weights (model in eval mode): sum over one pass of D_f the gradient of the
+       diffusion loss of the classifier-free guided prediction, per image the sum of squared errors
+       |ε - (ε_u + w (ε(x_t | c_f) - ε_u))|², averaged over the batch, with w = `mask_guidance` = 3: the DDPM
+       code's test-mode output (1 + s) ε_c - s ε_∅ at its `--cond_scale` s = 2 is ε_∅ + 3 (ε_c - ε_∅) (SD: its
+       c_guidance 7.5 gives w = 8.5). Each batch's gradient is clipped to `max_grad_norm` before the sum (SD:
+       no clipping). The pass visits D_f in a random order seeded from the run's seed (`mask_shuffle`; SD: in
+       dataset order). Keep the global top `1 - sparsity` share of |sum|: sparsity s = the reference's
+       `with_{1 - s}.pt` (0.5 = `with_0.5.pt`). Or load `mask_path`. The mask is saved to the run folder as
+       `saliency_mask.safetensors`.
     2. For `steps` steps, on a forget batch (x, c_f) and a retain batch (x_r, c_r):
-       forget loss = MSE(ε_θ(x_t | c_f), sg[ε_θ(x_t | c')]) with one noise ε and t for both branches, c' the
-       anchor (the pseudo class (c + 1) mod K / the pseudo prompt): the target is the *current* model under
-       c', detached, as both reference codes do (not a frozen copy);
-       retain loss = the ordinary diffusion loss on the retain batch;
-       loss = forget + `retain_weight` * retain (the reference's `--alpha`); clip to `max_grad_norm`;
-       gradients masked; Adam.
+       forget loss = MSE(ε_θ(x_t | c_f), sg[ε_θ(x_t | c')]) (the mean over all entries) with one noise ε and t
+       for both branches, c' the anchor (the pseudo class (c + 1) mod K / the pseudo prompt): the target is the
+       *current* model under c', detached, as both reference codes do (not a frozen copy);
+       retain loss = the ordinary diffusion loss on the retain batch, per image the *sum* of squared errors,
+       averaged over the batch (`retain_reduction: sum`, the DDPM code's `noise_estimation_loss_conditional`;
+       SD: `mean` over all entries, its LDM loss);
+       loss = forget + `retain_weight` * retain (`retain_weight` is the reference's `--alpha` on the
+       reference's scale: 1e-3 with `sum` is the DDPM README's; with `mean` the same weight would be C·H·W
+       times smaller, e.g. 1e-3 · 3072 on CIFAR-10). Every training forward pass (forget, pseudo target,
+       retain) replaces each condition by the unconditional one with probability `condition_dropout`, each
+       pass drawing its own (the DDPM code calls its model in mode="train", cond_drop_prob 0.1; SD: 0).
+       Timesteps are antithetic, t and T - 1 - t (`antithetic_timesteps`, in the mask pass too; SD: uniform).
+       Clip the full gradient to `max_grad_norm`, then mask it (`clip_before_mask`); Adam.
     3. Weights outside the mask never move (values and optimizer state restored after every step).
 
     Defaults are the DDPM reference's (Adam lr 1e-4, batch 128, clip 1, retain weight 1e-3 per the authors'
     answer in issue #19: 0 collapses every class); the SD recipes carry lr 1e-5, retain weight 0.5
-    (Imagenette) or 0.1 (nudity), batch 8 and `mask_guidance` 8.5.
+    (Imagenette) or 0.1 (nudity) with `retain_reduction: mean`, batch 8 and `mask_guidance` 8.5. Not followed:
+    the DDPM code's CIFAR-10 loader flips images at random (`random_flip: true`); images are used as the data
+    gives them.
     """
 
     families = ("diffusion",)
@@ -293,16 +369,40 @@ class SalUnDiffusion(Method):
     lr: float = hyperparameter(1e-4, "Adam learning rate (DDPM reference 1e-4; Stable Diffusion 1e-5)")
     batch_size: int = hyperparameter(128, "images per forget batch and per retain batch (DDPM 128, SD 8)")
     retain_weight: float = hyperparameter(
-        1e-3, "weight of the retain set's diffusion loss against the forget loss (the reference's --alpha)"
+        1e-3,
+        "the reference's --alpha: weight of the retain loss (DDPM README 1e-3 with retain_reduction sum; SD 0.5 "
+        "or 0.1 with mean)",
+    )
+    retain_reduction: str = hyperparameter(
+        "sum",
+        "retain loss per image: sum of squared errors averaged over the batch (the DDPM reference's) or mean "
+        "over all entries (the SD reference's; retain_weight then weighs C*H*W times less)",
     )
     sparsity: float = hyperparameter(
-        0.5, "share of trained weights frozen outside the saliency mask, in [0, 1); 0.5 = with_0.5.pt"
+        0.5,
+        "share of trained weights pinned outside the saliency mask, in [0, 1): sparsity s = the reference's "
+        "with_{1-s}.pt (0.5 = with_0.5.pt, 0.8 = with_0.2.pt)",
     )
     mask_guidance: float = hyperparameter(
-        2.0, "classifier-free guidance scale w of the saliency pass (DDPM code 2; SD code 8.5)"
+        3.0,
+        "guidance w of the saliency pass, in eps_u + w (eps_c - eps_u): DDPM code cond_scale 2 -> 3; SD code "
+        "c_guidance 7.5 -> 8.5",
     )
     mask_path: str | None = hyperparameter(
         None, "load a saved saliency mask (saliency_mask.safetensors) instead of computing it"
+    )
+    mask_shuffle: bool = hyperparameter(
+        True,
+        "the saliency pass visits D_f in a random order seeded from the run's seed (the DDPM reference's); "
+        "false: in dataset order (the SD reference's)",
+    )
+    condition_dropout: float = hyperparameter(
+        0.1,
+        "probability that a training forward pass (forget, pseudo target, retain) sees the unconditional "
+        "condition instead, drawn per pass (the DDPM reference's mode='train', 0.1; SD 0)",
+    )
+    antithetic_timesteps: bool = hyperparameter(
+        True, "pair timesteps t and T-1-t within a batch (the DDPM reference's); false: independent (SD's)"
     )
     params: str | list = hyperparameter(
         "full", "UNet weights that may move: full, xattn, kv, noxattn, or a list of parameter-name globs"
@@ -310,11 +410,19 @@ class SalUnDiffusion(Method):
     max_grad_norm: float | None = hyperparameter(
         1.0, "clip each step's gradient (and each saliency batch's) to this L2 norm; null: no clipping"
     )
+    clip_before_mask: bool = hyperparameter(
+        True,
+        "clip the full gradient, then mask it (the DDPM reference's order); false: mask, then clip what is left",
+    )
     weight_decay: float = hyperparameter(0.0, "Adam's L2 weight decay (reference 0)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"salun sparsity must lie in [0, 1), got {self.sparsity}")
+        if self.retain_reduction not in ("sum", "mean"):
+            raise ConfigError(f"salun retain_reduction must be sum or mean, got {self.retain_reduction!r}")
+        if not 0.0 <= self.condition_dropout <= 1.0:
+            raise ConfigError(f"salun condition_dropout must lie in [0, 1], got {self.condition_dropout}")
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         chosen = model.train_only(self.params)
@@ -324,13 +432,9 @@ class SalUnDiffusion(Method):
         forget, retain = endless(data.forget, self.batch_size), endless(data.retain, self.batch_size)
 
         def loss_fn(step: int) -> torch.Tensor:
-            images, conditions = next(forget)
-            x_t, _, t = model.noised(model.to_latents(images))
-            anchors = model.as_conditions(pseudo[_key(c)] for c in conditions)
-            forget_out = model(x_t, t, model.encode(conditions))
-            pseudo_out = model(x_t, t, model.encode(anchors)).detach()
-            forget_loss = F.mse_loss(forget_out.float(), pseudo_out.float())
-            return forget_loss + self.retain_weight * model.loss(next(retain))
+            return self.forget_loss(model, next(forget), pseudo) + self.retain_weight * self.retain_loss(
+                model, next(retain)
+            )
 
         optimizer = torch.optim.Adam(chosen.values(), lr=self.lr, weight_decay=self.weight_decay)
         return train_steps(
@@ -341,10 +445,32 @@ class SalUnDiffusion(Method):
             self.steps,
             mask=mask,
             max_grad_norm=self.max_grad_norm,
+            clip_before_mask=self.clip_before_mask,
             stage="salun",
             state={"forget": forget, "retain": retain},
             settings={"method": self, "data": data},
         )
+
+    def forget_loss(self, model: Model, batch, pseudo: dict) -> torch.Tensor:
+        """MSE(ε_θ(x_t | c_f), sg[ε_θ(x_t | c')]) on a forget batch; `pseudo` maps a condition to its anchor c'."""
+        images, conditions = batch
+        x_t, _, t = model.noised(model.to_latents(images), antithetic=self.antithetic_timesteps)
+        anchors = model.as_conditions(pseudo[_key(c)] for c in conditions)
+        forget_cond = model.encode(model.drop_conditions(conditions, self.condition_dropout))
+        pseudo_cond = model.encode(model.drop_conditions(anchors, self.condition_dropout))  # drawn apart
+        forget_out = model(x_t, t, forget_cond)
+        pseudo_out = model(x_t, t, pseudo_cond).detach()
+        return F.mse_loss(forget_out.float(), pseudo_out.float())
+
+    def retain_loss(self, model: Model, batch) -> torch.Tensor:
+        """The diffusion loss on a retain batch: per image the sum of squared errors, averaged over the batch
+        (`retain_reduction: sum`), or the mean over all entries (`mean`)."""
+        images, conditions = batch
+        x0 = model.to_latents(images)
+        cond = model.encode(model.drop_conditions(conditions, self.condition_dropout))
+        x_t, noise, t = model.noised(x0, antithetic=self.antithetic_timesteps)
+        errors = (model(x_t, t, cond).float() - noise.float()).square()
+        return errors.flatten(1).sum(1).mean() if self.retain_reduction == "sum" else errors.mean()
 
     def mask(self, model: Model, data: UnlearnData, accelerator) -> ParamMask:
         """The saliency mask over the trained UNet parameters: loaded, or computed on D_f and saved."""
@@ -353,12 +479,13 @@ class SalUnDiffusion(Method):
 
         def forgetting_loss(model, batch):
             images, conditions = batch
-            x_t, noise, t = model.noised(model.to_latents(images))
+            x_t, noise, t = model.noised(model.to_latents(images), antithetic=self.antithetic_timesteps)
             uncond = model.encode(model.null_conditions(len(x_t)))
             eps = model.guided(x_t, t, model.encode(conditions), uncond, self.mask_guidance)
             return F.mse_loss(eps.float(), noise.float(), reduction="sum") / len(x_t)
 
-        batches = iter(make_loader(data.forget, self.batch_size, shuffle=False))
+        forget = seeded_order(data.forget) if self.mask_shuffle else data.forget
+        batches = iter(make_loader(forget, self.batch_size, shuffle=False))
         with accelerator.autocast():
             mask = saliency_mask(model, forgetting_loss, batches, self.sparsity, self.max_grad_norm)
         if accelerator.project_dir and accelerator.is_main_process:

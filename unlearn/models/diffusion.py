@@ -36,11 +36,19 @@ from .base import Model
 # Where attention lives in a diffusers UNet: the cross-attention projections ESD-x, UCE, DoCo and ANT's LoRA
 # edit, and everything else (ESD-u).
 CROSS_ATTENTION = ("*attn2.to_k.*", "*attn2.to_v.*")
+# What ESD-u leaves alone besides cross-attention: the reference's `--train_method noxattn` (rohitgandikota/erasing,
+# train-scripts/train-esd.py) skips CompVis names starting with `out.` or containing `time_embed`, which are these
+# top-level diffusers modules (the resnets' `time_emb_proj` is CompVis `emb_layers` and does train).
+NOT_ESD_U = ("time_embedding.", "conv_norm_out.", "conv_out.")
 PARAMETER_SETS = {
     "full": None,
     "xattn": ("*attn2.*",),  # the reference's `--train_method xattn`: all cross-attention weights
     "kv": CROSS_ATTENTION,
-    "noxattn": "noxattn",  # everything but cross-attention (ESD-u)
+    # ESD-u, the reference's `--train_method noxattn` exactly: all but cross-attention and `NOT_ESD_U`
+    "noxattn": "noxattn",
+    # every weight but cross-attention, time embedding and output layers included (the toolkit's noxattn
+    # before it was made the reference's)
+    "all_but_xattn": "all_but_xattn",
 }
 
 
@@ -125,8 +133,9 @@ class Diffusion(Model):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def parameters_named(self, which: str | tuple | list = "full") -> dict[str, nn.Parameter]:
-        """UNet parameters by name: a set in `PARAMETER_SETS` ("full", "xattn", "kv", "noxattn") or glob
-        patterns over `unet.named_parameters()` names (e.g. `["*attn2.to_k.*", "*attn2.to_v.*"]`)."""
+        """UNet parameters by name: a set in `PARAMETER_SETS` ("full", "xattn", "kv", "noxattn" = ESD-u,
+        "all_but_xattn") or glob patterns over `unet.named_parameters()` names (e.g. `["*attn2.to_k.*",
+        "*attn2.to_v.*"]`)."""
         from ..params import select
 
         if isinstance(which, str):
@@ -135,9 +144,12 @@ class Diffusion(Model):
                     f"unknown parameter set {which!r}; known: {', '.join(PARAMETER_SETS)}, or a list of globs"
                 )
             which = PARAMETER_SETS[which]
-        if which == "noxattn":
+        if which in ("noxattn", "all_but_xattn"):
             cross = select(self.unet, PARAMETER_SETS["xattn"]) if self.conditioning == "text" else {}
-            return {n: p for n, p in self.unet.named_parameters() if n not in cross}
+            skipped = NOT_ESD_U if which == "noxattn" else ()
+            return {
+                n: p for n, p in self.unet.named_parameters() if n not in cross and not n.startswith(skipped)
+            }
         return select(self.unet, which)
 
     def train_only(self, which: str | tuple | list = "full") -> dict[str, nn.Parameter]:
@@ -291,11 +303,22 @@ class Diffusion(Model):
         """n timesteps drawn uniformly from the training schedule."""
         return torch.randint(0, self.num_train_timesteps, (n,), device=self.device)
 
-    def noised(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """Noise a batch: draw ε ~ N(0, I), then (unless `t` is given) uniform timesteps t, in that order, and
-        return `(x_t, ε, t)` with x_t = `add_noise(x0, ε, t)`."""
+    def noised(
+        self, x0: torch.Tensor, t: torch.Tensor | None = None, antithetic: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """Noise a batch: draw ε ~ N(0, I), then (unless `t` is given) timesteps t, in that order, and return
+        `(x_t, ε, t)` with x_t = `add_noise(x0, ε, t)`.
+
+        Timesteps are uniform and independent; with `antithetic`, n // 2 + 1 uniform draws t are each paired with
+        T - 1 - t (the first n of the two halves), the antithetic sampling of the DDPM code SalUn builds on
+        (`DDPM/runners/diffusion.py`: `t = cat([t, T - t - 1])[:n]`).
+        """
         noise = torch.randn_like(x0)
-        t = self.sample_timesteps(len(x0)) if t is None else t
+        if t is None and antithetic:
+            half = torch.randint(0, self.num_train_timesteps, (len(x0) // 2 + 1,), device=self.device)
+            t = torch.cat([half, self.num_train_timesteps - 1 - half])[: len(x0)]
+        elif t is None:
+            t = self.sample_timesteps(len(x0))
         return self.add_noise(x0, noise, t), noise, t
 
     def loss(self, batch, uncond_prob: float = 0.0) -> torch.Tensor:
