@@ -51,33 +51,39 @@ def concept_keys(
     """The text-encoder states that carry each prompt's concept, stacked as (M, d).
 
     CLIP's text encoder is causal: the states before the concept word do not know it, and every state from the
-    word on does (the word itself, the end token and the padding that repeats it). So, as UCE does, a prompt
-    contributes the states from its last word token to the end of the sequence (`positions="concept"`), or all
-    of them (`positions="all"`, UCE's preservation terms).
+    word on does (the word itself, the end token and the padding that repeats it). So, as UCE's
+    `train-scripts/train_erase.py` does, a prompt contributes the states from its last word token to the end of
+    the sequence (`positions="concept"`); or only its last word token's state (`positions="last_word"`, UCE's
+    newer `trainscripts/uce_sd_erase.py`); or all of them (`positions="all"`, UCE's preservation terms).
+    A prompt's last word token is at `concept_starts`: for the empty prompt that is position 0, the
+    start-of-text token, as in both reference scripts.
 
     Args:
         model: a text-conditioned `Diffusion`.
         prompts: the prompts whose states are returned.
         anchors: one prompt per prompt; when given, their states are returned too, aligned position by position
-            with the prompts' (both start at their own last word and have the same length, UCE's alignment).
-        positions: "concept" or "all".
+            with the prompts' (both start at their own last word token and have the same length, the longer of
+            the two prompts setting how many positions the pair keeps: UCE's alignment).
+        positions: "concept", "last_word" or "all".
 
     Returns:
         `(keys, anchor_keys)`; `anchor_keys` is None without `anchors`.
     """
-    if positions not in ("concept", "all"):
-        raise ConfigError(f"positions must be 'concept' or 'all', not {positions!r}")
+    if positions not in ("concept", "last_word", "all"):
+        raise ConfigError(f"positions must be 'concept', 'last_word' or 'all', not {positions!r}")
     if anchors is not None and len(anchors) != len(prompts):
         raise ConfigError(f"give one anchor per prompt ({len(prompts)}), not {len(anchors)}")
     if not prompts:
         return torch.zeros(0, model.unet.config.cross_attention_dim), None
     states, last = _states(model, list(prompts))
+    anchor_states, anchor_last = _states(model, list(anchors)) if anchors is not None else (None, None)
     if positions == "all":
-        keys = states.flatten(0, 1)
-        return keys, (_states(model, list(anchors))[0].flatten(0, 1) if anchors is not None else None)
+        return states.flatten(0, 1), (anchor_states.flatten(0, 1) if anchors is not None else None)
+    if positions == "last_word":
+        rows = torch.arange(len(states))
+        return states[rows, last], (anchor_states[rows, anchor_last] if anchors is not None else None)
     if anchors is None:
         return torch.cat([s[i:] for s, i in zip(states, last.tolist())]), None
-    anchor_states, anchor_last = _states(model, list(anchors))
     keys, anchor_keys = [], []
     length = states.shape[1]
     for s, i, a, j in zip(states, last.tolist(), anchor_states, anchor_last.tolist()):
@@ -88,20 +94,32 @@ def concept_keys(
 
 
 def preserved_keys(
-    model, prompts: Sequence[str], unconditional: bool = True, scale: float | None = None
+    model,
+    prompts: Sequence[str],
+    unconditional: bool = True,
+    scale: float | None = None,
+    positions: str = "all",
 ) -> tuple[torch.Tensor, float]:
-    """The preservation terms of a closed-form edit: every state of `prompts` and, with `unconditional`, of the
-    empty prompt (the unconditional branch of classifier-free guidance, which must not move); and their
-    weight, `scale` or UCE's default max(0.1, 1 / number of preserved prompts)."""
+    """The preservation terms of a closed-form edit: the states of `prompts` (every position with
+    `positions="all"`, as UCE's `train_erase.py`; the last word token's with "last_word", as its newer
+    `uce_sd_erase.py`) and, with `unconditional`, of the empty prompt (the unconditional branch of
+    classifier-free guidance, which must not move); and their weight, `scale` or `train_erase.py`'s default
+    max(0.1, 1 / number of preserved prompts, the empty prompt included)."""
     preserved = [*prompts, *([""] if unconditional else [])]
-    keys, _ = concept_keys(model, preserved, positions="all")
+    keys, _ = concept_keys(model, preserved, positions=positions)
     return keys, scale if scale is not None else max(0.1, 1.0 / max(len(preserved), 1))
 
 
 def concept_starts(model, prompts: list[str]) -> list[int]:
     """Where each prompt's concept positions start: the index of its last word token ([start, words..., end,
-    padding]; the empty prompt has no word, its first end token stands in)."""
-    return _tokens(model, prompts).attention_mask.sum(1).sub(2).clamp(min=1).tolist()
+    padding]), i.e. the number of real tokens − 2, as UCE's reference computes it (`attention_mask.sum() - 2`).
+    The empty prompt has no word: it starts at 0, its start-of-text token (the reference maps '' to ' ', which
+    CLIP's tokenizer also reads as no word)."""
+    return _starts(_tokens(model, prompts)).tolist()
+
+
+def _starts(tokens) -> torch.Tensor:
+    return tokens.attention_mask.sum(1).sub(2)
 
 
 def _tokens(model, prompts: list[str]):
@@ -118,7 +136,7 @@ def _states(model, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Text-encoder states (N, L, d) in float32 and where each prompt's concept positions start."""
     tokens = _tokens(model, prompts)
     states = model.text_encoder(tokens.input_ids.to(model.text_encoder.device))[0].float().cpu()
-    return states, tokens.attention_mask.sum(1).sub(2).clamp(min=1)
+    return states, _starts(tokens)
 
 
 def solve_projection(

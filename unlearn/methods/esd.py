@@ -21,18 +21,31 @@ class ESD(Method):
 
     1. Keep a frozen copy θ* of the UNet (the teacher).
     2. Every step, for a batch of forget conditions c (the concept's prompts, or its class):
-       a. draw a sampling step k uniformly in [0, `ddim_steps`) and run the *current* model's DDIM trajectory
-          from pure noise under c with guidance `start_guidance` for k steps (no gradient): x_t, t = the
-          trajectory's timestep at step k (the reference draws t within that step's bin; we take its start);
+       a. draw a sampling step k uniformly in [0, S), S = `ddim_steps`, and run a DDIM trajectory from pure
+          noise under c with guidance `start_guidance` (no gradient), by the model being trained
+          (`sample_with: model`) or by θ* (`frozen`); x_t and its timestep t depend on `timestep`:
+          - "bin" (the reference `train-scripts/train-esd.py`, the paper's code): the trajectory starts at the
+            second DDIM timestep and stops after min(S - 1, S - k) steps (its CompVis sampler's `t_start=-1`,
+            `till_T=k`), and t is drawn uniformly in [round(kT/S), round((k+1)T/S)), T the training steps.
+            As in the reference, t labels x_t two to three DDIM steps noisier than it is (k = 0 and 1 give the
+            finished sample).
+          - "step" (the newer `esd_sd.py`): x_t is the latent before DDIM step k and t that step's timestep.
        b. e_0 = θ*(x_t, t, ∅) (or the anchor's condition with `use_anchor`), e_c = θ*(x_t, t, c);
        c. loss = MSE(θ(x_t, t, c), e_0 - η (e_c - e_0)) with η = `negative_guidance`: the edited model's
           prediction for c becomes the teacher's negatively guided one.
-    3. Which weights train: `params` "xattn" (ESD-x: cross-attention, for a style or an artist: erasure tied to
-       the prompt) or "noxattn" (ESD-u: everything else, for nudity-like concepts that must go whatever the
-       prompt); "full" for class-conditional models, which have no cross-attention.
+    3. Which weights train: `params` "xattn" (ESD-x: every `attn2` weight, for a style or an artist: erasure
+       tied to the prompt) or "noxattn" (ESD-u, exactly the reference's `--train_method noxattn`: everything but
+       cross-attention, the time embedding and the output norm/conv, for nudity-like concepts that must go
+       whatever the prompt); "full" for class-conditional models, which have no cross-attention.
 
-    Defaults follow the reference's `train-scripts/train-esd.py` (lr 1e-5, 1000 iterations, 50 DDIM steps,
-    start guidance 3, negative guidance 1, batch 1); the digits recipes use larger batches and fewer steps.
+    Defaults follow `train-scripts/train-esd.py` (rohitgandikota/erasing at a2189e9, the "older version" its
+    README points to: the CompVis code of the ICCV 2023 paper): lr 1e-5, 1000 iterations, 50 DDIM steps, start
+    guidance 3, negative guidance 1, batch 1, x_t from the model being trained, t drawn in the step's bin. The
+    newer diffusers script `esd_sd.py` (2024) samples with the frozen model at the step's own timestep and has
+    other defaults (200 iterations, lr 5e-5, negative guidance 2): `sample_with: frozen, timestep: step` gives
+    its sampling. Its `esd-u` set (every Linear / Conv2d outside `attn2`: norms frozen, time embedding and
+    `conv_out` trained) is not offered; `noxattn` is the paper code's. The digits recipes use larger batches
+    and fewer steps.
     """
 
     families = ("diffusion",)
@@ -40,7 +53,9 @@ class ESD(Method):
     lr: float = hyperparameter(1e-5, "Adam learning rate")
     batch_size: int = hyperparameter(1, "forget conditions per step")
     params: str | list = hyperparameter(
-        "xattn", "weights that train: xattn (ESD-x), noxattn (ESD-u), full, kv, or a list of name globs"
+        "xattn",
+        "weights that train: xattn (ESD-x), noxattn (ESD-u, the reference's set), all_but_xattn, full, kv, or a "
+        "list of name globs",
     )
     negative_guidance: float = hyperparameter(1.0, "η: how far the target steers away from the concept")
     start_guidance: float = hyperparameter(3.0, "classifier-free guidance of the trajectory that makes x_t")
@@ -49,9 +64,39 @@ class ESD(Method):
         False, "steer towards the anchor's prediction instead of the unconditional one"
     )
     max_grad_norm: float | None = hyperparameter(None, "clip the gradient norm to this; None = no clipping")
+    sample_with: str = hyperparameter(
+        "model",
+        "who draws x_t: model = the model being trained (the reference train-esd.py), frozen = the frozen "
+        "original (the newer esd_sd.py)",
+    )
+    timestep: str = hyperparameter(
+        "bin",
+        "how x_t and t pair up: bin = the reference train-esd.py (t uniform in the k-th of S bins, x_t where its "
+        "CompVis sampler stops), step = x_t before DDIM step k at that step's timestep (the newer esd_sd.py)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.sample_with not in ("model", "frozen"):
+            raise ConfigError(f"esd sample_with must be 'model' or 'frozen', not {self.sample_with!r}")
+        if self.timestep not in ("bin", "step"):
+            raise ConfigError(f"esd timestep must be 'bin' or 'step', not {self.timestep!r}")
+
+    def noisy_point(self, sampler_model: Model, cond, uncond, sampler, k: int, rng: random.Random):
+        """x_t and t for sampling step k (step 2a above), without gradient."""
+        if self.timestep == "step":
+            (x_t,) = sampler_model.trajectory(cond, sampler, [k], self.start_guidance, uncond)
+            return x_t, sampler.timesteps[k]
+        steps, total = self.ddim_steps, sampler_model.num_train_timesteps
+        noise = torch.randn(sampler_model.latent_shape(len(cond)), device=sampler_model.device)
+        stop = min(steps, steps + 1 - k)
+        x_t = sampler_model.denoise(
+            noise * sampler.init_noise_sigma, cond, sampler, 1, stop, self.start_guidance, uncond
+        )
+        low, high = round(k * total / steps), round((k + 1) * total / steps)
+        return x_t, rng.randrange(low, max(high, low + 1))
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
-        if self.params in ("xattn", "noxattn") and model.conditioning != "text":
+        if self.params in ("xattn", "noxattn", "all_but_xattn") and model.conditioning != "text":
             raise ConfigError(
                 f"esd params {self.params!r} splits a text-to-image UNet at its cross-attention; this model is "
                 f"{model.conditioning}-conditioned: use params: full"
@@ -74,8 +119,8 @@ class ESD(Method):
             k = rng.randrange(self.ddim_steps)
             with torch.no_grad():
                 cond, uncond = model.encode(conditions), model.encode(model.null_conditions(len(batch)))
-                (x_t,) = model.trajectory(cond, sampler, [k], self.start_guidance, uncond)
-                t = sampler.timesteps[k]
+                sampler_model = model if self.sample_with == "model" else teacher
+                x_t, t = self.noisy_point(sampler_model, cond, uncond, sampler, k, rng)
                 e_0 = teacher(x_t, t, teacher.encode(references))
                 e_c = teacher(x_t, t, cond)
                 target = e_0 - self.negative_guidance * (e_c - e_0)
