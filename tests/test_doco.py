@@ -124,8 +124,8 @@ def test_warm_up_trains_the_discriminator_only(pipelines, tmp_path, one_thread, 
 
     monkeypatch.setattr(doco.PatchDiscriminator, "__init__", recording_init)
     method = _small(steps=3, warm_up=2)
-    # The state right after the warm-up: recorded when the first model step asks for its gradients (its
-    # discriminator step has run by then, the model's has not).
+    # The state right after the warm-up: recorded when the first model step asks for its gradients (the
+    # warm-up's discriminator steps have run by then, the model's has not; the model steps first in an iteration).
     seen = {}
     real = doco.DoCo.generator_gradients
 
@@ -137,8 +137,7 @@ def test_warm_up_trains_the_discriminator_only(pipelines, tmp_path, one_thread, 
 
     monkeypatch.setattr(doco.DoCo, "generator_gradients", spy)
     method.unlearn(model, cat_task(model, num_images=2), _accelerator(tmp_path))
-    # after the discriminator-only steps (and the third step's discriminator update): the UNet is bit for bit
-    # the original, the discriminator moved
+    # after the discriminator-only steps: the UNet is bit for bit the original, the discriminator moved
     assert all(torch.equal(seen["unet"][n], before[n]) for n in before)
     start = created[0][1]
     assert any(not torch.equal(seen["disc"][n], start[n]) for n in start)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .datasets import ImageTensorDataset
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 
 @dataclass
@@ -148,19 +148,29 @@ def forget_classes(
 
 
 def forget_fraction(
-    train: ImageTensorDataset, test: ImageTensorDataset, fraction: float, seed: int = 0
+    train: ImageTensorDataset,
+    test: ImageTensorDataset,
+    fraction: float | Mapping[int, float],
+    seed: int = 0,
 ) -> UnlearnData:
-    """Random-example forgetting: a seeded random `fraction` of the training examples is forgotten."""
-    if not 0.0 < fraction < 1.0:
-        raise DataError(f"forget fraction must lie strictly between 0 and 1, got {fraction}")
-    count = round(fraction * len(train))
-    if count == 0:
-        raise DataError(f"the forget set is empty: {fraction} of {len(train)} examples rounds to 0")
+    """Random-example forgetting: a seeded random `fraction` of the training examples is forgotten; or, with a
+    mapping {class id: share}, a seeded random int(share × class size) examples of each named class (LAF's
+    random-data protocol is {5: 0.4, 6: 0.4, 7: 0.4, 8: 0.4, 9: 0.4})."""
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train), generator=generator)
-    forget_idx, _ = order[:count].sort()
+    if isinstance(fraction, Mapping):
+        forget_idx = _class_shares(train, fraction, generator)
+    else:
+        if not 0.0 < fraction < 1.0:
+            raise DataError(f"forget fraction must lie strictly between 0 and 1, got {fraction}")
+        count = round(fraction * len(train))
+        if count == 0:
+            raise DataError(f"the forget set is empty: {fraction} of {len(train)} examples rounds to 0")
+        order = torch.randperm(len(train), generator=generator)
+        forget_idx, _ = order[:count].sort()
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[forget_idx] = False
+    if not keep.any():
+        raise DataError("cannot forget every training example: nothing would be left to retain")
     return UnlearnData(
         forget=train.subset(forget_idx),
         retain=train.subset(keep.nonzero().flatten()),
@@ -169,6 +179,34 @@ def forget_fraction(
         num_classes=train.num_classes,
         forget_classes=(),
     )
+
+
+def _class_shares(
+    train: ImageTensorDataset, shares: Mapping[int, float], generator: torch.Generator
+) -> torch.Tensor:
+    """Sorted indices of a random int(share × class size) examples of each class in `shares`."""
+    if not shares or not all(
+        isinstance(c, int) and not isinstance(c, bool) and 0 <= c < train.num_classes for c in shares
+    ):
+        raise ConfigError(
+            f"data.forget_fraction as a mapping needs class ids 0..{train.num_classes - 1} as keys, "
+            f"got {dict(shares)!r}"
+        )
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in shares.values()
+    ):
+        raise ConfigError(
+            f"each class share in data.forget_fraction must lie in (0, 1], got {dict(shares)!r}"
+        )
+    chosen = []
+    for label in sorted(shares):
+        members = (train.labels == label).nonzero().flatten()
+        count = int(shares[label] * len(members))  # the reference's int(): rounds down
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    forget_idx, _ = torch.cat(chosen).sort()
+    if len(forget_idx) == 0:
+        raise DataError(f"the forget set is empty: the shares {dict(shares)!r} select no example")
+    return forget_idx
 
 
 def forget_digits_concept(

@@ -29,6 +29,8 @@ def default_output(recipe: Recipe) -> Path:
         what = "-".join(data.concept) if isinstance(data.concept, list) else str(data.concept)
     elif data.forget_class:
         what = f"class{'-'.join(map(str, data.forget_class))}"
+    elif isinstance(data.forget_fraction, dict):  # per-class shares
+        what = "random-" + "-".join(f"{c}x{round(100 * v)}" for c, v in sorted(data.forget_fraction.items()))
     else:
         what = f"random{round(100 * data.forget_fraction)}"
     return Path("runs") / f"{recipe.data.dataset}-{what}-{recipe.method}-seed{recipe.seed}"

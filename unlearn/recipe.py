@@ -81,7 +81,7 @@ class DataSpec:
     download: bool = False
     image_size: int | None = None
     forget_class: list | None = None
-    forget_fraction: float | None = None
+    forget_fraction: float | dict | None = None  # a dict {class: share}: per-class shares (LAF's protocol)
     concept: str | list | None = None  # a list erases several concepts together
     anchor: str | int | None = None
     forget_prompts: list | None = None

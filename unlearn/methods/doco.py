@@ -18,6 +18,7 @@ from ..train import Trainer
 from .base import Method, hyperparameter
 
 CPG_MODES = ("reference", "projection", "none")
+UPDATE_ORDERS = ("generator_first", "discriminator_first")
 
 
 @dataclass
@@ -31,13 +32,14 @@ class DoCo(Method):
        i mod P, where the P pairs are (data.prompts.forget[k], data.prompts.anchor[k]): each target prompt is
        paired with its anchor. The same images serve the adversarial half and the preservation half, as in the
        reference.
-    2. Each step, for `batch_size` anchor images x0 (latents via `to_latents`), noise ε and t ~ U{0..T-1}:
+    2. Each step, for `batch_size` anchor images x0 (latents via `to_latents`; with `hflip` each image is
+       mirrored left-right with probability 0.5 whenever it is drawn, for the adversarial and the preservation
+       batch alike, as the reference flips its instance and its class images), noise ε and t ~ U{0..T-1}:
        x̂0_concept = x0 implied by ε_θ(x_t, t, target prompt) (trained model), x̂0_anchor = x0 implied by
        ε_θ*(x_t, t, anchor prompt) (frozen teacher, no gradient), both from `predict_x0` on the same x_t.
-    3. Discriminator: a PatchGAN `PatchDiscriminator` on x̂0 (latents, or pixels without a VAE), stepped every
-       iteration with L_D = BCE(D(x̂0_anchor), 0) + BCE(D(sg x̂0_concept), 1), Adam(`disc_lr`, betas (0.5, 0.999)).
-       Label convention kept from the reference: the anchor is "real" = 0, the concept "fake" = 1.
-    4. Generator (the UNet's trained weights), only after `warm_up` iterations of discriminator-only training:
+    3. Each iteration, in the reference's order (`update_order: generator_first`): first the model (after
+       the warm-up) against the discriminator as it stands, then the discriminator.
+    4. Model (the UNet's trained weights), only after `warm_up` iterations of discriminator-only training:
        L_adv = BCE(D(x̂0_concept), 0) (make the target's outputs indistinguishable from the anchor's) and
        L_pres = the ordinary diffusion loss of the anchor prompt on a second batch of anchor images (prior
        preservation), then by `cpg`:
@@ -50,7 +52,11 @@ class DoCo(Method):
        - "none": one gradient of L_adv + `prior_weight`·L_pres, clipped to `max_grad_norm`.
        With `add_preservation` (CPG modes only) the step also descends L_pres: g = g_adv' + `prior_weight`·g_pres.
        AdamW(`lr`, weight decay `weight_decay`), constant learning rate.
-    5. Trained weights: the cross-attention keys and values (`params: kv`, the reference's
+    5. Discriminator: a PatchGAN `PatchDiscriminator` on x̂0 (latents, or pixels without a VAE), stepped every
+       iteration on the same x̂0 with L_D = BCE(D(x̂0_anchor), 0) + BCE(D(sg x̂0_concept), 1), plus, after a
+       model step, BCE(D(sg x̂0_concept), 0) (`disc_adversarial_term`, see below); Adam(`disc_lr`, betas
+       (0.5, 0.999)). Label convention kept from the reference: the anchor is "real" = 0, the concept "fake" = 1.
+    6. Trained weights: the cross-attention keys and values (`params: kv`, the reference's
        `--parameter_group cross-attn`); everything else stays bit for bit.
 
     Where the reference code, the paper and this implementation differ:
@@ -65,8 +71,23 @@ class DoCo(Method):
     - The reference draws anchor images with DPMSolver (25 steps, guidance 6, η 1) from LAION or ChatGPT
       captions of the anchor concept and builds target prompts from them by templates; we draw them with DDIM
       from the recipe's anchor prompts (no retrieval, no network), pairing each with its target prompt.
-    - The reference's scale/crop augmentation (off with `--noaug`) is not implemented; its valid-region mask
-      was unused by DoCo's losses anyway.
+    - Order (train.py:1239-1295): the reference steps the UNet first, against the discriminator of the
+      previous iteration, then the discriminator; `update_order: discriminator_first` (what this loop did
+      before) steps the discriminator first, so the model fools the freshly updated one.
+    - The reference's discriminator step also carries the gradient of the model's adversarial loss
+      BCE(D(x̂0_concept), 0): its backward reaches the discriminator and only the UNet's optimizer zeroes
+      gradients before `loss_D.backward()` adds to them, so after the warm-up D is pushed towards logit 0 on
+      the concept (the two concept terms' logit gradient is 2σ − 1, not σ − 1). Almost certainly unintended,
+      but it is what the paper's numbers were trained with: `disc_adversarial_term: true` (default) keeps it,
+      false gives the textbook discriminator loss.
+    - `hflip` (default on) follows the README's commands, which all pass `--hflip`; the argparse default is off.
+    - The reference's scale/crop augmentation (on unless `--noaug`; the README's Van Gogh command turns it off,
+      its object and nudity commands keep it) is not implemented: it rescales the images and prefixes the
+      prompts ("a far away", "zoomed in"), which needs captions we do not have; its valid-region mask was unused
+      by DoCo's losses anyway.
+    - Warm-up: the reference trains the model once `global_step > warm_up` (warm_up + 1 discriminator-only
+      iterations, 999 model steps of 2000); here `warm_up` counts them exactly (1000 model steps), one step
+      more, kept so that `warm_up` means what it says.
     - The reference converts ε to x̂0 through a patched diffusers DDPM scheduler; we use `predict_x0`, the same
       formula, batched.
     - The reference runs accelerate's multi-GPU loop; this loop is single process.
@@ -116,10 +137,30 @@ class DoCo(Method):
     anchor_guidance: float = hyperparameter(
         6.0, "classifier-free guidance scale of the anchor images (reference 6)"
     )
+    update_order: str = hyperparameter(
+        "generator_first",
+        "per iteration: generator_first (the reference: the model steps against the discriminator as it was, "
+        "then the discriminator steps) or discriminator_first (the textbook GAN order)",
+    )
+    disc_adversarial_term: bool = hyperparameter(
+        True,
+        "generator_first only: the discriminator's step also descends the model's adversarial loss "
+        "BCE(D(x0_concept), 0), as in the reference (whose backward leaves that gradient in D); false: the "
+        "textbook discriminator loss only",
+    )
+    hflip: bool = hyperparameter(
+        True,
+        "mirror each drawn anchor image left-right with probability 0.5 (the reference README's --hflip; "
+        "its argparse default is off)",
+    )
     generate_batch_size: int = hyperparameter(16, "images per batch while drawing the anchor images")
     log_every: int = hyperparameter(50, "write the mean losses to train.jsonl every this many iterations")
 
     def __post_init__(self) -> None:
+        if self.update_order not in UPDATE_ORDERS:
+            raise ConfigError(
+                f"doco update_order must be one of {', '.join(UPDATE_ORDERS)}, got {self.update_order!r}"
+            )
         if self.cpg not in CPG_MODES:
             raise ConfigError(f"doco cpg must be one of {', '.join(CPG_MODES)}, got {self.cpg!r}")
         if not 0 <= self.warm_up < self.steps:
@@ -170,7 +211,7 @@ class DoCo(Method):
             """A batch of anchor latents with their (target, anchor) prompts."""
             index = torch.randint(len(images), (self.batch_size,))
             chosen_pairs = [pairs[int(which[i])] for i in index]
-            x0 = model.to_latents(images[index])
+            x0 = model.to_latents(random_hflip(images[index]) if self.hflip else images[index])
             return (
                 x0,
                 model.as_conditions(c for c, _ in chosen_pairs),
@@ -193,11 +234,9 @@ class DoCo(Method):
             x0_anchor = model.predict_x0(x_t.float(), t, eps_anchor.float())
             x0_concept = model.predict_x0(x_t.float(), t, eps_concept.float())
 
-            # -- the discriminator: anchor outputs are "real" (0), the target's "fake" (1), as the reference
-            d_loss = _bce(disc(x0_anchor), 0.0) + _bce(disc(x0_concept.detach()), 1.0)
-            trainer.step(d_loss, optimizer=d_opt, name="discriminator")
-
-            # -- the model: fool the updated discriminator while the anchor keeps its ordinary diffusion loss
+            if self.update_order == "discriminator_first":
+                self.discriminator_step(trainer, disc, d_opt, x0_anchor, x0_concept, after_model_step=False)
+            # -- the model: fool the discriminator while the anchor keeps its ordinary diffusion loss
             if train_model:
                 adv_loss = _bce(disc(x0_concept), 0.0)
                 prior_x0, _, prior_prompts = draw()
@@ -213,8 +252,22 @@ class DoCo(Method):
                 trainer.update()
                 trainer.record("adversarial", adv_loss)
                 trainer.record("preservation", pres_loss)
+            if self.update_order == "generator_first":
+                self.discriminator_step(trainer, disc, d_opt, x0_anchor, x0_concept, train_model)
         model.eval()
         return model
+
+    def discriminator_step(
+        self, trainer: Trainer, disc: nn.Module, d_opt, x0_anchor, x0_concept, after_model_step: bool
+    ) -> None:
+        """One Adam step of the discriminator: anchor outputs are "real" (0), the target's "fake" (1), as the
+        reference; after a model step of `generator_first` with `disc_adversarial_term`, plus the model's
+        adversarial loss BCE(D(x̂0_concept), 0), whose gradient the reference leaves in the discriminator."""
+        real, fake = disc(x0_anchor), disc(x0_concept.detach())
+        d_loss = _bce(real, 0.0) + _bce(fake, 1.0)
+        if after_model_step and self.disc_adversarial_term:
+            d_loss = d_loss + _bce(fake, 0.0)
+        trainer.step(d_loss, optimizer=d_opt, name="discriminator")
 
     def generator_gradients(
         self, adv_loss: torch.Tensor, pres_loss: torch.Tensor, params: Sequence[torch.Tensor]
@@ -253,6 +306,12 @@ class DoCo(Method):
         return images, which
 
 
+def random_hflip(images: torch.Tensor) -> torch.Tensor:
+    """Each image mirrored left-right with probability 0.5 (the reference's `RandomHorizontalFlip(0.5)`)."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
 def _bce(logits: torch.Tensor, label: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), label))
 
@@ -275,15 +334,17 @@ def clip_gradients(grads: Sequence[torch.Tensor], max_norm: float | None) -> lis
 
 
 def cpg_reference(
-    g_adv: Sequence[torch.Tensor], g_pres: Sequence[torch.Tensor], lam: float = 1.0, eps: float = 1e-12
+    g_adv: Sequence[torch.Tensor], g_pres: Sequence[torch.Tensor], lam: float = 1.0, eps: float = 1e-8
 ) -> list[torch.Tensor]:
-    """The reference code's concept-preserving gradient, per tensor: where cos(g_adv, g_pres) < 0,
-    g_adv − λ·cos·g_pres/‖g_pres‖ (a unit vector along g_pres scaled by cos: not the full projection)."""
+    """The reference code's concept-preserving gradient (`DoCo/gradient_clip.adjust_gradient`), per tensor:
+    with unit vectors â = g_adv/(‖g_adv‖ + ε), p̂ = g_pres/(‖g_pres‖ + ε) (ε = 1e-8 as there) and cos = ⟨â, p̂⟩,
+    g_adv − λ·cos·p̂ where cos < 0 (a unit vector along g_pres scaled by cos: not the full projection)."""
     out = []
     for a, p in zip(g_adv, g_pres):
-        a_norm, p_norm = torch.linalg.vector_norm(a.float()), torch.linalg.vector_norm(p.float())
-        cos = (a.float() * p.float()).sum() / (a_norm * p_norm + eps)
-        corrected = a.float() - lam * cos * p.float() / (p_norm + eps)
+        a_unit = a.float() / (torch.linalg.vector_norm(a.float()) + eps)
+        p_unit = p.float() / (torch.linalg.vector_norm(p.float()) + eps)
+        cos = (a_unit * p_unit).sum()
+        corrected = a.float() - lam * cos * p_unit
         out.append(torch.where(cos < 0, corrected, a.float()).to(a.dtype))
     return out
 

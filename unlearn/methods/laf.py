@@ -13,10 +13,11 @@ from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from ..data import UnlearnData
 from ..errors import ConfigError
 from ..models.base import Model
-from ..train import Trainer, make_loader
+from ..train import AUGMENTATIONS, Trainer, make_loader
 from .base import Method, hyperparameter
 
 VAE_DATA = ("all", "retain")
+REPRESENTATIONS = ("linear_output", "head_input")
 DECODER_OUTPUTS = ("sigmoid", "linear")
 
 
@@ -91,14 +92,25 @@ class LAF(Method):
     """Label-Agnostic Forgetting: A Supervision-Free Unlearning in Deep Models (Shen et al., ICLR 2024).
 
     Unlearning without labels: only the inputs of D_f and D_r are read (the images; never a label), except by
-    the optional repair step. The classifier is split at the head (`model.head`, the last linear layer with
-    `num_classes` outputs): the extractor g maps an image to the head's input e = g(x).
+    the optional repair step. The extractor g maps an image to its representation e = g(x): with
+    `representation: linear_output` (default, the reference's) the output of the linear layer that feeds the
+    head (`model.head`, the last linear layer with `num_classes` outputs), taken before its activation, as the
+    reference reads its `fc1` (256-d, no activation); `representation_site` finds that layer and checks it. The
+    digits CNN (`digits_cnn`: Linear 512→128, ReLU, head) and MLP have one; networks whose head reads pooled
+    convolution features (`resnet18_cifar`, torchvision ResNets; the reference adds a 512→256 `fc1` to its
+    ResNet-18 for this) or a normalised token (transformers) have none, and LAF then reads the head's input.
+    `representation: head_input` always reads the head's input (post-activation on the digits CNN). On a
+    network whose classifier is several stacked linear layers (the reference's own CNN: fc1 256-d, then fc2 =
+    Linear 256→128 → Linear 128→10, no activation between) the rule takes the last one before the head (the
+    128-d output), where the reference reads fc1; none of the built-in models is built that way.
 
-    1. Embedding VAEs. Compute e = g(x) with the original model for every training input; fit one
-       `EmbeddingVAE` (latent `latent_dims`) on the embeddings of D_f ∪ D_r (`vae_data: all`, the reference
-       code) or of D_r only (`vae_data: retain`, what the paper's text says), and a second one on the
-       embeddings of D_f. Each: Adam `vae_lr`, `vae_epochs` epochs, batch `vae_batch_size`, loss `vae_loss`.
-       Both are then frozen.
+    1. Embedding VAEs. Fit one `EmbeddingVAE` (latent `latent_dims`) on the original model's representations
+       of D_f ∪ D_r (`vae_data: all`, the reference code) or of D_r only (`vae_data: retain`, what the paper's
+       text says), and a second one on those of D_f. Each: Adam `vae_lr`, `vae_epochs` epochs, batch
+       `vae_batch_size`, loss `vae_loss`. The reference recomputes the representations for every batch of
+       every epoch, so with `augment` they come from freshly augmented images each time, as here; without
+       augmentation they are computed once (the frozen model in eval mode gives the same values). Both VAEs
+       are then frozen.
     2. For `epochs` epochs, over the batch pairs of zip(forget loader, retain loader) (so an epoch is
        min(|D_f|, |D_r|) / batch_size pairs, as in the reference), alternate two Adam optimizers over the
        extractor:
@@ -108,6 +120,9 @@ class LAF(Method):
           the frozen original model (the teacher): pull g(x_r) onto the teacher's, push g(x_f) away.
     3. LAF+R (only if `repair_epochs > 0`): fine-tune the head alone with cross-entropy on D_r's labels,
        Adam `repair_lr`, `repair_epochs` passes over D_r. With the default 0 the method is label-free.
+    With `augment: crop_flip` every batch of steps 1-3 is augmented (one draw per batch pair serves both steps
+    of 2, and the teacher sees the same images), as the reference's CIFAR-10 / SVHN loaders are; its MNIST /
+    Fashion-MNIST loaders are not (`none`, the default).
 
     Choices where paper and reference code (`ShaofeiShen768/LAF` @ bda3694) differ, or the code is silent:
 
@@ -116,8 +131,8 @@ class LAF(Method):
     - L_RA: the code's form (cosine *distance*, `temp` on the forget term only), not a contrastive reading
       of the paper's under-specified formula (similarity, a temperature on both terms), since the table's
       `temp` (5 / 20) was tuned for the code's form. L_UE is the code's: sums over the batch, not means.
-    - Sigmoid decoder: the code's decoder ends in a sigmoid although embeddings are unbounded (here the
-      post-ReLU input of the head), so the reconstruction error mostly measures scale and L_UE squeezes the
+    - Sigmoid decoder: the code's decoder ends in a sigmoid although embeddings are unbounded (fc1's output
+      can be any real number), so the reconstruction error mostly measures scale and L_UE squeezes the
       retain representations into (0, 1). Default `linear` (the README's LAF notes give the measurements);
       `decoder_output: sigmoid` reproduces the code.
     - Eval mode: in the reference the student runs in eval mode (`vae_train` calls `eval()` on it and
@@ -130,7 +145,17 @@ class LAF(Method):
     - The forward passes of a step run on the retain and forget images as one batch (eval mode: the same
       representations as two passes), and the teacher's representations come from the same batch.
     - Repair: the reference zips repair batches with the forget loader (again min(|D_f|, |D_r|) batches per
-      epoch); here each repair epoch is one full pass over D_r, in eval mode like the reference.
+      epoch); here each repair epoch is one full pass over D_r, in eval mode like the reference. The reference
+      repairs its whole `fc2` (two linear layers on the CNN); here the head, the last linear layer.
+    - Augmentation: the reference's CIFAR-10 transform is Resize(224) + RandomResizedCrop(224) + flip for
+      torchvision's 224-pixel ResNet-18; `crop_flip` is the 32-pixel CIFAR crop (padding 4) + flip of our
+      other recipes.
+    - Random-data forgetting: the reference forgets 40 % of each of the classes 5-9 (`Data.random_data`), a
+      skewed share; our recipes use `data.forget_fraction` (a uniform random share of all classes), or
+      `data.forget_fraction: {5: 0.4, 6: 0.4, 7: 0.4, 8: 0.4, 9: 0.4}` for the reference's protocol.
+    - Evaluation: the paper's own attack (an XGBoost membership-inference classifier on sorted softmax
+      vectors, `Train.train_attack_model` / `attack`; reference/methods.md §3.4) is not offered; our runs
+      report the shared metrics and attacks instead.
 
     A pruned model's pruned weights stay exactly zero (the training step restores pinned weights after each
     step). Mixed precision and multi-process runs go through accelerate; gradient accumulation is not supported
@@ -167,6 +192,16 @@ class LAF(Method):
     decoder_output: str = hyperparameter(
         "linear", "VAE decoder output: linear (unbounded, ours) or sigmoid (the reference code)"
     )
+    representation: str = hyperparameter(
+        "linear_output",
+        "linear_output: the output of the linear layer feeding the head, before its activation (the reference's "
+        "fc1), where the network has one, else the head's input; head_input: the head's input (the former default)",
+    )
+    augment: str = hyperparameter(
+        "none",
+        "batch augmentation of every LAF stage: none (the reference's MNIST setting) or crop_flip (random crop + "
+        "flip; the reference augments CIFAR-10, with representations recomputed per batch)",
+    )
     repair_epochs: int = hyperparameter(
         0, "LAF+R: epochs of training the head on the retain labels; 0 = label-free LAF"
     )
@@ -179,6 +214,12 @@ class LAF(Method):
             raise ConfigError(
                 f"unknown decoder_output {self.decoder_output!r}; known: {', '.join(DECODER_OUTPUTS)}"
             )
+        if self.representation not in REPRESENTATIONS:
+            raise ConfigError(
+                f"unknown representation {self.representation!r}; known: {', '.join(REPRESENTATIONS)}"
+            )
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"unknown augment {self.augment!r}; known: {', '.join(AUGMENTATIONS)}")
         if self.temp <= 0:
             raise ConfigError(f"temp must be positive, got {self.temp}")
         if self.epochs < 0 or self.repair_epochs < 0:
@@ -194,36 +235,52 @@ class LAF(Method):
             raise ConfigError("LAF needs a non-empty forget set and a non-empty retain set")
         model.to(accelerator.device)
         teacher = model.frozen_copy()
+        probe = next(iter(DataLoader(data.retain, batch_size=8)))[0].to(accelerator.device)
+        name, output = representation_site(teacher, self.representation, probe)
 
         # 1. The two embedding VAEs, fit on the original model's representations.
         first = data.retain if self.vae_data == "retain" else ConcatDataset([data.forget, data.retain])
-        vae_all = self.fit_vae(self.embeddings(teacher, first, accelerator), accelerator, "vae_all")
-        vae_forget = self.fit_vae(
-            self.embeddings(teacher, data.forget, accelerator), accelerator, "vae_forget"
-        )
+        teacher_site = dict(teacher.trainable.named_modules())[name]
+        vae_all = self.fit_vae(teacher, teacher_site, output, first, accelerator, "vae_all")
+        vae_forget = self.fit_vae(teacher, teacher_site, output, data.forget, accelerator, "vae_forget")
 
         # 2. Alternate extractor unlearning and representation alignment.
-        model = self.unlearn_extractor(model, teacher, vae_all, vae_forget, data, accelerator)
+        site = dict(model.trainable.named_modules())[name]
+        model = self.unlearn_extractor(
+            model, teacher, (site, teacher_site, output), vae_all, vae_forget, data, accelerator
+        )
 
         # 3. LAF+R: the only step that reads labels.
         if self.repair_epochs > 0:
             model = self.repair(model, data, accelerator)
         return model
 
-    @torch.no_grad()
-    def embeddings(self, teacher: Model, dataset, accelerator) -> torch.Tensor:
-        """The original model's representations of every input of `dataset` (labels are dropped unread)."""
-        chunks = []
-        for images, _ in DataLoader(dataset, batch_size=256, shuffle=False):
-            with accelerator.autocast():
-                chunks.append(teacher.features(images.to(accelerator.device)).float())
-        return torch.cat(chunks)
+    def fit_vae(self, teacher: Model, site: nn.Module, output: bool, dataset, accelerator, stage: str):
+        """Train an `EmbeddingVAE` on the original model's representations of `dataset` (labels are dropped
+        unread); frozen, in eval mode, on the device.
 
-    def fit_vae(self, embeddings: torch.Tensor, accelerator, stage: str) -> EmbeddingVAE:
-        """Train an `EmbeddingVAE` on `embeddings`; frozen, in eval mode, on the device."""
-        vae = EmbeddingVAE(embeddings.shape[1], self.latent_dims, self.decoder_output)
+        Without augmentation the representations are computed once (the frozen teacher in eval mode gives the
+        reference's per-batch recomputation the same values); with it they are recomputed for every batch of
+        every epoch from freshly augmented images, as the reference's `vae_train` does."""
+        augment = AUGMENTATIONS[self.augment]
+
+        def represent(images: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), accelerator.autocast():
+                return tap(teacher, site, output, images)
+
+        if augment is None:
+            chunks = [
+                represent(images.to(accelerator.device)).cpu()
+                for images, _ in DataLoader(dataset, batch_size=256, shuffle=False)
+            ]
+            source = TensorDataset(torch.cat(chunks))
+            dim = chunks[0].shape[1]
+        else:
+            source = dataset
+            dim = represent(next(iter(DataLoader(dataset, batch_size=1)))[0].to(accelerator.device)).shape[1]
+        vae = EmbeddingVAE(dim, self.latent_dims, self.decoder_output)
         optimizer = torch.optim.Adam(vae.parameters(), lr=self.vae_lr)
-        loader = make_loader(TensorDataset(embeddings.cpu()), self.vae_batch_size)
+        loader = make_loader(source, self.vae_batch_size)
         vae, optimizer, loader = accelerator.prepare(vae, optimizer, loader)
         trainer = Trainer(
             vae,
@@ -237,7 +294,8 @@ class LAF(Method):
         )
         vae.train()
         for _ in trainer.loop():
-            for (e,) in loader:
+            for batch in loader:
+                e = batch[0] if augment is None else represent(augment(batch[0]))
                 with accelerator.autocast():
                     recon, mu, logvar = vae(e)
                     loss = vae_loss(recon.float(), e.float(), mu.float(), logvar.float(), self.vae_kl_weight)
@@ -247,8 +305,12 @@ class LAF(Method):
         vae.requires_grad_(False)
         return vae
 
-    def unlearn_extractor(self, model, teacher, vae_all, vae_forget, data, accelerator):
-        """Step 2: per batch pair, one extractor-unlearning step (opt1) and one alignment step (opt2)."""
+    def unlearn_extractor(self, model, teacher, sites, vae_all, vae_forget, data, accelerator):
+        """Step 2: per batch pair, one extractor-unlearning step (opt1) and one alignment step (opt2).
+
+        `sites` is (the student's representation module, the teacher's, whether its output or its input is
+        the representation)."""
+        site, teacher_site, output = sites
         head = model.head
         head.requires_grad_(False)  # neither loss depends on the head (see the class docstring)
         extractor = [p for p in model.parameters() if p.requires_grad]
@@ -268,15 +330,11 @@ class LAF(Method):
             state={"alignment_optimizer": opt2, "forget": forget, "retain": retain},
             settings={"method": self, "vaes": [vae_all, vae_forget]},
         )
-
-        captured: list[torch.Tensor] = []
-        hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        augment = AUGMENTATIONS[self.augment]
 
         def represent(images: torch.Tensor) -> torch.Tensor:
-            """g(x) through the prepared model (so DDP and autocast see the forward): the head's input."""
-            captured.clear()
-            model(images)
-            return captured.pop().flatten(1).float()
+            """The student's representation through the prepared model (so DDP and autocast see the forward)."""
+            return tap(model, site, output, images)
 
         model.eval()  # the reference's student runs in eval mode: batch norm keeps the original statistics
         try:
@@ -284,6 +342,8 @@ class LAF(Method):
                 for (x_f, _), (x_r, _) in zip(forget, retain):  # labels are never read
                     n_r = len(x_r)
                     both = torch.cat([x_r, x_f])
+                    if augment is not None:  # one draw serves both steps, as the reference's loader batch
+                        both = augment(both)
 
                     # a. Extractor unlearning.
                     e = represent(both)
@@ -295,10 +355,9 @@ class LAF(Method):
                     # b. Representation alignment against the frozen original model.
                     e = represent(both)
                     with torch.no_grad(), accelerator.autocast():
-                        t = teacher.features(both).float()
+                        t = tap(teacher, teacher_site, output, both)
                     trainer.step(ra_loss(e[:n_r], t[:n_r], e[n_r:], t[n_r:], self.temp), opt2, name="ra")
         finally:
-            hook.remove()
             head.requires_grad_(True)
         return accelerator.unwrap_model(model)
 
@@ -321,12 +380,57 @@ class LAF(Method):
             state={"retain": retain},
             settings={"method": self},
         )
+        augment = AUGMENTATIONS[self.augment]
         model.eval()
         try:
             for _ in trainer.loop():
                 for images, labels in retain:
+                    images = images if augment is None else augment(images)
                     trainer.step(F.cross_entropy(model(images), labels))
         finally:
             for param in frozen:
                 param.requires_grad_(True)
         return accelerator.unwrap_model(model)
+
+
+def tap(run: nn.Module, site: nn.Module, output: bool, images: torch.Tensor) -> torch.Tensor:
+    """`run(images)` and return, flattened and in fp32, what `site` produced (`output`) or received."""
+    seen: list[torch.Tensor] = []
+    if output:
+        # a clone: an in-place activation after the layer would otherwise rewrite the captured output
+        hook = site.register_forward_hook(lambda module, args, out: seen.append(out.clone()))
+    else:
+        hook = site.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        run(images)
+    finally:
+        hook.remove()
+    return seen[-1].flatten(1).float()
+
+
+def representation_site(model: Model, representation: str, probe: torch.Tensor) -> tuple[str, bool]:
+    """Where LAF reads the representation: (the module's name in `model.trainable`, whether its output).
+
+    "linear_output": the output of the linear layer that feeds the head, before its activation (the
+    reference's `fc1`), when the network has one: the last other `nn.Linear` with the head's input width whose
+    output, as is or through a ReLU, is exactly the head's input on `probe` (checked, so a layer that only
+    looks right, such as a transformer block's, is not taken). Otherwise, and for "head_input", the head's
+    input (`model.features`).
+    """
+    network, head = model.trainable, model.head
+    head_name = next(name for name, module in network.named_modules() if module is head)
+    if representation == "head_input":
+        return head_name, False
+    linears = [
+        (name, module)
+        for name, module in network.named_modules()
+        if isinstance(module, nn.Linear) and module is not head and module.out_features == head.in_features
+    ]
+    if linears:
+        name, layer = linears[-1]
+        with torch.no_grad():
+            out = tap(model, layer, True, probe)
+            head_in = tap(model, head, False, probe)
+        if torch.equal(head_in, out) or torch.equal(head_in, F.relu(out)):
+            return name, True
+    return head_name, False
