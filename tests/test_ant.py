@@ -37,7 +37,9 @@ def _unet(model):
 def _ant(**kwargs):
     from unlearn.methods.ant import ANT
 
-    settings = dict(steps=2, lr=1e-2, split_step=2, ddim_steps=4, mask_seeds=[0, 1], mask_iterations=1)
+    settings = dict(
+        mode="saliency", steps=2, lr=1e-2, split_step=2, ddim_steps=4, mask_seeds=[0, 1], mask_iterations=1
+    )
     return ANT(**{**settings, **kwargs})
 
 
@@ -136,9 +138,9 @@ def test_saliency_mode_masks_at_the_original_weights_and_pins_the_rest(pipelines
     model = _load(pipelines["pixels"])
     data = _task(model)
     before = _unet(model)
-    method = _ant(mode="auto", sparsity=0.3)
+    method = _ant(mode="auto", sparsity=0.3)  # one concept: unlearn picks saliency
     teacher = model.frozen_copy()
-    mask = method.mask(model, teacher, data.prompts, _accelerator(tmp_path / "mask"))
+    mask = _ant(sparsity=0.3).mask(model, teacher, data.prompts, _accelerator(tmp_path / "mask"))
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.unet.named_parameters())  # no step taken
     assert 0.0 < mask.density() < 0.7  # four maps (2 prompts x 2 seeds) of 70 % each, intersected
     method.unlearn(model, data, _accelerator(tmp_path))

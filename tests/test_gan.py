@@ -191,15 +191,15 @@ def test_decoupled_repulsion_step_moves_along_the_adapted_direction():
     assert all(torch.equal(p, moved[n]) for n, p in gan.generator.named_parameters())
 
 
-def test_parameter_distance_reference_normalization_averages_adapted_models():
+def test_parameter_distance_reference_normalization_multiplies_by_adapted_models():
     theta = {"a": torch.zeros(4), "b": torch.zeros(2)}
     one = {"a": torch.ones(4), "b": 2 * torch.ones(2)}
     two = {"a": 3 * torch.ones(4), "b": torch.zeros(2)}
     # "mean": ½ · mean over tensors of the per-tensor mean squared difference (the reference's `val`).
     assert parameter_distance(theta, [one], "mean").item() == pytest.approx(0.5 * (1 + 4) / 2)
-    # K models are averaged (the reference multiplies by K, an operator-precedence slip).
+    # K models: per tensor the MSEs add over the models, then /T, /2, *K (the reference's `value/2*len(ckpt_gens)`).
     both = parameter_distance(theta, [one, two], "mean").item()
-    assert both == pytest.approx((0.5 * (1 + 4) / 2 + 0.5 * (9 + 0) / 2) / 2)
+    assert both == pytest.approx(((1 + 9) / 2 / 2 * 2) + ((4 + 0) / 2 / 2 * 2))
     assert parameter_distance(theta, [one], "sum").item() == pytest.approx(4 + 8)
     with pytest.raises(ConfigError):
         parameter_distance(theta, [one], "max")

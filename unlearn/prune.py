@@ -11,6 +11,13 @@ with plain tensors and returns a `ParamMask` (True = the weight survives and may
 - `apply_mask` zeroes the pruned entries; `fit(..., mask=...)` then keeps them at exactly 0.0 (it pins masked
   entries to their start value), which replaces the reference's `prune.CustomFromMask` forward hooks.
 - `omp` is one-shot magnitude pruning of a trained model; `imp` is iterative magnitude pruning with rewinding.
+
+Naming: `sparsity` here (and in a recipe's `model.prune`) is the share of in-scope weights PRUNED, the same number
+as the reference's `--rate` and torch's `amount` (0.95 = 95 % of the conv weights set to zero). The reference's
+`check_sparsity` prints the other share, the "remain weight ratio" 100·(1 − rate) %; and SalUn's mask files
+`with_<ratio>.pt` name the share KEPT, which is 1 − sparsity of SalUn's own `sparsity` field. Parity with the
+reference's `pruning_model` (masks identical entry for entry, rounds 1 and 2) is tested in
+tests/test_fidelity_gan_sparse_ant.py.
 """
 
 from __future__ import annotations
@@ -59,7 +66,8 @@ def magnitude_mask(
 
     Args:
         module: the network whose weights are ranked (names in the mask are relative to it).
-        sparsity: share of the weights to prune, in [0, 1]. Without `previous`, the share of all in-scope
+        sparsity: share of the weights to prune, in [0, 1] (the reference's `--rate`, not the share kept).
+            Without `previous`, the share of all in-scope
             weights; with `previous`, the share of the weights `previous` keeps (torch's `amount` semantics
             on an already pruned model). The count is `round(sparsity * n)`, as in torch's `L1Unstructured`.
         scope: see `prunable`. Parameters outside the scope get no mask entry (they stay free).
@@ -111,6 +119,7 @@ def omp(model: nn.Module, sparsity: float = 0.95, scope: str = "conv") -> ParamM
     for a bare module). Run any unlearning method on the result with `fit(..., mask=mask)`; the pruned
     weights then stay exactly zero.
 
+    `sparsity` is the share pruned, the reference's `--rate` (0.95: 5 % of the conv weights survive).
     The reference's OMP (`main_imp.py --rate 0.95 --pruning_times 2`, Unlearn-Sparse issue #2) also rewinds
     and retrains once after pruning; that is `imp(..., rounds=1, rate=sparsity)`. `omp` prunes the trained
     weights without retraining.
@@ -158,6 +167,12 @@ def imp(
     (`pruning_model`), rewinds to the epoch-8 weights and LR schedule (`rewind_lt`) and retrains for the full
     schedule (182 epochs, MultiStepLR there; `epochs`/`lr_schedule` here). OMP in that script is N = 2 with
     `--rate 0.95`, i.e. `rounds=1, rate=0.95`.
+
+    Differences from `main_imp.py`, kept because this module has no validation split or MultiStepLR: the
+    reference rewinds the learning-rate schedule too (it steps MultiStepLR `--rewind_epoch` times before the
+    182 retraining epochs, so their decays come 8 epochs early), here the schedule restarts; the reference's unlearning
+    loads the round's best-validation checkpoint (`1model_SA_best.pth.tar`), here the last weights are kept.
+    The mask itself is the reference's: ranked on the weights at the end of training, before rewinding.
 
     Args:
         model: the trained model (adapter or bare module); edited in place.

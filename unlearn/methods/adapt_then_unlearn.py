@@ -52,10 +52,14 @@ class AdaptThenUnlearn(Method):
 
     Choices against the paper and the reference code (`atriguha/Adapt_Unlearn`, reference/methods.md §4.6):
 
-    - Distance d (`distance`): "mean" follows the reference code's normalization, the mean over parameter
-      tensors of the per-tensor mean squared difference, halved; "sum" is the paper's ‖θ − θ_N‖²₂ over all
-      weights. The reference multiplies by the number K of adapted models (`value/2*len(ckpt_gens)`, an
-      operator-precedence slip); we average over the K adapted models instead (the same for K = 1).
+    - Distance d (`distance`, default "sum"): "sum" is the paper's ‖θ − θ_N‖²₂ over all weights (averaged
+      over the K adapted models); "mean" is the reference code's `val` exactly (`calc_difference_param_new`
+      in `Unlearning/Unlearning_MNIST/train_different_losses.py`): the mean over parameter tensors of the
+      per-tensor mean squared difference summed over the K adapted models, halved and multiplied by K
+      (`value/2*len(ckpt_gens)`, an operator-precedence slip kept as the reference computes it; for K = 1
+      the mean over tensors of the per-tensor MSE, halved). The default is the paper's because the code's
+      normalization weighs a 1-entry bias like a 100k-entry conv weight; γ is tied to the distance's scale
+      (the reference's γ values go with "mean", e.g. the CIFAR recipe).
     - The reference re-reads every adapted checkpoint from disk at every step and, in its CelebA script, calls
       `calc_difference_param_new` with the wrong arguments; θ_N is computed once and held here.
     - The reference applies EWC to StyleGAN2's `G.convs` only; our generators have no mapping network, so EWC
@@ -80,6 +84,9 @@ class AdaptThenUnlearn(Method):
       whole training run unlearns slowly at the generator's rate.
     - The discriminator starts from the original one in both stages (the reference loads the pretrained
       checkpoint with its optimizer state; fresh Adam moments here).
+
+    Parity with the reference's `calc_difference_param_new` (the `mean` distance and the three repulsion
+    losses), `estimate_fisher` and `ewc_loss` is tested in tests/test_fidelity_gan_sparse_ant.py.
 
     Reference defaults (MNIST, README): stage 1 2,000 iterations, λ 5e8, 32 Fisher samples, batch 16; stage 2
     3,000 iterations on positives from 5,000 draws, batch 16, lr 0.002, NL2 with γ 1.2. Our defaults suit the
@@ -139,7 +146,9 @@ class AdaptThenUnlearn(Method):
     )
     exp_scale: float = hyperparameter(1000.0, "factor c of the exponential repulsion (reference 100)")
     distance: str = hyperparameter(
-        "sum", "d: sum (the paper's ‖θ − θ_N‖² over all weights) or mean (the reference code's normalization)"
+        "sum",
+        "d: sum (the paper's ‖θ − θ_N‖² over all weights) or mean (the reference code's val, exactly, incl. its "
+        "factor K for K adapted models)",
     )
     decoupled: bool = hyperparameter(
         True,
@@ -383,7 +392,9 @@ def fisher_information(model, samples: int) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of the generator's weights: mean over `samples` latents of (∂D(G(z))/∂θ)², one
     backward pass per latent (the discriminator's logit as the log-likelihood, as the reference code does).
     The generator runs in eval mode: batch norm uses its running statistics, so each gradient is one sample's
-    (and a batch of one is allowed)."""
+    (and a batch of one is allowed). The reference (`EWC_ADAPT_MNIST/model.py:estimate_fisher`) pushes the 32
+    latents through G and D as one batch and takes each logit's gradient: the same numbers here, since
+    neither network mixes samples (its StyleGAN2 discriminator's minibatch-stddev layer does)."""
     params = dict(model.generator.named_parameters())
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     model.requires_grad_(True)
@@ -410,10 +421,13 @@ def ewc_penalty(generator, anchor: dict, fisher: dict, lam: float) -> torch.Tens
 
 
 def parameter_distance(params: dict, adapted: list[dict], distance: str = "sum") -> torch.Tensor:
-    """Squared distance d between the weights `params` and the adapted weights, averaged over adapted models.
+    """Squared distance d between the weights `params` and the K adapted weights `adapted`.
 
-    "sum": the paper's ‖θ − θ_N‖²₂ over all weights. "mean": the reference code's normalization, ½ · the
-    mean over parameter tensors of each tensor's mean squared difference.
+    "sum": the paper's ‖θ − θ_N‖²₂ over all weights, averaged over the K adapted models. "mean": the
+    reference code's `val` (`calc_difference_param_new`), exactly: per parameter tensor, the sum over the K
+    adapted models of the tensor's mean squared difference, divided by the number T of tensors, then by 2 and
+    *multiplied* by K (`value/2*len(ckpt_gens)`, an operator-precedence slip), summed over the tensors:
+    d = (K/2T)·Σ_t Σ_k mean((θ_t − θ_k,t)²); for K = 1, ½ · the mean over tensors of the per-tensor MSE.
     """
     if distance not in DISTANCES:
         raise ConfigError(f"unknown distance {distance!r}; known: {', '.join(DISTANCES)}")
@@ -422,10 +436,12 @@ def parameter_distance(params: dict, adapted: list[dict], distance: str = "sum")
         if distance == "sum":
             d = sum(((params[n] - t.to(params[n].device)) ** 2).sum() for n, t in target.items())
         else:
-            d = 0.5 * sum(((params[n] - t.to(params[n].device)) ** 2).mean() for n, t in target.items())
-            d = d / len(target)
+            d = sum(((params[n] - t.to(params[n].device)) ** 2).mean() for n, t in target.items())
         total = d if total is None else total + d
-    return total / len(adapted)
+    k = len(adapted)
+    if distance == "sum":
+        return total / k
+    return total / len(adapted[0]) / 2 * k
 
 
 def repulsion(d: torch.Tensor, form: str, gamma: float, exp_scale: float = 100.0) -> torch.Tensor:

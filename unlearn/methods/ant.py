@@ -3,6 +3,7 @@ ACM MM 2025, arXiv 2504.12782)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -20,6 +21,21 @@ from .base import Method, hyperparameter
 
 MODES = ("auto", "saliency", "lora")
 MASK_SCOPES = ("tensor", "global")
+# The reference's values for each mode, taken by the fields left null. The two reference codes differ, and their
+# loss weights swap roles: Single's loss is L_late + α2·L_u,late + α1·(L_early + α2·L_u,early), Multiple's is
+# L_late + α1·L_u,late + α2·(L_early + α1·L_u,early).
+MODE_DEFAULTS = {
+    # Single/configs/ant_train.yaml (train_ant_single.py): iterations 250, batch 1, before_step 7,
+    # start_guidance 3, alpha1 1 (early), alpha2 0.5 (unconditional)
+    "saliency": dict(
+        steps=250, batch_size=1, split_step=7, start_guidance=3.0, early_weight=1.0, uncond_weight=0.5
+    ),
+    # Multiple/examples/config.yaml + prompts.yaml (train_ant.py): iterations 10, prompt batch 2, before_step 4,
+    # the trajectory's CFG 7.5 (hard-coded in train_ant.py), alpha_2 0.5 (early), alpha_1 2.5 (unconditional)
+    "lora": dict(
+        steps=10, batch_size=2, split_step=4, start_guidance=7.5, early_weight=0.5, uncond_weight=2.5
+    ),
+}
 
 
 def draw_indices(rng: random.Random, split_step: int, ddim_steps: int) -> tuple[int, int]:
@@ -93,7 +109,8 @@ class ANT(Method):
           both: L_uncond = MSE(θ(x, ""), e_u): the unconditional prediction stays the original's, with gradient
           through θ; η = `negative_guidance`;
        d. loss = L_late + w_u L_uncond_late + w_e (L_early + w_u L_uncond_early), w_e = `early_weight`,
-          w_u = `uncond_weight` (the single-concept reference's α1 = 1, α2 = 0.5).
+          w_u = `uncond_weight` (single-concept code: w_e = α1 = 1, w_u = α2 = 0.5; multi-concept code:
+          w_e = α_2 = 0.5, w_u = α_1 = 2.5; the defaults of each mode, below).
     2. Single concept (`mode: saliency`): the full UNet (`params`) trains only inside the augmentation-enhanced
        saliency mask M*: for every prompt variant (`mask_prompts`, default the forget prompts) and seed
        (`mask_seeds`), the gradient of the step-1 loss summed over `mask_iterations` draws at the *original*
@@ -126,31 +143,58 @@ class ANT(Method):
       MACE's COCO / domain caches; here the retain prompts' states.
     - x_t is taken at the DDIM step's own timestep (the reference draws t within that step's bin).
 
-    Defaults are the single-concept reference's (`configs/ant_train.yaml`: 250 iterations, Adam lr 5e-4,
-    batch 1, before_step 7 of 50 DDIM steps, start guidance 3, negative guidance 1, α1 = 1, α2 = 0.5; gradient
-    maps over 5 seeds, 10 iterations each, 50 % per tensor) and, for LoRA, the multi-concept code's (rank 64,
-    alpha 1, fusion scale 4.3).
+    Defaults follow the reference code of each mode: the settings that differ between the two codes (`steps`,
+    `batch_size`, `split_step`, `start_guidance`, `early_weight`, `uncond_weight`) default to null and take
+    the mode's value (`MODE_DEFAULTS`): saliency, the single-concept code's `Single/configs/ant_train.yaml`
+    (250 iterations, batch 1, before_step 7, start guidance 3, α1 = 1 early, α2 = 0.5 unconditional); lora,
+    the multi-concept code's `Multiple/examples/config.yaml` and `prompts.yaml` (10 iterations per concept,
+    prompt batch 2, before_step 4, CFG 7.5, and its swapped weights: α_2 = 0.5 early, α_1 = 2.5
+    unconditional). Shared by both: Adam(W) lr 5e-4, 50 DDIM steps, η = 1; gradient maps over 5 seeds,
+    10 iterations each, 50 % per tensor (`configs/ant_gradient.yaml`, `generate_mask.py`); LoRA rank 64,
+    alpha 1, fusion scale 4.3 (`fuse_lora_ant.py`). A value set explicitly wins in both modes.
     """
 
     families = ("diffusion",)
     mode: str = hyperparameter(
         "auto", "saliency (one concept), lora (several), or auto: by the number of concepts"
     )
-    steps: int = hyperparameter(250, "optimizer steps (per concept in lora mode)")
+    steps: int | None = hyperparameter(
+        None,
+        "optimizer steps (per concept in lora mode); null: the mode's reference value (saliency 250, lora 10)",
+    )
     lr: float = hyperparameter(5e-4, "learning rate (Adam for saliency, AdamW for the LoRAs)")
-    batch_size: int = hyperparameter(1, "forget prompts per step")
-    split_step: int = hyperparameter(
-        7, "DDIM index t' from noise: before it the direction is kept, after reversed"
+    batch_size: int | None = hyperparameter(
+        None, "forget prompts per step; null: the mode's reference value (saliency 1, lora 2)"
+    )
+    split_step: int | None = hyperparameter(
+        None,
+        "DDIM index t' from noise: before it the direction is kept, after reversed; null: the mode's reference "
+        "value (saliency 7, lora 4)",
     )
     ddim_steps: int = hyperparameter(50, "DDIM steps of the model's own trajectories")
-    start_guidance: float = hyperparameter(3.0, "classifier-free guidance of those trajectories")
+    start_guidance: float | None = hyperparameter(
+        None,
+        "classifier-free guidance of those trajectories; null: the mode's reference value (saliency 3, lora 7.5)",
+    )
     negative_guidance: float = hyperparameter(1.0, "η: the weight of the concept direction in both targets")
-    early_weight: float = hyperparameter(1.0, "w_e (the reference's α1): weight of the early-stage loss")
-    uncond_weight: float = hyperparameter(0.5, "w_u (the reference's α2): weight of the unconditional terms")
+    early_weight: float | None = hyperparameter(
+        None,
+        "w_e, weight of the early-stage loss; null: the mode's reference value (saliency 1 = Single's alpha1, "
+        "lora 0.5 = Multiple's alpha_2)",
+    )
+    uncond_weight: float | None = hyperparameter(
+        None,
+        "w_u, weight of the unconditional terms; null: the mode's reference value (saliency 0.5 = Single's "
+        "alpha2, lora 2.5 = Multiple's alpha_1)",
+    )
     max_grad_norm: float | None = hyperparameter(None, "clip the gradient norm to this; None = no clipping")
     # single concept: saliency-masked fine-tuning
     params: str | list = hyperparameter("full", "weights that may train (a parameter set or name globs)")
-    sparsity: float = hyperparameter(0.5, "share of weights each gradient map leaves out of the mask")
+    sparsity: float = hyperparameter(
+        0.5,
+        "share of weights each gradient map leaves out of the mask: 1 − the ratio r of the reference's "
+        "<prompt>_<r>.pt (generate_mask.py keeps rank < r·numel); at the reference's 0.5 the two agree",
+    )
     mask_scope: str = hyperparameter("tensor", "rank |grad| per tensor (the reference) or global (SalUn)")
     mask_prompts: list | None = hyperparameter(
         None, "prompt variants of the gradient maps; None = forget prompts"
@@ -173,7 +217,11 @@ class ANT(Method):
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"unknown ant mode {self.mode!r}; known: {', '.join(MODES)}")
-        if not 0 < self.split_step < self.ddim_steps:
+        if self.mode != "auto":  # the mode is known: the fields left null take its reference values now
+            for name, value in MODE_DEFAULTS[self.mode].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+        if self.split_step is not None and not 0 < self.split_step < self.ddim_steps:
             raise ConfigError(
                 f"ant split_step must lie strictly between 0 and ddim_steps ({self.ddim_steps}) so that both "
                 f"stages have steps, got {self.split_step}"
@@ -194,9 +242,10 @@ class ANT(Method):
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         concepts = data.prompts.split()
         mode = self.mode if self.mode != "auto" else ("saliency" if len(concepts) == 1 else "lora")
+        method = dataclasses.replace(self, mode=mode)  # the null settings take this mode's reference values
         if mode == "lora":
-            return self._lora(model, data.prompts, concepts, accelerator)
-        return self._saliency(model, data.prompts, accelerator)
+            return method._lora(model, data.prompts, concepts, accelerator)
+        return method._saliency(model, data.prompts, accelerator)
 
     # -- the objective, shared by both modes ---------------------------------------------------------------
 
@@ -204,6 +253,10 @@ class ANT(Method):
         self, model: Model, teacher: Model, sampler, conditions, rng: random.Random
     ) -> torch.Tensor:
         """The ANT loss on one batch of forget conditions (step 1 of the class docstring)."""
+        if any(getattr(self, name) is None for name in MODE_DEFAULTS["saliency"]):
+            raise ConfigError(
+                "ant mode auto has no settings until the mode is known: set mode saliency or lora"
+            )
         n = len(conditions)
         k_early, k_late = draw_indices(rng, self.split_step, self.ddim_steps)
         t_early, t_late = sampler.timesteps[k_early], sampler.timesteps[k_late]

@@ -24,8 +24,9 @@ def l1_weight_at(
 
     With A = epochs - no_l1_epochs active epochs and w = `l1_weight` (the reference's `--alpha`): for
     epoch < A, "decay" gives w·(1 - epoch/A) (the reference default), "increase" w·epoch/A (the reference's
-    commented-out variant) and "constant" w; from epoch A on, 0. When A = 0 the reference uses w throughout,
-    and so does this function.
+    commented-out variant) and "constant" w; from epoch A on, 0. When A = 0 the reference's CIFAR branch uses
+    w throughout (`unlearn/FT.py:92-100`), and so does this function (its ImageNet branch, FT.py:51-56, has
+    no such case and uses 0). Constant within an epoch, as in the reference (γ depends on the epoch only).
     """
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown l1 schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
@@ -80,9 +81,13 @@ class L1Sparse(Method):
     "Prune first, then unlearn" (the paper's other scheme) is not part of this method: prune with
     `unlearn.prune.omp` / `imp` and pass the mask to training; this class stays the pure ℓ1 objective.
 
-    Reference command: `main_forget.py --unlearn FT_prune --alpha α --unlearn_lr 0.01 --unlearn_epochs 10`
-    (`--alpha` is `l1_weight` here). The README gives no α; third-party scripts use 1e-4 and 3e-4; the default
-    5e-4 here is unconfirmed.
+    Reference (OPTML-Group/Unlearn-Sparse @ 80ba55d): `unlearn/FT_prune.py` → `FT_l1` → `FT_iter(with_l1=True)`
+    in `unlearn/FT.py` (loss `CE + current_alpha·‖cat(model.parameters())‖₁`, lines 14-18 and 92-104; SGD
+    from `unlearn/impl.py`). Command: `main_forget.py --unlearn FT_prune --alpha α --unlearn_lr 0.01
+    --unlearn_epochs 10` (`--alpha` is `l1_weight` here). The README gives no α and the argparse default
+    (0.2, "unlearn noise") is shared with other unlearners; third-party scripts use 1e-4 and 3e-4; the default
+    5e-4 here is unconfirmed. The schedule and one training step are checked against the reference's formula
+    in tests/test_fidelity_gan_sparse_ant.py.
     """
 
     families = ("classifier",)
