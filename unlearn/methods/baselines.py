@@ -242,6 +242,14 @@ class GradAscentDiffusion(Method):
     1. For `steps` steps: loss = -MSE(ε, ε_θ(x_t | c_f)) on a forget batch, plus `retain_weight` times the
        ordinary diffusion loss on a retain batch (0 = plain GA; the SalUn DDPM code's `--method ga` adds the
        retain term the same way, weighted by its `--alpha`). Unbounded: steps and lr must stay small.
+
+    Departures from that code (`DDPM/runners/diffusion.py`, `functions/losses.py`; tests/test_fidelity_rest.py
+    checks the loss against it up to the scale): both losses are means over every element, where the reference
+    sums over each image's pixels and averages over the batch, so its loss is C·H·W times ours (the ratio of the
+    two terms is the same; the scale matters only through Adam's ε and the clip at norm 1); the condition is
+    never dropped (the reference's forward drops it with probability 0.1); timesteps are uniform (the
+    reference's are antithetic); and `retain_weight` defaults to 0, plain gradient ascent as the baseline the
+    papers compare against (the reference's `--alpha` defaults to 1).
     """
 
     families = ("diffusion",)
