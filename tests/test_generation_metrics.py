@@ -332,3 +332,17 @@ def test_generative_metric_names_are_in_the_diffusion_catalogue():
 
     names = {"erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid", "clip_score"}
     assert names <= set(DiffusionHarness.metric_names())
+
+
+def test_fid_cache_names_carry_the_judge_so_another_judge_never_reads_them():
+    """A GAN or diffusion run with another judge on the digits data once read 10-d statistics cached by a toy
+    judge ("feature sizes differ"); the cache's name now carries the judge's weights."""
+    from unlearn.metrics.generation import extractor_fingerprint
+
+    torch.manual_seed(0)
+    one, other = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    assert extractor_fingerprint(one) == extractor_fingerprint(one)
+    assert extractor_fingerprint(one) != extractor_fingerprint(other)
+    assert extractor_fingerprint(one.forward) == extractor_fingerprint(one)  # a bound method: its module
+    other.load_state_dict(one.state_dict())
+    assert extractor_fingerprint(one) == extractor_fingerprint(other)

@@ -174,9 +174,11 @@ class DiffusionHarness(Harness):
             )
         self.fid_cache = None
         if self.recipe.data.dataset == "digits" and ev.fid_features == "judge":
+            from ..metrics.generation import extractor_fingerprint
             from ..worlds import cache_dir
 
-            name = f"digits-retain-{data.prompts.concept}-{original.conditioning}-judge.npz"
+            judge = extractor_fingerprint(self.judge)
+            name = f"digits-retain-{data.prompts.concept}-{original.conditioning}-judge-{judge}.npz"
             self.fid_cache = cache_dir() / "fid" / name
         self.unet_before = {n: t.detach().cpu().clone() for n, t in original.unet.state_dict().items()}
 

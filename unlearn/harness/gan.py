@@ -112,7 +112,7 @@ class GANHarness(Harness):
     def before(self, original, data, reference_dir):
         """The judge, the real retained images (and their cached FID statistics), and the original generator's
         retained-class samples from other latents than the scored ones (the reference of `fid_original`)."""
-        from ..metrics.generation import judge_labels
+        from ..metrics.generation import extractor_fingerprint, judge_labels
 
         ev = self.recipe.eval
         self.judge = recipe_judge(self.recipe, self.device)
@@ -127,7 +127,8 @@ class GANHarness(Harness):
             if self.recipe.data.dataset == "digits":
                 from ..worlds import cache_dir
 
-                self.fid_cache = cache_dir() / "fid" / f"digits-retain-{label}-gan-judge.npz"
+                judge = extractor_fingerprint(self.judge)
+                self.fid_cache = cache_dir() / "fid" / f"digits-retain-{label}-gan-judge-{judge}.npz"
         draw = original.sample(ev.samples, seed=self.recipe.seed + 1)
         self.original_retained = draw[judge_labels(self.judge, draw) != label]
 

@@ -62,6 +62,23 @@ def _module_device(module: nn.Module | None) -> torch.device:
     return torch.device("cpu")
 
 
+def extractor_fingerprint(extractor: Extractor) -> str:
+    """12 hex digits that change with the weights of the module behind `extractor` (or with the function's
+    qualified name when no module owns it): part of an FID cache's name, so that statistics computed with one
+    judge are never read back for another."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    module = _owner_module(extractor)
+    if module is None:
+        digest.update(f"{getattr(extractor, '__module__', '')}.{getattr(extractor, '__qualname__', '')}".encode())
+    else:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
 @contextmanager
 def _eval_mode(module: nn.Module | None):
     """Switch `module` to eval mode for the block and restore its previous mode afterwards."""
