@@ -4,7 +4,6 @@ ACM MM 2025, arXiv 2504.12782)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +51,8 @@ def top_share(grads: dict[str, torch.Tensor], keep: float, scope: str = "tensor"
     """Boolean masks of the largest `keep` share of |grad|: per tensor (the reference's `generate_mask.py`
     ranks each tensor on its own) or over all tensors at once (`scope="global"`, SalUn's convention).
 
-    Per tensor the count is ceil(keep·numel), the reference's `rank < keep·numel`, so a one-entry tensor keeps
-    its entry. Entries whose gradient is exactly zero are never salient (a tie at zero would otherwise be
+    Per tensor the count is int(keep·numel), rounded down as the reference's `rank < int(keep·numel)`
+    (`generate_mask.py`), so at keep 0.5 a one-entry tensor keeps nothing. Entries whose gradient is exactly zero are never salient (a tie at zero would otherwise be
     broken arbitrarily).
     """
     if scope not in MASK_SCOPES:
@@ -62,7 +61,7 @@ def top_share(grads: dict[str, torch.Tensor], keep: float, scope: str = "tensor"
     if scope == "tensor":
         for name, grad in grads.items():
             magnitude = grad.detach().abs().flatten().float()
-            count = min(math.ceil(magnitude.numel() * keep), magnitude.numel())
+            count = min(int(magnitude.numel() * keep), magnitude.numel())
             flat = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
             flat[torch.topk(magnitude, count, sorted=False).indices] = True
             masks[name] = (flat & (magnitude > 0)).view_as(grad).cpu()
@@ -142,6 +141,11 @@ class ANT(Method):
       projections the fusion can express exactly, so nothing trained is dropped. Its preservation set is
       MACE's COCO / domain caches; here the retain prompts' states.
     - x_t is taken at the DDIM step's own timestep (the reference draws t within that step's bin).
+    - The fusion reads each concept prompt's states from its last word on (`closed_form.concept_keys`), where
+      the multi-concept code reads all 77 positions: the positions before the word do not know the concept
+      (CLIP is causal) and are shared with every prompt of the same prefix, so fitting them to the LoRA's
+      outputs would move unrelated prompts. And its ridge must be positive (the reference's `lamb` is 0):
+      with few preserved states the system is otherwise singular.
 
     Defaults follow the reference code of each mode: the settings that differ between the two codes (`steps`,
     `batch_size`, `split_step`, `start_guidance`, `early_weight`, `uncond_weight`) default to null and take
