@@ -119,7 +119,9 @@ def test_saliency_mask_is_the_and_of_each_maps_largest_share():
 
     a = {"w": torch.tensor([4.0, -3.0, 2.0, 1.0]), "b": torch.tensor([0.5])}
     b = {"w": torch.tensor([1.0, 5.0, -6.0, 0.0]), "b": torch.tensor([-2.0])}
-    mask = saliency_intersection([a, b], sparsity=0.5)  # per tensor int(0.5·n): 2 of 4, 0 of 1 (the reference's)
+    mask = saliency_intersection(
+        [a, b], sparsity=0.5
+    )  # per tensor int(0.5·n): 2 of 4, 0 of 1 (the reference's)
     assert mask.masks["w"].tolist() == [False, True, False, False]  # {0, 1} AND {1, 2}
     assert mask.masks["b"].tolist() == [False]
     single = saliency_intersection([a], sparsity=0.5)

@@ -129,7 +129,9 @@ def test_parameter_sets_select_cross_attention(pipelines):
     assert not any(".attn2." in n for n in rest)
     assert len(rest) + len(model.parameters_named("xattn")) == len(list(model.unet.parameters()))
     esd_u = model.parameters_named("noxattn")  # ESD-u: also leaves the time embedding and output layers alone
-    assert set(esd_u) == {n for n in rest if not n.startswith(("time_embedding.", "conv_norm_out.", "conv_out."))}
+    assert set(esd_u) == {
+        n for n in rest if not n.startswith(("time_embedding.", "conv_norm_out.", "conv_out."))
+    }
     from unlearn.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown parameter set"):

@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from tiny_diffusion import cat_task, tiny_ddpm_pipeline, tiny_sd_pipeline
+from tiny_diffusion import cat_task, reference_text_states, tiny_ddpm_pipeline, tiny_sd_pipeline
 from tiny_diffusion import cpu_accelerator as _accelerator
 from tiny_diffusion import load_pipeline as _load
 
@@ -218,21 +218,6 @@ def test_ant_fusion_is_the_closed_form_least_squares_solution(pipelines):
 # == RealEra (no public code: the paper's equations as realera.py's docstring states them) ======================
 
 
-def _text_states(model, prompts):
-    """CLIP states (N, L, d) and where each prompt's concept positions start: its last word token, the
-    attention mask's sum − 2 (UCE's `final_token_idx`, train-scripts/train_erase.py)."""
-    tokens = model.tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=model.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        states = model.text_encoder(tokens.input_ids)[0].float()
-    return states, (tokens.attention_mask.sum(1) - 2).tolist()
-
-
 def _near(keys, count):
     """Stand-in "mined neighbours": fixed, deterministic functions of the keys (mining is tested on its own)."""
     return keys.repeat_interleave(count, 0) * 1.1 + 0.05, torch.arange(len(keys)).repeat_interleave(count)
@@ -278,8 +263,8 @@ def test_realera_closed_form_solves_the_weighted_least_squares_of_the_paper(pipe
     )
     method.edit(model, SimpleNamespace(prompts=prompts), torch.Generator().manual_seed(0))
 
-    states, starts = _text_states(model, forget)
-    anchor_states, (anchor_start,) = _text_states(model, [anchor])
+    states, starts = reference_text_states(model, forget)
+    anchor_states, (anchor_start,) = reference_text_states(model, [anchor])
     length = states.shape[1]
     keys, targets = [], []
     for s, i in zip(states, starts):
@@ -289,7 +274,7 @@ def test_realera_closed_form_solves_the_weighted_least_squares_of_the_paper(pipe
     keys, targets = torch.cat(keys).double(), torch.cat(targets).double()
     near, source = _near(keys.float(), 2)
     far = _far(keys.float(), 3)
-    preserved = _text_states(model, [*retain, ""])[0].flatten(0, 1).double()
+    preserved = reference_text_states(model, [*retain, ""])[0].flatten(0, 1).double()
     e, s, lam = 2.0, max(0.1, 1 / 3), 0.05
     w_near, w_far = 0.5 / 2, 3.0 / 3
     d_in = keys.shape[1]
@@ -364,17 +349,17 @@ def test_realera_lora_stage_loss_on_one_step(pipelines, tmp_path, monkeypatch, o
         use = [draws.random() < 0.5 for _ in conditions]  # neighbor_share 0.5, the stage's rng seeded 11
         assert any(use) and not all(use)  # the seed gives one row of each kind
         anchor_of = dict(zip(data.prompts.forget, data.prompts.anchor))
-        states, starts = _text_states(model, list(conditions))
+        states, starts = reference_text_states(model, list(conditions))
         near, far = states.clone(), states.clone()
         for row, start in enumerate(starts):
             if use[row]:
                 near[row, start:] = _near(states[row, start:], 1)[0]
             far[row, start:] = _far(states[row, start:], 1)
         with torch.no_grad():
-            anchor_states = _text_states(model, [anchor_of[c] for c in conditions])[0]
+            anchor_states = reference_text_states(model, [anchor_of[c] for c in conditions])[0]
             target = teacher.unet(x_t, t, encoder_hidden_states=anchor_states).sample
             far_target = teacher.unet(x_t, t, encoder_hidden_states=far).sample
-            r_states = _text_states(model, list(r_conditions))[0]
+            r_states = reference_text_states(model, list(r_conditions))[0]
             r_target = teacher.unet(r_x, r_t, encoder_hidden_states=r_states).sample
             erase = _mse(model.unet(x_t, t, encoder_hidden_states=near).sample, target)
             keep_far = _mse(model.unet(x_t, t, encoder_hidden_states=far).sample, far_target)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny_diffusion import load_pipeline as _load
-from tiny_diffusion import tiny_sd_pipeline
+from tiny_diffusion import reference_text_states, tiny_sd_pipeline
 
 FORGET = ["a photo of the cat", "the cat", "cat"]
 RETAIN = ["a photo of the dog", "a tree"]
@@ -37,20 +37,6 @@ def _data(forget, anchors, retain):
 
 def _projections(unet) -> dict[str, torch.nn.Linear]:
     return {n: m for n, m in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))}
-
-
-def _encode(model, texts):
-    """Text-encoder states (float64) and each prompt's `attention_mask.sum() - 2`, as both UCE scripts compute."""
-    tokens = model.tokenizer(
-        list(texts),
-        padding="max_length",
-        max_length=model.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        states = model.text_encoder(tokens.input_ids)[0].double()
-    return states, (tokens.attention_mask.sum(1) - 2).tolist()
 
 
 def _solve(weights, erased, preserved, lamb, erase_scale, preserve_scale):
@@ -75,11 +61,11 @@ def _reference_train_erase(model, forget, anchors, retain, lamb=0.5, erase_scale
     preserve_scale = max(0.1, 1 / len(['', *retain])); the entry point passes lamb = 0.5."""
     erased = []
     for old, new in zip(forget, anchors):
-        states, (i, j) = _encode(model, [old, new if new != "" else " "])
+        states, (i, j) = reference_text_states(model, [old, new if new != "" else " "], torch.float64)
         far, length = max(i, j), states.shape[1]
         erased.append((states[0, i : length - (far - i)], states[1, j : length - (far - j)]))
     kept = ["", *retain]
-    preserved = _encode(model, kept)[0].flatten(0, 1)
+    preserved = reference_text_states(model, kept, torch.float64)[0].flatten(0, 1)
     weights = {n: m.weight.detach() for n, m in _projections(model.unet).items()}
     return _solve(weights, erased, preserved, lamb, erase_scale, max(0.1, 1 / len(kept)))
 
@@ -89,7 +75,7 @@ def _reference_uce_sd_erase(model, forget, anchors, retain, lamb=0.5, preserve_s
     preserved prompts; only the listed preserve concepts; --preserve_scale 1, --lamb 0.5."""
 
     def last(texts):
-        states, idx = _encode(model, texts)
+        states, idx = reference_text_states(model, texts, torch.float64)
         return states[torch.arange(len(texts)), idx]
 
     erased = [(c[None], a[None]) for c, a in zip(last(forget), last(anchors))]
@@ -157,7 +143,7 @@ def test_empty_prompt_starts_at_the_start_token(sd_folder):
     model = _load(sd_folder)
     assert concept_starts(model, ["", " ", "cat", "a photo of the cat"]) == [0, 0, 1, 5]
     keys, anchor_keys = concept_keys(model, ["cat"], [""])
-    states, _ = _encode(model, ["cat", ""])
+    states, _ = reference_text_states(model, ["cat", ""], torch.float64)
     length = states.shape[1]
     # the anchor from its start token on, as many positions as "cat" has from its word on
     assert torch.equal(anchor_keys, states[1, : length - 1].float())
@@ -223,8 +209,8 @@ def test_esd_loss_and_gradient_match_negative_guidance(sd_folder, monkeypatch, o
 
     student = UNet2DConditionModel.from_pretrained(sd_folder / "unet")
     frozen = UNet2DConditionModel.from_pretrained(sd_folder / "unet").requires_grad_(False)
-    emb_p, _ = _encode(model, ["a photo of the cat"])
-    emb_0, _ = _encode(model, [""])
+    emb_p, _ = reference_text_states(model, ["a photo of the cat"], torch.float64)
+    emb_0, _ = reference_text_states(model, [""], torch.float64)
     emb_p, emb_0 = emb_p.float(), emb_0.float()
     t = torch.as_tensor(t).reshape(1)
     with torch.no_grad():

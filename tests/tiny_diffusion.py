@@ -143,3 +143,23 @@ def cat_task(model, num_images: int = 4, retain=("a photo of the dog",), anchor:
         num_images=num_images,
         steps=2,
     )
+
+
+def reference_text_states(model, prompts, dtype=None):
+    """Text-encoder states (N, L, d) of `prompts` and each prompt's `attention_mask.sum() - 2` (UCE's index of
+    the last word token, `train-scripts/train_erase.py`), computed as the references do, for parity tests that
+    must not go through `unlearn.methods.closed_form`."""
+    import torch
+
+    tokens = model.tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=model.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        states = model.text_encoder(tokens.input_ids)[0]
+    return (states.float() if dtype is None else states.to(dtype)), (
+        tokens.attention_mask.sum(1) - 2
+    ).tolist()

@@ -71,7 +71,9 @@ def extractor_fingerprint(extractor: Extractor) -> str:
     digest = hashlib.sha256()
     module = _owner_module(extractor)
     if module is None:
-        digest.update(f"{getattr(extractor, '__module__', '')}.{getattr(extractor, '__qualname__', '')}".encode())
+        digest.update(
+            f"{getattr(extractor, '__module__', '')}.{getattr(extractor, '__qualname__', '')}".encode()
+        )
     else:
         for name, tensor in module.state_dict().items():
             digest.update(name.encode())
