@@ -23,3 +23,7 @@ class CheckpointNotFoundError(UnlearnError, FileNotFoundError):
 
 class TrainingError(UnlearnError, RuntimeError):
     """Training diverged (a NaN or infinite loss)."""
+
+
+class OutputError(UnlearnError, OSError):
+    """An output cannot be written (no space left, read-only file system, permission denied)."""

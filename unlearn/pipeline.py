@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from .checkpoints import write_json, write_text
-from .errors import CheckpointNotFoundError, ConfigError
+from .errors import CheckpointNotFoundError, ConfigError, OutputError, UnlearnError
 from .harness import HARNESSES
+from .paths import existing_path, make_folder, open_own_file, output_error, shown
 from .recipe import Recipe, load_recipe
-from .runfolder import RunFolder, reference_folder
+from .runfolder import RunFolder, finished_run, read_metrics, reference_folder
 from .train import end_trackers, reset_accelerate_state
 
 if TYPE_CHECKING:
@@ -33,7 +34,22 @@ def default_output(recipe: Recipe) -> Path:
         what = "random-" + "-".join(f"{c}x{round(100 * v)}" for c, v in sorted(data.forget_fraction.items()))
     else:
         what = f"random{round(100 * data.forget_fraction)}"
-    return Path("runs") / f"{recipe.data.dataset}-{what}-{recipe.method}-seed{recipe.seed}"
+    return Path("runs") / _file_name(f"{recipe.data.dataset}-{what}-{recipe.method}-seed{recipe.seed}")
+
+
+def _file_name(text: str, limit: int = 120) -> str:
+    """`text` as one folder name: a path separator or a control character becomes `_` (a concept such as
+    "../x" or "AC/DC" stays one folder under runs/), a leading dot is dropped, and a name over `limit` bytes
+    is cut, with a hash of the whole that keeps it unique."""
+    import hashlib
+    import re
+
+    name = re.sub(r"[\x00-\x1f\x7f/\\]", "_", text).lstrip(".") or "_"
+    if len(name.encode("utf-8", "surrogatepass")) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    head = name.encode("utf-8", "surrogatepass")[: limit - 13].decode("utf-8", "ignore")
+    return f"{head}-{digest}"
 
 
 def make_accelerator(recipe: Recipe, output: Path, log=None):
@@ -95,7 +111,11 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
     """
     from accelerate import PartialState
 
+    if recipe.output is not None and not isinstance(recipe.output, str):  # Path(123) would be a TypeError
+        raise ConfigError(f"output must be a folder path, got {recipe.output!r}; write it as a string")
     output = Path(output or recipe.output or default_output(recipe))
+    _refuse_unusable_spelling(recipe.model.checkpoint, "model.checkpoint", utf8=True)
+    _refuse_unusable_spelling(str(output), "the output folder", utf8=False)
     _refuse_overwriting_input(recipe, output)
     state = PartialState(cpu=use_cpu(recipe))
     main = state.is_main_process
@@ -115,12 +135,28 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
 
 
 def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool) -> dict:
+    """The run itself. Its outputs are written in this order: the model, the artifacts, report.md (with the
+    attacks' section), metrics.json, and last run.json marked complete (`folder.finish`); the training
+    checkpoints are removed only after that. A run killed anywhere before is resumed by a rerun, which writes
+    every output again; a full disk or an unwritable folder raises `OutputError` with the checkpoints kept."""
+    from accelerate import PartialState
     from accelerate.utils import set_seed
 
     if recipe.eval.attacks and not recipe.eval.reference and recipe.method != "retrain":
         raise ConfigError(
             "eval.attacks need the Retrain reference as their control: set eval.reference to a Retrain recipe "
             "or run folder"
+        )
+    # Checked in every process before anything runs (the Retrain reference included), so that each process of
+    # a multi-process launch fails here alike and only the main one says it (`cli.main`).
+    processes = PartialState().num_processes
+    batch_size = getattr(recipe.build_method(), "batch_size", None)
+    if isinstance(batch_size, int) and processes > 1 and batch_size % processes:
+        fit = batch_size - batch_size % processes or processes
+        raise ConfigError(
+            f"method.batch_size {batch_size} must be a multiple of the {processes} processes: the recipe's batch "
+            f"is the global batch, split evenly across processes (use method.batch_size={fit}, or launch another "
+            "number of processes)"
         )
     reference, reference_dir = _reference(recipe, output, log) if recipe.eval.reference else (None, None)
     accelerator = make_accelerator(recipe, output, log)
@@ -130,12 +166,6 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool) -> di
     if accelerator.num_processes > 1 and not harness.multi_process:
         raise ConfigError(
             f"{recipe.model.family} runs take a single process for now; launch them without --multi_gpu"
-        )
-    batch_size = getattr(method, "batch_size", None)
-    if isinstance(batch_size, int) and batch_size % accelerator.num_processes:
-        raise ConfigError(
-            f"method.batch_size {batch_size} must be a multiple of the {accelerator.num_processes} processes: "
-            "the recipe's batch is the global batch, split evenly across processes"
         )
     with accelerator.main_process_first():  # a world checkpoint is built and cached once
         model, data = harness.setup()
@@ -155,27 +185,50 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool) -> di
     model, seconds = _timed_unlearn(method, model, data, accelerator, recipe.seed)
     model = accelerator.unwrap_model(model)
 
+    failure = None
     if main:
-        scores = harness.score(model, data)
-        metrics = {**scores.metrics, "RTE_s": earlier + seconds, **metrics}
-        metrics.update(harness.compare(metrics, reference))
-        metrics["device"] = str(accelerator.device)
-        metrics["num_processes"] = accelerator.num_processes
-        harness.save_model(model, output)
-        artifacts = harness.save_artifacts(output, scores, original)
-        write_json(metrics, output / "metrics.json")
-        write_text(harness.report(data, metrics, artifacts), output / "report.md")
-        if recipe.eval.attacks:  # on the saved model, as `unlearn attack` would
-            from .attacks.run import attack_run, record_attacks
+        try:
+            scores = harness.score(model, data)
+            metrics = {**scores.metrics, "RTE_s": earlier + seconds, **metrics}
+            metrics.update(harness.compare(metrics, reference))
+            metrics["device"] = str(accelerator.device)
+            metrics["num_processes"] = accelerator.num_processes
+            folder.ensure_held()  # the folder was not deleted during training: its outputs go where they belong
+            harness.save_model(model, output)
+            artifacts = harness.save_artifacts(output, scores, original)
+            report = harness.report(data, metrics, artifacts)
+            if recipe.eval.attacks:  # on the saved model, as `unlearn attack` would (as in `record_attacks`)
+                from .attacks.run import attack_run, attack_section
 
-            metrics = record_attacks(output, *attack_run(output, log=log))
-        shutil.rmtree(output / "checkpoints", ignore_errors=True)  # resume state is not needed once finished
-        folder.finish(seconds)
-        log(harness.headline(metrics))
-        log(f"wrote {output}")
+                found, shown_attacks = attack_run(output, log=log)
+                metrics = {**metrics, **found}
+                report = "\n".join([report.rstrip("\n"), *attack_section(metrics, shown_attacks)]) + "\n"
+            write_text(report, output / "report.md")
+            write_json(metrics, output / "metrics.json")  # the last output, then run.json says complete
+            folder.finish(seconds)
+            # resume state is not needed once finished (a rerun of a complete folder removes what a kill left)
+            shutil.rmtree(output / "checkpoints", ignore_errors=True)
+            log(harness.headline(metrics))
+            log(f"wrote {output}")
+        except UnlearnError as err:  # a full disk, say: the other processes are told, then it is raised
+            failure = err
     end_trackers(accelerator)
+    _share_failure(accelerator, failure)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _share_failure(accelerator, failure: UnlearnError | None) -> None:
+    """Raise the main process's user error (`failure`, met while it alone scored and wrote the outputs) in
+    every process: the others, waiting for it, would otherwise meet a broken process group when it exits."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        said = broadcast_object_list([str(failure) if failure is not None else None], from_process=0)[0]
+        if said is not None and failure is None:
+            raise OutputError(said)  # not printed: only the main process speaks (`cli.main`)
+    if failure is not None:
+        raise failure
 
 
 def evaluate_run(target: str | Path, log=print) -> dict:
@@ -186,12 +239,13 @@ def evaluate_run(target: str | Path, log=print) -> dict:
     """
     from accelerate.utils import set_seed
 
-    path = Path(target)
-    if not path.exists():
-        raise CheckpointNotFoundError(f"{str(path)!r} does not exist")
+    path = existing_path(target, "run folder or recipe")
+    if path.is_dir():
+        finished_run(path, "unlearn eval")
     recipe_path = path / "recipe.yaml" if path.is_dir() else path
-    if path.is_dir() and not (path / "model").exists():
-        raise CheckpointNotFoundError(f"{str(path)!r} is not a finished run folder (no model/ in it)")
+    recorded = {}
+    if path.is_dir() and (path / "metrics.json").exists():  # checked before anything loads
+        recorded = read_metrics(path / "metrics.json", f"run folder {str(path)!r}")
     recipe = load_recipe(recipe_path)
     cuda = torch.cuda.is_available() and not recipe.train.cpu
     harness = HARNESSES[recipe.model.family](recipe, "cuda" if cuda else "cpu", log)
@@ -210,7 +264,6 @@ def evaluate_run(target: str | Path, log=print) -> dict:
             f"original_{k}": v for k, v in harness.score(original, data, original=True).metrics.items()
         }
     scores = harness.score(harness.load_output(path / "model", data), data)
-    recorded = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").exists() else {}
     metrics = {**scores.metrics, **({"RTE_s": recorded["RTE_s"]} if "RTE_s" in recorded else {}), **metrics}
     metrics.update(harness.compare(metrics, reference))
     if recipe.eval.attacks:
@@ -228,11 +281,15 @@ def _reference(recipe: Recipe, output: Path, log) -> tuple[dict, Path]:
         ref = Path(recipe.source).parent / ref
     if ref.is_dir():
         if not (ref / "metrics.json").exists():
-            raise CheckpointNotFoundError(f"reference run {str(ref)!r} has no metrics.json")
-        return json.loads((ref / "metrics.json").read_text()), ref
+            raise CheckpointNotFoundError(
+                f"reference run {str(ref)!r} has no metrics.json; point eval.reference at a finished Retrain run "
+                "folder or a Retrain recipe"
+            )
+        return read_metrics(ref / "metrics.json", f"reference run {str(ref)!r}"), ref
     if not ref.exists():
         raise CheckpointNotFoundError(
-            f"reference {recipe.eval.reference!r} is neither a run folder nor a recipe"
+            f"reference {recipe.eval.reference!r} is neither a run folder nor a recipe; point eval.reference at a "
+            "finished Retrain run folder or a Retrain recipe"
         )
     reference = load_recipe(ref)
     if reference.eval.reference:
@@ -262,26 +319,96 @@ def _prune_first(model, recipe: Recipe, data: UnlearnData, accelerator, output: 
     return share
 
 
-def _refuse_overwriting_input(recipe: Recipe, output: Path) -> None:
-    checkpoint = recipe.model.checkpoint
-    if checkpoint and not checkpoint.startswith("world:"):
-        source, target = Path(checkpoint).resolve(), output.resolve()
-        if source == target or target in source.parents:
+def _refuse_unusable_spelling(path: str | None, what: str, utf8: bool) -> None:
+    """Refuse a path string no file system call can take: UTF-16 surrogate halves (`\\ud83d\\ude42`, what a
+    JSON-escaped emoji becomes in YAML) instead of characters; with `utf8`, also a name of undecodable bytes
+    (the weights loaders take UTF-8 paths only)."""
+    if not path or str(path).startswith("world:"):
+        return
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"{what} {path!r} holds UTF-16 surrogate halves, not characters (an escaped emoji?); write the "
+            "characters themselves (in YAML: \\U0001F642)"
+        ) from None
+    if utf8:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
             raise ConfigError(
-                f"the output folder {str(output)!r} holds the input checkpoint; choose another -o"
+                f"{what} {path!r} is not valid UTF-8 (its name holds undecodable bytes); rename it"
+            ) from None
+
+
+def _refuse_overwriting_input(recipe: Recipe, output: Path) -> None:
+    """Refuse an output folder that holds the input checkpoint (it is the checkpoint, its folder or any folder
+    above it) or lies inside the input model folder or the data folder (`data.root`: the run's images would
+    join the data), however either is spelled (relative, through symlinks, `..`, a bind mount of the same
+    folder): a run writes its model, metrics and reports there. Beside a checkpoint file (in a new folder next
+    to it) is allowed: nothing written there can replace the file."""
+    real_target = Path(os.path.realpath(output))
+    inputs = [(recipe.model.checkpoint, "the input model folder"), (recipe.data.root, "the data folder")]
+    for given, what in inputs:
+        if not given or str(given).startswith("world:"):
+            continue
+        try:
+            source_stat = os.stat(given)
+        except OSError:
+            continue  # a hub id, or a missing input (loading says so)
+        if not stat.S_ISDIR(source_stat.st_mode):
+            continue
+        real_source = Path(os.path.realpath(given))
+        for folder in [real_target, *real_target.parents]:
+            if folder == real_source or _same_file(folder, source_stat):
+                raise ConfigError(
+                    f"the output folder {shown(output)} is inside {what} {shown(given)}; choose another -o "
+                    "outside it"
+                )
+    checkpoint = recipe.model.checkpoint
+    if not checkpoint or str(checkpoint).startswith("world:"):
+        return
+    try:
+        target_stat = os.stat(output)
+        os.stat(checkpoint)
+    except OSError:
+        return  # the output does not exist yet (so it holds nothing), or the checkpoint is a hub id
+    real_source = Path(os.path.realpath(checkpoint))
+    if real_source == real_target or _same_file(real_source, target_stat):
+        raise ConfigError(f"the output folder {shown(output)} is the input checkpoint; choose another -o")
+    for folder in real_source.parents:
+        if folder == real_target or _same_file(folder, target_stat):
+            raise ConfigError(
+                f"the output folder {shown(output)} holds the input checkpoint {shown(checkpoint)}; choose "
+                "another -o"
             )
 
 
+def _same_file(path: Path, known: os.stat_result) -> bool:
+    try:
+        return os.path.samestat(os.stat(path), known)
+    except OSError:
+        return False
+
+
 def _file_logger(output: Path, log, main: bool):
-    """`log` that also appends to `output/run.log` (main process only)."""
+    """`log` that also appends to `output/run.log` (main process only; never through a symlink put there)."""
     if not main:
         return lambda message: None
-    output.mkdir(parents=True, exist_ok=True)
+    make_folder(output)
+    path = output / "run.log"
+    os.close(open_own_file(path, os.O_WRONLY | os.O_APPEND))  # refused now, before the run, if unwritable
 
     def say(message: str) -> None:
         log(message)
-        with open(output / "run.log", "a") as handle:
-            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n".encode("utf-8", "backslashreplace")
+        fd = open_own_file(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, line)
+        except OSError as err:
+            raise output_error(path, err) from None
+        finally:
+            os.close(fd)
 
     return say
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoints import atomic_path
-from .errors import ConfigError, DataError, TrainingError
+from .errors import ConfigError, DataError, OutputError, TrainingError
 from .params import ParamMask, apply_mask
 
 LossFn = Callable[[nn.Module, tuple], torch.Tensor]
@@ -391,9 +391,14 @@ class Trainer:
             record = {"stage": self.stage, "epoch": epoch, "step": step, "phase": phase}
             record.update({name: round(value, 6) for name, value in means.items()})
             record.update({"lr": lr, "elapsed_s": round(time.perf_counter() - self.started, 3)})
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            try:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.log_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            except OSError as err:  # a full disk, a folder made read-only during the run
+                from .checkpoints import write_error
+
+                raise write_error(self.log_path, err) from None
         if accelerator.trackers:
             values = {f"{self.stage}/{name}": value for name, value in means.items()}
             accelerator.log({**values, f"{self.stage}/lr": lr}, step=step)
@@ -427,11 +432,19 @@ class Trainer:
         return digest.hexdigest()
 
     def save(self) -> None:
-        """Write a checkpoint of this stage (main process; every process waits)."""
+        """Write a checkpoint of this stage (main process; every process waits).
+
+        Written atomically (`atomic_path`): a kill or a full disk while writing leaves the previous checkpoint
+        as it was, and a rerun resumes from it.
+
+        Raises:
+            OutputError: the checkpoint cannot be written (no space left, say), in every process.
+        """
         if self.folder is None:
             return
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
+        failure = None
         if accelerator.is_main_process:
             checkpoint = {
                 "fingerprint": self.fingerprint,
@@ -446,8 +459,19 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             }
-            with atomic_path(self.folder / "state.pt") as tmp:
-                torch.save(checkpoint, tmp)
+            try:
+                with atomic_path(self.folder / "state.pt") as tmp:
+                    torch.save(checkpoint, str(tmp))
+            except OutputError as err:
+                failure = err
+        if accelerator.num_processes > 1:  # the others stop too, rather than wait for a process that has left
+            from accelerate.utils import broadcast_object_list
+
+            said = broadcast_object_list([str(failure) if failure is not None else None], from_process=0)[0]
+            if said is not None and failure is None:
+                raise OutputError(said)
+        if failure is not None:
+            raise failure
         accelerator.wait_for_everyone()
 
     def resume(self) -> int:
