@@ -90,6 +90,14 @@ def _torchvision(name: str, split: str, root: str | None, download: bool) -> Ima
     if root is None:
         raise DataError(f"dataset {name!r} needs data.root (a folder holding it, or where to download it)")
     train = split == "train"
+    # torchvision hashes these files before it reads them: a FIFO or a device among them would block forever
+    base = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}.get(name)
+    files = sorted((Path(root) / base).glob("*")) if base else [Path(root) / f"{split}_32x32.mat"]
+    for file in files:
+        if file.exists() and not file.is_file() and not file.is_dir():
+            raise DataError(
+                f"{str(file)!r} of dataset {name} is not a regular file (a FIFO, device or socket); remove it"
+            )
     try:
         if name == "cifar10":
             ds = torchvision.datasets.CIFAR10(root, train=train, download=download)
@@ -120,14 +128,21 @@ def _imagefolder(split: str, root: str | None, image_size: int | None) -> ImageT
     folder = Path(root) / split
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"image folder {str(folder)!r} does not exist")
+    _check_image_files(folder)
     steps = [transforms.Resize((image_size, image_size))] if image_size else []
     steps.append(transforms.PILToTensor())
     try:
         ds = torchvision.datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
     except FileNotFoundError as err:  # torchvision: no class folder, or class folders without images
-        raise DataError(f"image folder {str(folder)!r} holds no images in class subfolders ({err})") from err
+        raise DataError(
+            f"image folder {str(folder)!r} holds no images in class subfolders ({err}); put the images of each "
+            "class in a subfolder of their own (<class>/*.png)"
+        ) from err
     if len(ds) == 0:
-        raise DataError(f"image folder {str(folder)!r} holds no images")
+        raise DataError(
+            f"image folder {str(folder)!r} holds no images; put the images of each class in a subfolder of "
+            "their own (<class>/*.png)"
+        )
     # Class ids come from train/'s class folders for both splits: a test/ that lacks a class folder must not
     # shift the ids of the classes after it.
     classes, targets = ds.classes, list(ds.targets)
@@ -144,10 +159,73 @@ def _imagefolder(split: str, root: str | None, image_size: int | None) -> ImageT
             )
         targets = [classes.index(ds.classes[t]) for t in targets]
     try:
-        images = torch.stack([ds[i][0] for i in range(len(ds))])
+        images = torch.stack([_read_image(ds, i) for i in range(len(ds))])
     except RuntimeError as err:  # images of different sizes
         raise DataError(f"images under {str(folder)!r} differ in size; set data.image_size ({err})") from err
     return ImageTensorDataset(images, torch.as_tensor(targets), num_classes=len(classes), name="imagefolder")
+
+
+def _check_image_files(folder: Path) -> None:
+    """Refuse, before any is opened, a class folder entry that is not an image file: a FIFO or a device (reading
+    it would block or never end), or a file whose name is not an image's (torchvision would skip it silently,
+    and with it data the user meant to use). Hidden files (`.DS_Store`) are ignored, as torchvision does."""
+    import os
+    import stat
+
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    inside = folder.resolve()
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in dirs:  # torchvision follows symlinked folders: one must not loop or lead elsewhere
+            link = Path(root) / name
+            if link.is_symlink():
+                target, parent = link.resolve(), link.parent.resolve()
+                if target == parent or target in parent.parents:
+                    problem = "loops back to a folder that contains it"
+                elif inside not in target.parents:
+                    problem = "leads outside the image folder"
+                else:
+                    continue  # a folder of the dataset, walked where it lies
+                raise DataError(
+                    f"{str(link)!r} is a symlink that {problem}; replace it with the folder it means"
+                )
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(root) / name
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as err:
+                raise DataError(
+                    f"image {str(path)!r} cannot be read ({err.strerror or err}); fix or remove it"
+                ) from None
+            if not stat.S_ISREG(mode):
+                raise DataError(
+                    f"{str(path)!r} in the image folder is not a regular file (a FIFO, device or socket); "
+                    "remove it"
+                )
+            if Path(root) == folder:
+                continue  # files beside the class folders are not part of the dataset
+            if not name.lower().endswith(IMG_EXTENSIONS):
+                raise DataError(
+                    f"{str(path)!r} in the image folder is not an image file (expected one of "
+                    f"{', '.join(IMG_EXTENSIONS)}); remove it or move it out of the folder"
+                )
+
+
+def _read_image(ds, index: int) -> torch.Tensor:
+    """Image `index` of a torchvision `ImageFolder`, or one sentence naming the file that is not an image."""
+    from PIL import Image
+
+    path = ds.samples[index][0]
+    try:
+        return ds[index][0]
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        # OSError: PIL.UnidentifiedImageError (not an image), a truncated file; DecompressionBombError: an image
+        # that declares more pixels than PIL will decode
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"image {path!r} cannot be read ({reason}); fix or remove it") from err
 
 
 class CaptionedDataset(Dataset):

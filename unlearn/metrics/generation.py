@@ -15,7 +15,6 @@ Heavy modules (clean-fid, transformers, torchmetrics) are imported inside the fu
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -191,20 +190,25 @@ def _judge_from_factory(text: str) -> Extractor:
 
 def _folder_classes(path: Path) -> int:
     """The number of classes a classifier folder declares (unlearn_model.json or transformers config.json)."""
+    from ..checkpoints import read_json_file
     from ..models.classifier import CONFIG_NAME
 
     for name, keys in ((CONFIG_NAME, ("num_classes",)), ("config.json", ("num_labels", "id2label"))):
         file = path / name
         if not file.exists():
             continue
-        try:
-            config = json.loads(file.read_text())
-        except ValueError as err:
-            raise CheckpointError(f"{str(file)!r} is not valid JSON ({err})") from err
+        config = read_json_file(file, "judge config")
         for key in keys:
-            if key in config:
-                value = config[key]
-                return len(value) if isinstance(value, dict) else int(value)
+            value = config.get(key) if isinstance(config, dict) else None
+            if isinstance(value, dict) and value:
+                return len(value)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+                return value
+            if value is not None:
+                raise CheckpointError(
+                    f"{key} in judge config {str(file)!r} must be a count of at least 2 classes, got {value!r}; "
+                    "fix the config or pass num_classes"
+                )
     raise CheckpointError(
         f"cannot tell the number of classes of judge folder {str(path)!r}; pass num_classes"
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import pickle
 import shutil
 from pathlib import Path
@@ -14,9 +14,15 @@ from torch import nn
 from ..checkpoints import (
     atomic_path,
     float_dtypes,
+    load_errors,
     load_into,
     load_state_dict,
+    read_json_file,
+    reason_of,
     refuse_custom_code,
+    refuse_nonfinite,
+    refuse_special_files,
+    require_file,
     save_state_dict,
     saved_as,
     stored_dtypes,
@@ -208,8 +214,9 @@ def load_classifier(checkpoint: str | Path | None, arch: str | None, num_classes
             return _load_transformers(path, num_classes)
         raise CheckpointError(
             f"folder {str(path)!r} is neither a transformers model folder (config.json) nor an unlearn model "
-            f"folder ({CONFIG_NAME})"
+            f"folder ({CONFIG_NAME}); give such a folder or a weights file"
         )
+    require_file(path)
     if not arch or arch == "transformers":
         raise ConfigError(f"model.arch must name the architecture of the weights file {str(path)!r}")
     model = build_classifier(arch, num_classes)
@@ -221,30 +228,99 @@ def load_classifier(checkpoint: str | Path | None, arch: str | None, num_classes
 
 
 def _load_saved_folder(path: Path, num_classes: int) -> Classifier:
-    try:
-        config = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{str(path / CONFIG_NAME)!r} is not valid JSON ({err})") from err
-    if config.get("format") not in FORMATS:
-        raise CheckpointError(f"{str(path / CONFIG_NAME)!r} names an unknown format {config.get('format')!r}")
+    refuse_special_files(path)
+    config = _read_model_config(path)
     _check_classes(config["num_classes"], num_classes, path)
     if config["format"] == "transformers":
         model = _load_transformers(path, num_classes)
     else:
-        model = build_classifier(config["arch"], num_classes, channels=config.get("channels"))
-        weights = path / config.get("weights", "model.safetensors")
+        try:
+            model = build_classifier(config["arch"], num_classes, channels=config["channels"])
+        except ConfigError as err:
+            raise CheckpointError(f"{str(path / CONFIG_NAME)!r}: {err}") from err
+        weights = _own_file(path, config.get("weights", "model.safetensors"))
         state = load_state_dict(weights)
         load_into(model.network, state, str(weights))
         model.source["weights_suffix"] = weights.suffix
         model.input_dtypes = float_dtypes(state)
-    model.mean.copy_(torch.tensor(config["mean"]).view(1, -1, 1, 1))
-    model.std.copy_(torch.tensor(config["std"]).view(1, -1, 1, 1))
+    for key in ("mean", "std"):
+        values = config[key]
+        if len(values) == 1:
+            values = values * model.channels
+        if len(values) != model.channels:
+            raise CheckpointError(
+                f"{str(path / CONFIG_NAME)!r} gives {len(values)} {key} values for a model of {model.channels} "
+                f"input channels; give one per channel"
+            )
+        getattr(model, key).copy_(torch.tensor(values).view(1, -1, 1, 1))
     return model
+
+
+def _read_model_config(path: Path) -> dict:
+    """`unlearn_model.json` of a model folder, every field checked (type and range) before anything uses it."""
+    file = _own_file(path, CONFIG_NAME)
+    config = read_json_file(file, "model config")
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{str(file)!r} must be a JSON object (mapping), got a {type(config).__name__}; fix or re-save "
+            "the model"
+        )
+    if config.get("format") not in FORMATS:
+        raise CheckpointError(
+            f"{str(file)!r} names an unknown format {config.get('format')!r}; known: {', '.join(FORMATS)}"
+        )
+
+    def bad(key: str, want: str):
+        value = config.get(key, "(missing)")
+        return CheckpointError(
+            f"{str(file)!r}: {key} must be {want}, got {value!r}; fix or re-save the model"
+        )
+
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not positive_int(config.get("num_classes")):
+        raise bad("num_classes", "a positive integer")
+    if config["format"] != "transformers" and not isinstance(config.get("arch"), str):
+        raise bad("arch", "an architecture name (a string)")
+    for key in ("channels", "image_size"):
+        if config.get(key) is not None and not positive_int(config[key]):
+            raise bad(key, "a positive integer or null")
+    for key in ("mean", "std"):
+        values = config.get(key)
+        values = [values] if number(values) else values
+        if not isinstance(values, list) or not values or not all(number(v) for v in values):
+            raise bad(key, "a list of finite numbers, one per input channel")
+        if key == "std" and not all(v > 0 for v in values):
+            raise bad(key, "a list of positive numbers")
+        config[key] = [float(v) for v in values]
+    if "weights" in config and not isinstance(config["weights"], str):
+        raise bad("weights", "the name of a weights file inside the folder")
+    return config
+
+
+def _own_file(folder: Path, name: str) -> Path:
+    """The file `name` of a model folder: a folder reads only its own files, never one elsewhere (an absolute
+    path, `..`, or a symlink that leads out of the folder)."""
+    file = folder / name
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or not name.strip():
+        problem = f"{str(folder / CONFIG_NAME)!r} names weights {name!r} outside the model folder"
+    elif folder.resolve() not in file.resolve().parents:
+        problem = f"{str(file)!r} is a symlink that leads outside the model folder"
+    else:
+        return file
+    raise CheckpointError(
+        f"{problem}; a model folder may only read its own files (copy the file into it and name it relative "
+        "to it)"
+    )
 
 
 def _load_transformers(path: Path, num_classes: int) -> Classifier:
     refuse_custom_code(path)
-    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForImageClassification
 
     try:
@@ -258,21 +334,28 @@ def _load_transformers(path: Path, num_classes: int) -> Classifier:
             f"transformers folder {str(path)!r} holds pickled objects beyond plain tensors; refusing to unpickle "
             "code (re-save it with safetensors)"
         ) from err
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
-        # RuntimeError: weights whose shapes disagree with config.json; SafetensorError: a corrupt file.
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    except load_errors() as err:  # a mistyped config.json, weights of other shapes, a corrupt file
         raise CheckpointError(
-            f"cannot load transformers image classifier from {str(path)!r}: {reason}"
+            f"cannot load transformers image classifier from {str(path)!r}: {reason_of(err)}; check its "
+            "config.json and weights (re-save it with save_pretrained)"
         ) from err
-    _check_classes(config.num_labels, num_classes, path)
+    num_labels = getattr(config, "num_labels", None)
+    if not isinstance(num_labels, int):
+        raise CheckpointError(
+            f"{str(path / 'config.json')!r} gives no usable number of labels ({num_labels!r})"
+        )
+    _check_classes(num_labels, num_classes, path)
     channels = getattr(config, "num_channels", 3)
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+        raise CheckpointError(
+            f"{str(path / 'config.json')!r}: num_channels must be a positive integer, got {channels!r}"
+        )
     mean, std, size = (0.5,) * channels, (0.5,) * channels, getattr(config, "image_size", None)
     processor = path / "preprocessor_config.json"
     if processor.exists():
-        try:
-            spec = json.loads(processor.read_text())
-        except ValueError as err:
-            raise CheckpointError(f"{str(processor)!r} is not valid JSON ({err})") from err
+        spec = read_json_file(processor, "preprocessor config")
+        if not isinstance(spec, dict):
+            raise CheckpointError(f"{str(processor)!r} must be a JSON object (mapping); fix or delete it")
         mean = _per_channel(spec.get("image_mean", mean), channels, processor)
         std = _per_channel(spec.get("image_std", std), channels, processor)
         size_spec = spec.get("size")
@@ -280,9 +363,14 @@ def _load_transformers(path: Path, num_classes: int) -> Classifier:
             size = size_spec.get("height") or size_spec.get("shortest_edge") or size
         elif isinstance(size_spec, int):
             size = size_spec
+    if isinstance(size, (list, tuple)) and size:  # some configs give (height, width)
+        size = size[0]
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise CheckpointError(f"transformers folder {str(path)!r} gives an unusable image size {size!r}")
     source = {"format": "transformers", "arch": config.model_type}
     if processor.exists():
         source["processor_file"] = str(processor.resolve())
+    refuse_nonfinite(network, str(path))
     dtypes = stored_dtypes(network, path)
     model = Classifier(network.float(), num_classes, source, mean, std, channels=channels, image_size=size)
     model.input_dtypes = dtypes
@@ -291,7 +379,13 @@ def _load_transformers(path: Path, num_classes: int) -> Classifier:
 
 def _per_channel(value, channels: int, source: Path) -> tuple[float, ...]:
     """A processor's image_mean / image_std as one value per input channel."""
-    values = (value,) if isinstance(value, (int, float)) else tuple(value)
+    values = (
+        (value,) if isinstance(value, (int, float)) else tuple(value) if isinstance(value, list) else None
+    )
+    if values is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise CheckpointError(
+            f"{str(source)!r} gives normalisation values {value!r}; give a number or a list of numbers"
+        )
     if len(values) == 1:
         values = values * channels
     if len(values) != channels:

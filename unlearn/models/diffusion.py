@@ -29,7 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import atomic_path, refuse_custom_code, saved_as, stored_dtypes
+from ..checkpoints import (
+    atomic_path,
+    load_errors,
+    reason_of,
+    refuse_custom_code,
+    refuse_nonfinite,
+    saved_as,
+    stored_dtypes,
+)
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from .base import Model
 
@@ -545,8 +553,11 @@ def load_diffusion(path: str | Path) -> Diffusion:
     transformers_logging.disable_progress_bar()
     try:
         pipeline = DiffusionPipeline.from_pretrained(str(local), trust_remote_code=False, **nulls)
-    except (OSError, ValueError, KeyError, AttributeError) as err:
-        raise CheckpointError(f"cannot load the diffusers pipeline {str(path)!r}: {err}") from err
+    except load_errors() as err:  # a mistyped config, weights of other shapes, a corrupt file
+        raise CheckpointError(
+            f"cannot load the diffusers pipeline {str(path)!r}: {reason_of(err)}; check its config files and "
+            "weights (re-save it with save_pretrained)"
+        ) from err
     finally:
         diffusers_logging.enable_progress_bar()
         transformers_logging.enable_progress_bar()
@@ -560,6 +571,10 @@ def load_diffusion(path: str | Path) -> Diffusion:
         parts.pop("tokenizer", None),
         parts.pop("vae", None),
     )
+    _check_unet_config(unet, scheduler, local)
+    for name, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae)):
+        if isinstance(module, nn.Module):
+            refuse_nonfinite(module, f"{path}/{name}")
     model = Diffusion(unet, scheduler, text_encoder, tokenizer, vae, type(pipeline), parts)
     model.source = {"path": str(path)}
     model.input_dtypes = {  # as the files hold them (diffusers loads its own models in fp32 by default)
@@ -568,3 +583,36 @@ def load_diffusion(path: str | Path) -> Diffusion:
         if isinstance(module, nn.Module)
     }
     return model
+
+
+def _check_unet_config(unet, scheduler, folder: Path) -> None:
+    """Refuse, at load, the UNet and scheduler config values the toolkit computes with when diffusers took them
+    without a check (a sample_size "x" would fail only when the first noise is drawn)."""
+
+    def positive(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    config = unet.config
+    size = getattr(config, "sample_size", None)
+    sizes = list(size) if isinstance(size, (list, tuple)) else [size]
+    problems = {
+        "unet/config.json: sample_size": (size, len(sizes) in (1, 2) and all(positive(v) for v in sizes)),
+        "unet/config.json: in_channels": (
+            getattr(config, "in_channels", None),
+            positive(getattr(config, "in_channels", None)),
+        ),
+        "unet/config.json: num_class_embeds": (
+            getattr(config, "num_class_embeds", None),
+            getattr(config, "num_class_embeds", None) is None or positive(config.num_class_embeds),
+        ),
+        "scheduler/scheduler_config.json: num_train_timesteps": (
+            getattr(scheduler.config, "num_train_timesteps", None),
+            positive(getattr(scheduler.config, "num_train_timesteps", None)),
+        ),
+    }
+    for name, (value, ok) in problems.items():
+        if not ok:
+            raise CheckpointError(
+                f"diffusers pipeline {str(folder)!r}: {name} must be a positive integer, got {value!r}; fix the "
+                "config or re-save the pipeline"
+            )

@@ -34,6 +34,8 @@ from ..checkpoints import (
     float_dtypes,
     load_into,
     load_state_dict,
+    read_json_file,
+    refuse_special_files,
     save_state_dict,
     saved_as,
 )
@@ -332,24 +334,35 @@ def load_gan(
     config_file = path / CONFIG_NAME
     if not path.is_dir() or not config_file.exists():
         raise CheckpointError(f"{str(path)!r} is not a GAN folder (it has no {CONFIG_NAME})")
-    try:
-        config = json.loads(config_file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{str(config_file)!r} is not valid JSON ({err})") from err
+    refuse_special_files(path)
+    config = read_json_file(config_file, "GAN config")
     if not isinstance(config, dict) or config.get("family", "gan") != "gan" or "latent_dim" not in config:
-        raise CheckpointError(f"{str(config_file)!r} does not describe a GAN (family gan, latent_dim)")
+        raise CheckpointError(
+            f"{str(config_file)!r} does not describe a GAN (family gan, latent_dim); give a folder written "
+            "by GAN.save"
+        )
     config.pop("family", None)
     arch = config.get("arch", "custom")
+    if not isinstance(arch, str):
+        raise CheckpointError(
+            f"{str(config_file)!r}: arch must be an architecture name (a string), got {arch!r}; fix it or "
+            "re-save the GAN"
+        )
     if (generator is None) != (discriminator is None):
         raise ConfigError("give both a generator and a discriminator module, or neither")
     if generator is not None:
-        model = GAN(generator, discriminator, int(config["latent_dim"]), config)
+        latent_dim = config["latent_dim"]
+        if not isinstance(latent_dim, int) or isinstance(latent_dim, bool) or latent_dim < 1:
+            raise CheckpointError(
+                f"{str(config_file)!r}: latent_dim must be a positive integer, got {latent_dim!r}"
+            )
+        model = GAN(generator, discriminator, latent_dim, config)
     elif arch in ARCHITECTURES:
         settings = {k: v for k, v in config.items() if k != "arch"}
         try:
             model = build_gan(arch, **settings)
         except ConfigError as err:
-            raise CheckpointError(f"{str(config_file)!r}: {err}") from err
+            raise CheckpointError(f"{str(config_file)!r}: {err}; fix it or re-save the GAN") from err
     else:
         raise CheckpointError(
             f"GAN folder {str(path)!r} holds a {arch!r} architecture; pass its generator and discriminator "
