@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from .checkpoints import write_json, write_text
 from .errors import CheckpointNotFoundError, ConfigError
 from .harness import HARNESSES
-from .recipe import apply_override, find_path, from_dict
+from .recipe import apply_override, find_path, from_dict, read_yaml
 
 
 @dataclass
@@ -31,12 +30,9 @@ class Suite:
 
 def load_suite(path: str | Path) -> Suite:
     path = find_path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise CheckpointNotFoundError(f"suite {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"suite {str(path)!r} is not readable YAML") from err
+    raw = read_yaml(path, "suite")
     if not isinstance(raw, dict):
         raise ConfigError(f"suite {str(path)!r} must be a YAML mapping")
     known = set(Suite.__dataclass_fields__) - {"source"}
@@ -45,13 +41,66 @@ def load_suite(path: str | Path) -> Suite:
         raise ConfigError(
             f"unknown key {unknown[0]!r} in suite {str(path)!r}; known: {', '.join(sorted(known))}"
         )
-    try:
-        suite = Suite(**raw, source=str(path))
-    except TypeError as err:
-        raise ConfigError(f"suite {str(path)!r}: {err}") from err
+    missing = sorted({"name", "recipes", "methods"} - set(raw))
+    if missing:
+        raise ConfigError(f"suite {str(path)!r} needs {', '.join(map(repr, missing))}; add it (see evals/)")
+    suite = Suite(**raw, source=str(path))
+    _check_fields(suite, f"suite {str(path)!r}")
     if suite.reference in suite.methods:
         suite.methods = [m for m in suite.methods if m != suite.reference]
     return suite
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_fields(suite: Suite, where: str) -> None:
+    """Each setting of a suite, its type and range, in one sentence (before any recipe is read)."""
+
+    def names(value) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)
+
+    if (
+        not isinstance(suite.name, str)
+        or not suite.name.strip()
+        or "/" in suite.name
+        or suite.name in (".", "..")
+    ):
+        raise ConfigError(f"{where}: name must be a non-empty name without '/', got {suite.name!r}")
+    if not isinstance(suite.recipes, str) or not suite.recipes.strip():
+        raise ConfigError(f"{where}: recipes must be the folder holding <method>.yaml, got {suite.recipes!r}")
+    if not names(suite.methods) or not suite.methods:
+        raise ConfigError(f"{where}: methods must list at least one method name, got {suite.methods!r}")
+    twice = sorted({m for m in suite.methods if suite.methods.count(m) > 1})
+    if twice:
+        raise ConfigError(f"{where}: method {twice[0]!r} is listed twice in methods; list each once")
+    bad = [m for m in suite.methods if "/" in m or m.startswith(".")]
+    if bad:
+        raise ConfigError(f"{where}: methods names recipe files <method>.yaml, not paths; got {bad[0]!r}")
+    if not isinstance(suite.seeds, list) or not suite.seeds:
+        raise ConfigError(
+            f"{where}: seeds must list at least one seed (e.g. seeds: [0, 1, 2]), got {suite.seeds!r}"
+        )
+    if not all(_is_int(seed) and 0 <= seed < 2**32 for seed in suite.seeds):
+        raise ConfigError(f"{where}: seeds must be integers in 0..{2**32 - 1}, got {suite.seeds!r}")
+    if len(set(suite.seeds)) < len(suite.seeds):
+        raise ConfigError(f"{where}: seeds lists a seed twice ({suite.seeds}); list each once")
+    if not isinstance(suite.reference, str) or not suite.reference.strip() or "/" in suite.reference:
+        raise ConfigError(f"{where}: reference must be a method name (e.g. retrain), got {suite.reference!r}")
+    if not names(suite.overrides):
+        raise ConfigError(f"{where}: overrides must list section.key=value strings, got {suite.overrides!r}")
+    if not isinstance(suite.method_overrides, dict) or not all(
+        isinstance(k, str) and names(v) for k, v in suite.method_overrides.items()
+    ):
+        raise ConfigError(
+            f"{where}: method_overrides must map a method to a list of section.key=value strings, got "
+            f"{suite.method_overrides!r}"
+        )
+    if not isinstance(suite.attacks, list):
+        raise ConfigError(f"{where}: attacks must list attack names or mappings, got {suite.attacks!r}")
+    if not isinstance(suite.description, str):
+        raise ConfigError(f"{where}: description must be text, got {suite.description!r}")
 
 
 def suite_recipe(suite: Suite, method: str, seed: int):
@@ -60,7 +109,9 @@ def suite_recipe(suite: Suite, method: str, seed: int):
     path = find_path(Path(suite.recipes) / f"{method}.yaml")
     if not path.exists():
         raise CheckpointNotFoundError(f"suite {suite.name!r}: recipe {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path, "recipe")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping with at least a 'method' section")
     for item in [*suite.overrides, *suite.method_overrides.get(method, [])]:
         apply_override(raw, item)
     raw["seed"] = seed
@@ -74,6 +125,7 @@ def suite_recipe(suite: Suite, method: str, seed: int):
 
 def check_suite(suite: Suite) -> str:
     """Validate every recipe of the suite; returns the model family they share."""
+    _check_fields(suite, f"suite {suite.name!r}")
     unknown = sorted(set(suite.method_overrides) - {suite.reference, *suite.methods})
     if unknown:
         raise ConfigError(
@@ -94,7 +146,11 @@ def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -
     suite = load_suite(suite_path)
     family = check_suite(suite)
     harness = HARNESSES[family]
-    output = Path(output or Path("runs") / "bench" / suite.name)
+    if not output:
+        from .pipeline import _file_name
+
+        output = Path("runs") / "bench" / _file_name(str(suite.name))  # one folder, whatever the name holds
+    output = bench_folder(Path(output))
     rows = []
     for seed in suite.seeds:
         ref_dir = output / "runs" / suite.reference / f"seed{seed}"
@@ -131,6 +187,32 @@ def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -
     write_text(table, output / "results.md")
     log(table)
     return results
+
+
+_BENCH_FILES = ("runs", "results.json", "results.md")
+
+
+def bench_folder(output: Path) -> Path:
+    """Create the bench's output folder, refusing before any run one that cannot be written or that holds
+    anything but a bench's own files (`runs/`, `results.json`, `results.md`)."""
+    from .paths import make_folder, output_error, shown
+
+    make_folder(output)
+    try:
+        foreign = sorted(
+            entry.name
+            for entry in output.iterdir()
+            if entry.name not in _BENCH_FILES
+            and not any(entry.name.startswith(f".{own}.") for own in _BENCH_FILES)
+        )
+    except OSError as err:
+        raise output_error(output, err) from None
+    if foreign:
+        raise ConfigError(
+            f"{shown(output)} is not empty and holds no bench results (it is not a bench folder: "
+            f"{', '.join(foreign[:3])}); choose another -o"
+        )
+    return output
 
 
 def _summarize(rows: list[dict]) -> dict:

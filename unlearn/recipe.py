@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from .datasets import DATASETS
-from .errors import CheckpointNotFoundError, ConfigError
+from .errors import CheckpointNotFoundError, ConfigError, DataError
 from .methods import get_method
 
 FAMILIES = ("classifier", "diffusion", "gan")
@@ -188,15 +188,122 @@ class Recipe:
         return out
 
 
+# What a YAML file the user gives (a recipe, a suite, a run folder's recipe.yaml) may hold: a recipe is a few
+# kilobytes; aliases (`*name`) may repeat a value, but not blow a small file up to gigabytes ("billion laughs").
+MAX_YAML_BYTES = 1_000_000
+MAX_YAML_NODES = 100_000  # values, keys and list items, with every alias expanded
+MAX_YAML_CHARS = 2_000_000  # characters of text, with every alias expanded
+
+
+def read_yaml(path: str | Path, what: str = "recipe"):
+    """The content of the user's YAML file `path` (a `what`: recipe, suite, ...), read safely: a regular file
+    (not a folder, FIFO or device), at most `MAX_YAML_BYTES`, no Python tags, and refused before any Python
+    object is built when its aliases expand beyond `MAX_YAML_NODES` values or `MAX_YAML_CHARS` characters.
+
+    Raises:
+        CheckpointNotFoundError: nothing is at `path`.
+        ConfigError: anything else wrong with the file, in one sentence.
+    """
+    from .checkpoints import require_file
+
+    path = Path(path)
+    name = f"{what} {str(path)!r}"
+    require_file(path, what, ConfigError)  # a folder, a FIFO, a device: refused before it is opened
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_YAML_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{name} cannot be read ({err.strerror or err}); make it readable") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(
+            f"{name} is larger than {MAX_YAML_BYTES:,} bytes, too large for a {what}; give the {what} file "
+            "itself (a few kilobytes of YAML)"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name} is not UTF-8 text; give a YAML {what} file") from None
+    return parse_yaml(text, name)
+
+
+def parse_yaml(text: str, what: str):
+    """`text` parsed as YAML with the safe loader, its aliases expanded no further than `MAX_YAML_NODES`
+    values and `MAX_YAML_CHARS` characters (counted on the composed graph, before any object is built).
+    `what` names the text in messages ("recipe 'x.yaml'", "override 'method.lr=...': the value")."""
+    try:  # the loader checks the characters first: a lone surrogate (an undecodable byte) is refused
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as err:
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"{what} is not valid YAML text ({detail[:200]}); type it in UTF-8") from None
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, what)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"{what} is not valid YAML ({detail[:200]}); fix its syntax") from None
+    except RecursionError:
+        raise ConfigError(f"{what} nests its lists and mappings too deeply for YAML; flatten it") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: yaml.Node, what: str) -> None:
+    """Refuse a YAML graph whose aliases expand beyond the bounds, or that contains itself (an alias inside
+    its own anchor). Each node is counted once with the sizes of its children (memoized), so the check takes
+    time linear in the file's size whatever the expansion."""
+    sizes: dict[int, tuple[int, int]] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            sizes[key] = (1, len(node.value))
+            continue
+        children = (
+            [item for pair in node.value for item in pair]
+            if isinstance(node, yaml.MappingNode)
+            else node.value
+        )
+        if done:
+            open_nodes.discard(key)
+            nodes, chars = 1, 0
+            for child in children:
+                child_nodes, child_chars = sizes[id(child)]
+                nodes, chars = nodes + child_nodes, chars + child_chars
+            if nodes > MAX_YAML_NODES or chars > MAX_YAML_CHARS:
+                raise ConfigError(
+                    f"{what} expands to more than {MAX_YAML_NODES:,} values or {MAX_YAML_CHARS:,} characters "
+                    "through its YAML aliases (*name); write the values out, or repeat fewer of them"
+                )
+            sizes[key] = (nodes, chars)
+            continue
+        if key in open_nodes:
+            raise ConfigError(
+                f"{what} contains itself through a YAML alias (*name inside its own &name); remove it"
+            )
+        open_nodes.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                raise ConfigError(
+                    f"{what} contains itself through a YAML alias (*name inside its own &name); remove it"
+                )
+            if id(child) not in sizes:
+                stack.append((child, False))
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file and apply `section.key=value` overrides (values parsed as YAML)."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise CheckpointNotFoundError(f"recipe {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"recipe {str(path)!r} is not readable YAML ({str(err).splitlines()[0]})") from err
+    raw = read_yaml(path, "recipe")
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping with at least a 'method' section")
     for item in overrides or []:
@@ -209,10 +316,7 @@ def apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, value = item.split("=", 1)
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: the value is not valid YAML") from err
+    parsed = parse_yaml(value, f"override {item!r}: the value")
     parts = key.strip().split(".")
     if len(parts) == 1 and parts[0] in ("seed", "output"):
         raw[parts[0]] = parsed
@@ -249,8 +353,11 @@ def from_dict(raw: dict, source: str | None = None) -> Recipe:
             raise ConfigError(f"recipe section {name!r} must be a mapping")
         sections[name] = _build(cls, values, name)
     seed = raw.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be an integer in 0..{2**32 - 1} (numpy's range), got {seed!r}")
+    output = raw.get("output")
+    if output is not None and (not isinstance(output, str) or not output.strip()):
+        raise ConfigError(f"output must be a folder path (text) or null, got {output!r}")
     recipe = Recipe(
         method=str(method["name"]),
         method_args={k: v for k, v in method.items() if k != "name"},
@@ -287,8 +394,19 @@ def validate(recipe: Recipe) -> None:
         if key not in fields:
             _unknown(f"hyperparameter of method {recipe.method!r}", key, fields)
         _check_type(f"method.{key}", fields[key].type, value)
+    conditioning = _world_conditioning(model)
+    _validate_local_checkpoint(model)
+    if data.forget_class is not None:
+        if not data.forget_class:
+            raise ConfigError("the forget set is empty: data.forget_class lists no class")
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in data.forget_class):
+            raise ConfigError(f"data.forget_class must list integer class ids, got {data.forget_class!r}")
+        if len(set(data.forget_class)) < len(data.forget_class):
+            raise DataError(
+                f"data.forget_class names a class twice ({data.forget_class}); list each class once"
+            )
     if model.family == "diffusion":
-        _validate_concept(data)
+        _validate_concept(data, conditioning, model.checkpoint)
     elif model.family == "gan":
         _validate_gan(data)
     else:
@@ -298,11 +416,10 @@ def validate(recipe: Recipe) -> None:
             raise ConfigError(
                 "give exactly one of data.forget_class (class-wise) or data.forget_fraction (random)"
             )
-    if data.forget_class is not None:
-        if not data.forget_class:
-            raise ConfigError("the forget set is empty: data.forget_class lists no class")
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in data.forget_class):
-            raise ConfigError(f"data.forget_class must list integer class ids, got {data.forget_class!r}")
+        _validate_fraction(data)
+    _validate_class_range(data)
+    _validate_world_classes(model, data)
+    recipe.build_method().check_recipe(recipe, conditioning)
     if ev.attacks:
         recipe.build_attacks()
     if not isinstance(ev.attack_seeds, int) or ev.attack_seeds < 1:
@@ -334,9 +451,74 @@ def validate(recipe: Recipe) -> None:
         not isinstance(data.concept, list) or len(labels) != len(data.concept)
     ):
         raise ConfigError("a list in eval.concept_label gives one judge label per concept of data.concept")
+    if (
+        data.dataset == "digits"
+        and not ev.judge
+        and any(label is not None and not 0 <= label < 10 for label in labels)
+    ):
+        raise ConfigError(
+            f"eval.concept_label {ev.concept_label!r} is not a digit: the digits world's judge has classes 0..9"
+        )
 
 
-def _validate_concept(data: DataSpec) -> None:
+# The models of the worlds (`world:<name>/<model>`): the family each belongs to, and how a diffusion model is
+# conditioned, known from the name before anything is built or loaded.
+WORLD_MODELS = {"classifier": "classifier", "ddpm": "diffusion", "t2i": "diffusion", "gan": "gan"}
+WORLD_CONDITIONING = {"ddpm": "class", "t2i": "text"}
+# Classes of the built-in datasets (imagefolder: as many as its folder has, known once read).
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
+
+
+def _world_conditioning(model: ModelSpec) -> str | None:
+    """Check a `world:<name>/<model>` checkpoint against the worlds and the recipe's family; return the
+    model's conditioning ("class", "text") when the name tells it, else None (a folder: known once loaded)."""
+    checkpoint = model.checkpoint
+    if not isinstance(checkpoint, str) or not checkpoint.startswith("world:"):
+        return None
+    from .worlds import FAMILIES as WORLD_FAMILIES
+    from .worlds import WORLDS
+
+    world, _, name = checkpoint.split(":", 1)[1].partition("/")
+    name = name or "classifier"
+    if world not in WORLDS:
+        _unknown("world in model.checkpoint", world, WORLDS)
+    models = [m for m in WORLD_FAMILIES[world] if WORLD_MODELS.get(m) == model.family]
+    if name not in WORLD_FAMILIES[world]:
+        raise ConfigError(
+            f"world {world!r} has no {name!r} model; it has: {', '.join(WORLD_FAMILIES[world])}"
+            + (f" (e.g. model.checkpoint=world:{world}/{models[0]})" if models else "")
+        )
+    family = WORLD_MODELS.get(name)
+    if family is not None and family != model.family:
+        raise ConfigError(
+            f"model.checkpoint {checkpoint!r} is a {family} model, and the recipe's model.family is "
+            f"{model.family}: give a {model.family} model"
+            + (f" (e.g. world:{world}/{models[0]})" if models else "")
+            + " or change model.family"
+        )
+    return WORLD_CONDITIONING.get(name)
+
+
+def _validate_local_checkpoint(model: ModelSpec) -> None:
+    """A model.checkpoint present on this machine, checked before anything loads it: a file must be a regular
+    file (a FIFO would block the run, a device never end). One not here passes: a recipe names the checkpoint
+    of its user's machine (`--checkpoint` gives it), a diffusion recipe may name a hub id."""
+    from .checkpoints import require_file
+
+    checkpoint = model.checkpoint
+    if not isinstance(checkpoint, str) or checkpoint.startswith("world:"):
+        return
+    path = Path(checkpoint).expanduser()
+    try:
+        present = path.exists() or path.is_symlink()
+        folder = path.is_dir()
+    except OSError:  # a name too long: said by require_file below
+        present, folder = True, False
+    if present and not folder:
+        require_file(path, "model.checkpoint")
+
+
+def _validate_concept(data: DataSpec, conditioning: str | None, checkpoint) -> None:
     """A diffusion recipe erases a class (class-conditional DDPM) or a concept (text-to-image)."""
     if data.dataset not in ("digits", "generated"):
         _unknown("dataset of a diffusion recipe", data.dataset, ("digits", "generated"))
@@ -348,13 +530,133 @@ def _validate_concept(data: DataSpec) -> None:
         raise ConfigError(
             "give exactly one of data.forget_class (a class-conditional DDPM) or data.concept (text)"
         )
+    if conditioning == "text" and data.forget_class is not None:
+        raise ConfigError(
+            f"{checkpoint!r} is a text-to-image model: it erases a concept, not a class; give data.concept "
+            f"(e.g. --concept {_digit_name(data.forget_class[0])}) instead of data.forget_class"
+        )
+    if conditioning == "class" and data.concept is not None:
+        raise ConfigError(
+            f"{checkpoint!r} is a class-conditional model: it erases a class, not a concept; give "
+            "data.forget_class (e.g. --forget-class 3) instead of data.concept"
+        )
     concepts = data.concept if isinstance(data.concept, list) else [data.concept]
     if data.concept is not None and (not concepts or not all(str(c).strip() for c in concepts)):
         raise ConfigError("data.concept is empty: name the concept to erase (e.g. --concept three)")
     if data.dataset == "generated" and data.concept is None:
         raise ConfigError("dataset: generated needs data.concept (and its prompts)")
+    if data.concept is not None and isinstance(data.anchor, str):
+        if data.anchor.strip().lower() in {str(c).strip().lower() for c in concepts}:
+            raise ConfigError(
+                f"data.anchor {data.anchor!r} is a concept being erased: the concept would be mapped onto itself; "
+                "anchor it to another concept, or drop data.anchor for the method's default"
+            )
+    for key in ("forget_prompts", "paraphrases", "retain_prompts"):
+        prompts = getattr(data, key)
+        if prompts is not None and not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(f"data.{key} must list prompts (text), got {prompts!r}; quote each prompt")
+    if data.dataset == "generated" and conditioning == "class":
+        raise ConfigError(
+            f"dataset: generated erases a concept from a text-to-image model, and {checkpoint!r} takes no text; "
+            "use dataset: digits"
+        )
+    if data.dataset == "digits" and data.concept is not None:
+        from .worlds.digits_text import concept_prompts
+
+        labels = [concept_prompts(str(c))[0] for c in concepts]  # refuses a concept that is not a digit
+        if len(set(labels)) < len(labels):
+            raise DataError(f"data.concept names the same digit twice: {data.concept}; name each once")
+        if len(labels) >= 10:
+            raise DataError("data.concept erases every digit: nothing would be left to retain; erase fewer")
+    if data.dataset == "digits" and data.forget_class is not None:
+        if len(data.forget_class) != 1:
+            raise ConfigError(
+                "a class-conditional diffusion model erases one class at a time: give one data.forget_class"
+            )
+        anchor = data.anchor
+        if anchor is not None and not (
+            (isinstance(anchor, int) and not isinstance(anchor, bool) and 0 <= anchor < 10)
+            or (isinstance(anchor, str) and anchor.strip().isdigit() and int(anchor) < 10)
+        ):
+            raise ConfigError(
+                f"data.anchor of a class-conditional model is the class the erased one should become (0..9), "
+                f"got {anchor!r}"
+            )
+        if anchor is not None and int(anchor) == data.forget_class[0]:
+            raise ConfigError(
+                f"data.anchor {anchor!r} is the class being erased: it would be mapped onto itself; anchor it to "
+                "another class, or drop data.anchor for the method's default"
+            )
     if data.num_images < 1:
         raise ConfigError("data.num_images must be at least 1")
+
+
+def _digit_name(label) -> str:
+    from .worlds.digits_text import NUMBER_WORDS
+
+    return NUMBER_WORDS[label] if isinstance(label, int) and 0 <= label < 10 else "three"
+
+
+def _validate_fraction(data: DataSpec) -> None:
+    """data.forget_fraction: a share in (0, 1), or {class: share in (0, 1]}."""
+    share = data.forget_fraction
+    if share is None:
+        return
+    if isinstance(share, dict):
+        if not share:
+            raise ConfigError(
+                "data.forget_fraction maps no class to a share; give {class: share}, e.g. {3: 0.1}"
+            )
+        for label, value in share.items():
+            if not isinstance(label, int) or isinstance(label, bool):
+                raise ConfigError(f"data.forget_fraction keys are class ids, got {label!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+                raise ConfigError(
+                    f"each class share in data.forget_fraction must lie in (0, 1], got {value!r} for class {label}"
+                )
+        return
+    if not 0.0 < share < 1.0:
+        raise DataError(
+            f"data.forget_fraction must lie strictly between 0 and 1 (a share of the training set), got {share!r}"
+        )
+
+
+WORLD_CLASSES = {"digits": 10}  # the classes of every model of a world (its classifier, DDPM, GAN judge)
+
+
+def _validate_world_classes(model: ModelSpec, data: DataSpec) -> None:
+    """A world's model knows its world's classes only, whatever data.dataset says (a GAN task without data)."""
+    checkpoint = model.checkpoint
+    if not isinstance(checkpoint, str) or not checkpoint.startswith("world:") or not data.forget_class:
+        return
+    world = checkpoint.split(":", 1)[1].partition("/")[0]
+    classes = WORLD_CLASSES.get(world)
+    bad = [c for c in data.forget_class if classes is not None and not 0 <= c < classes]
+    if bad:
+        raise DataError(
+            f"class id {bad[0]} is out of range: the {world} world's models have classes 0..{classes - 1}; give "
+            "class ids in that range"
+        )
+
+
+def _validate_class_range(data: DataSpec) -> None:
+    """Class ids within the built-in dataset's classes, and not every class."""
+    classes = NUM_CLASSES.get(data.dataset)
+    if classes is None:
+        return
+    ids = list(data.forget_class or [])
+    if isinstance(data.forget_fraction, dict):
+        ids += list(data.forget_fraction)
+    bad = [c for c in ids if not 0 <= c < classes]
+    if bad:
+        raise DataError(
+            f"class id {bad[0]} is out of range: dataset {data.dataset!r} has classes 0..{classes - 1}; give "
+            "class ids in that range"
+        )
+    if data.forget_class is not None and len(data.forget_class) >= classes:
+        raise DataError(
+            f"data.forget_class lists every class of {data.dataset!r}: nothing would be left to retain"
+        )
 
 
 def _validate_gan(data: DataSpec) -> None:
@@ -371,12 +673,55 @@ def _validate_gan(data: DataSpec) -> None:
         raise ConfigError("a GAN recipe erases one class at a time: give exactly one data.forget_class")
 
 
+# The ranges of the recipe's own settings (a method's are declared with its fields, `unlearn.methods.base`).
+RANGES: dict[str, dict] = {
+    "data.image_size": {"ge": 1},
+    "data.num_images": {"ge": 1},
+    "train.gradient_accumulation_steps": {"ge": 1},
+    "train.checkpoint_every": {"ge": 1},
+    "train.checkpoint_every_steps": {"ge": 1},
+    "eval.batch_size": {"ge": 1},
+    "eval.samples": {"ge": 1},
+    "eval.steps": {"ge": 1},
+    "eval.guidance": {"ge": 0},
+    "eval.attack_seeds": {"ge": 1},
+    "model.prune.sparsity": {"ge": 0, "lt": 1},
+    "model.prune.rounds": {"ge": 1},
+    "model.prune.rate": {"ge": 0, "lt": 1},
+    "model.prune.epochs": {"ge": 0},
+    "model.prune.lr": {"gt": 0},
+    "model.prune.batch_size": {"ge": 1},
+    "model.prune.momentum": {"ge": 0, "lt": 1},
+    "model.prune.weight_decay": {"ge": 0},
+    "model.prune.lr_schedule": {"choices": ("constant", "cosine", "linear")},
+    "model.prune.augment": {"choices": ("none", "crop_flip")},
+}
+# Settings whose YAML boolean spelling means a string: `train.mixed_precision=no` arrives as `false`.
+BOOLEAN_SPELLINGS: dict[str, dict] = {"train.mixed_precision": {False: "no"}}
+
+
 def _build(cls, values: dict, section: str):
+    from .methods.base import check_value
+
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = dict(values)
     for key, value in values.items():
         if key not in fields:
             _unknown(f"key of section {section!r}", key, fields)
-        _check_type(f"{section}.{key}", fields[key].type, value)
+        name = f"{section}.{key}"
+        if isinstance(value, bool) and name in BOOLEAN_SPELLINGS:
+            if value not in BOOLEAN_SPELLINGS[name]:
+                raise ConfigError(
+                    f"{name} must be a string, got {value!r} (YAML reads yes, no, on and off as booleans); "
+                    "quote the value"
+                )
+            value = values[key] = BOOLEAN_SPELLINGS[name][value]
+        _check_type(name, fields[key].type, value)
+        if name in RANGES:
+            default = fields[key].default
+            check_value(name, RANGES[name], value, None if default is dataclasses.MISSING else default)
+        elif isinstance(value, float):
+            check_value(name, {}, value)  # no NaN or infinity anywhere
     if section == "data" and isinstance(values.get("forget_class"), int):
         values = {**values, "forget_class": [values["forget_class"]]}
     return cls(**values)

@@ -96,6 +96,7 @@ class AdaptThenUnlearn(Method):
     """
 
     families = ("gan",)
+    accumulates = False  # a discriminator and a generator step per step
     # Feedback
     feedback: str | None = hyperparameter(
         None,
@@ -109,22 +110,27 @@ class AdaptThenUnlearn(Method):
     positive_max_prob: float | None = hyperparameter(
         None,
         "keep as positives only samples whose erased-class probability is below this; null: all unflagged",
+        gt=0,
+        le=1,
     )
-    negatives: int = hyperparameter(400, "flagged samples stage 1 adapts to")
-    positives: int = hyperparameter(5000, "samples drawn for stage 2's positives (reference 5,000)")
-    max_draws: int = hyperparameter(100000, "most samples drawn while looking for the negatives")
+    negatives: int = hyperparameter(400, "flagged samples stage 1 adapts to", ge=1)
+    positives: int = hyperparameter(5000, "samples drawn for stage 2's positives (reference 5,000)", ge=1)
+    max_draws: int = hyperparameter(100000, "most samples drawn while looking for the negatives", ge=1)
     # Stage 1: negative adaptation with EWC
     adapt_steps: int = hyperparameter(
-        300, "stage 1 steps of adversarial fine-tuning on the negatives (reference 2,000)"
+        300, "stage 1 steps of adversarial fine-tuning on the negatives (reference 2,000)", ge=0
     )
     adapt_lr: float = hyperparameter(2e-4, "stage 1 Adam learning rate")
     ewc_lambda: float = hyperparameter(
         1.0e3,
         "EWC weight λ in stage 1, (λ/2)·Σ F_i (θ_i − θ*_i)² (reference 5e8, on StyleGAN2's Fisher scale)",
+        ge=0,
     )
-    fisher_samples: int = hyperparameter(32, "latents averaged for the Fisher information (reference 32)")
+    fisher_samples: int = hyperparameter(
+        32, "latents averaged for the Fisher information (reference 32)", ge=1
+    )
     adapted_models: int = hyperparameter(
-        1, "adapted copies θ_N, each from its own random stream; the repulsion averages them"
+        1, "adapted copies θ_N, each from its own random stream; the repulsion averages them", ge=1
     )
     adapted_path: str | None = hyperparameter(
         None, "load θ_N from this run folder or adapted_generator_<k>.safetensors instead of running stage 1"
@@ -139,12 +145,13 @@ class AdaptThenUnlearn(Method):
     )
     batch_size: int = hyperparameter(64, "samples per step in both stages (reference 16)")
     repulsion: str = hyperparameter(
-        "exponential", "repulsion from θ_N: inverse (γ/d), negative (−γ·d), exponential (c·exp(−γ·d)) or none"
+        "exponential",
+        "repulsion from θ_N: inverse (γ/d), negative (−γ·d), exponential (c·exp(−γ·d)) or none",
     )
     gamma: float = hyperparameter(
-        0.05, "repulsion weight γ; its scale depends on the distance d (reference 1.2 for negative)"
+        0.05, "repulsion weight γ; its scale depends on the distance d (reference 1.2 for negative)", ge=0
     )
-    exp_scale: float = hyperparameter(1000.0, "factor c of the exponential repulsion (reference 100)")
+    exp_scale: float = hyperparameter(1000.0, "factor c of the exponential repulsion (reference 100)", gt=0)
     distance: str = hyperparameter(
         "sum",
         "d: sum (the paper's ‖θ − θ_N‖² over all weights) or mean (the reference code's val, exactly, incl. its "
@@ -155,18 +162,25 @@ class AdaptThenUnlearn(Method):
         "apply the repulsion as its own gradient step after each Adam step; false: inside the loss (reference)",
     )
     # Both stages
-    beta1: float = hyperparameter(0.5, "Adam β1 of both networks")
-    beta2: float = hyperparameter(0.99, "Adam β2 of both networks")
-    r1_gamma: float = hyperparameter(1.0, "weight of the discriminator's R1 gradient penalty; 0 turns it off")
-    r1_every: int = hyperparameter(4, "lazy R1: apply it every this many discriminator steps, scaled by it")
+    beta1: float = hyperparameter(0.5, "Adam β1 of both networks", ge=0, lt=1)
+    beta2: float = hyperparameter(0.99, "Adam β2 of both networks", ge=0, lt=1)
+    r1_gamma: float = hyperparameter(
+        1.0, "weight of the discriminator's R1 gradient penalty; 0 turns it off", ge=0
+    )
+    r1_every: int = hyperparameter(
+        4, "lazy R1: apply it every this many discriminator steps, scaled by it", ge=1
+    )
     ema_decay: float | None = hyperparameter(
-        0.99, "decay of the generator's weight average kept as stage 2's result; null: the last weights"
+        0.99,
+        "decay of the generator's weight average kept as stage 2's result; null: the last weights",
+        ge=0,
+        lt=1,
     )
     max_grad_norm: float | None = hyperparameter(
         None, "clip the generator's gradient to this L2 norm; null: no clipping"
     )
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.repulsion not in REPULSIONS:
             raise ConfigError(f"unknown repulsion {self.repulsion!r}; known: {', '.join(REPULSIONS)}")
         if self.distance not in DISTANCES:
@@ -178,6 +192,14 @@ class AdaptThenUnlearn(Method):
             raise ConfigError("adapt_then_unlearn steps and adapt_steps must be >= 0, batch_size >= 1")
 
     # -- the algorithm ---------------------------------------------------------------------------------------
+
+    def check_recipe(self, recipe, conditioning: str | None) -> None:
+        super().check_recipe(recipe, conditioning)
+        if self.feedback is None:
+            raise ConfigError(
+                "adapt_then_unlearn needs method.feedback, the classifier that flags the erased class: a classifier "
+                "folder or 'module:function' (the digits world's: unlearn.worlds.digits:load_digits_classifier)"
+            )
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         label = forget_label(data)

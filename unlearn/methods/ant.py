@@ -174,6 +174,7 @@ class ANT(Method):
         None,
         "DDIM index t' from noise: before it the direction is kept, after reversed; null: the mode's reference "
         "value (saliency 7, lora 4)",
+        ge=1,
     )
     ddim_steps: int = hyperparameter(50, "DDIM steps of the model's own trajectories")
     start_guidance: float | None = hyperparameter(
@@ -199,26 +200,28 @@ class ANT(Method):
         "share of weights each gradient map leaves out of the mask: 1 − the ratio r of the reference's "
         "<prompt>_<r>.pt (generate_mask.py keeps rank < r·numel); at the reference's 0.5 the two agree",
     )
-    mask_scope: str = hyperparameter("tensor", "rank |grad| per tensor (the reference) or global (SalUn)")
+    mask_scope: str = hyperparameter(
+        "tensor", "rank |grad| per tensor (the reference) or global (SalUn)", choices=MASK_SCOPES
+    )
     mask_prompts: list | None = hyperparameter(
         None, "prompt variants of the gradient maps; None = forget prompts"
     )
     mask_seeds: list = hyperparameter(
         [24, 42, 98, 403, 3407], "seeds of the gradient maps (one map per prompt variant and seed)"
     )
-    mask_iterations: int = hyperparameter(10, "objective draws summed into each gradient map")
+    mask_iterations: int = hyperparameter(10, "objective draws summed into each gradient map", ge=1)
     mask_path: str | None = hyperparameter(None, "load the saliency mask from this file instead")
     # several concepts: one LoRA each, fused in closed form
-    lora_rank: int = hyperparameter(64, "rank of each concept's LoRA")
-    lora_alpha: float = hyperparameter(1.0, "LoRA alpha (updates scale by alpha / rank)")
+    lora_rank: int = hyperparameter(64, "rank of each concept's LoRA", ge=1)
+    lora_alpha: float = hyperparameter(1.0, "LoRA alpha (updates scale by alpha / rank)", gt=0)
     lora_targets: list = hyperparameter(
         ["attn2.to_k", "attn2.to_v"], "cross-attention projections that carry a LoRA (name endings)"
     )
     fuse_scale: float = hyperparameter(4.3, "s: each LoRA's update weighs s in the fusion targets")
     preserve_scale: float = hyperparameter(1.0, "weight of the retain prompts' states in the fusion")
-    ridge: float = hyperparameter(0.1, "λ > 0, the ridge term λ ||W - W0||² of the fusion")
+    ridge: float = hyperparameter(0.1, "λ > 0, the ridge term λ ||W - W0||² of the fusion", gt=0)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"unknown ant mode {self.mode!r}; known: {', '.join(MODES)}")
         if self.mode != "auto":  # the mode is known: the fields left null take its reference values now
@@ -234,6 +237,14 @@ class ANT(Method):
             raise ConfigError(f"ant sparsity must lie in [0, 1), got {self.sparsity}")
         if self.mask_scope not in MASK_SCOPES:
             raise ConfigError(f"unknown ant mask_scope {self.mask_scope!r}; known: {', '.join(MASK_SCOPES)}")
+        if not all(
+            isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 for seed in self.mask_seeds
+        ):
+            raise ConfigError(
+                f"method.mask_seeds must list non-negative integer seeds, got {self.mask_seeds!r}"
+            )
+        if self.mask_prompts is not None and not all(isinstance(p, str) for p in self.mask_prompts):
+            raise ConfigError(f"method.mask_prompts must list prompts (text), got {self.mask_prompts!r}")
         if not self.mask_seeds or self.mask_iterations < 1:
             raise ConfigError("ant needs at least one mask seed and one mask iteration per gradient map")
         bad = [t for t in self.lora_targets if not str(t).endswith(("attn2.to_k", "attn2.to_v"))]
@@ -241,6 +252,16 @@ class ANT(Method):
             raise ConfigError(
                 f"ant lora_targets must name cross-attention key/value projections (attn2.to_k, attn2.to_v), "
                 f"the layers the closed-form fusion can write; got {bad or self.lora_targets}"
+            )
+
+    def check_recipe(self, recipe, conditioning: str | None) -> None:
+        super().check_recipe(recipe, conditioning)
+        concepts = recipe.data.concept if isinstance(recipe.data.concept, list) else [recipe.data.concept]
+        lora = self.mode == "lora" or (self.mode == "auto" and len(concepts) > 1)
+        if lora and conditioning == "class":
+            raise ConfigError(
+                "ant mode lora fuses LoRAs into the cross-attention of a text-to-image UNet, and "
+                f"{recipe.model.checkpoint!r} is class-conditioned: use mode: saliency"
             )
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import UnlearnData
+from ..errors import ConfigError
 from ..models.base import Model
 from ..train import Phase, endless, fit, make_loader, make_optimizer, train_diffusion, train_steps
 from .base import Method, hyperparameter
@@ -207,13 +208,19 @@ class RetrainDiffusion(Method):
     """
 
     families = ("diffusion",)
+    accumulates = False  # the digits world's loop (`train_diffusion`)
     steps: int = hyperparameter(1500, "optimizer steps of training from scratch (the digits DDPM world's)")
     lr: float = hyperparameter(2e-3, "AdamW peak learning rate (the digits DDPM world's)")
     batch_size: int = hyperparameter(128, "retain images per step")
     uncond_prob: float = hyperparameter(
-        0.1, "probability of dropping the condition, for classifier-free guidance (0.1 = the world's)"
+        0.1,
+        "probability of dropping the condition, for classifier-free guidance (0.1 = the world's)",
+        ge=0,
+        le=1,
     )
-    warmup_steps: int = hyperparameter(100, "steps of linear learning-rate warm-up before the cosine decay")
+    warmup_steps: int = hyperparameter(
+        100, "steps of linear learning-rate warm-up before the cosine decay", ge=0
+    )
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         model.reinitialize()
@@ -309,6 +316,14 @@ class RetrainGAN(Method):
     steps: int = hyperparameter(3500, "alternating discriminator / generator steps (the digits GAN world's)")
     lr: float = hyperparameter(2e-4, "Adam learning rate of both networks (the digits GAN world's)")
     batch_size: int = hyperparameter(64, "real retained images (and as many samples) per step (the world's)")
+
+    def check_recipe(self, recipe, conditioning: str | None) -> None:
+        super().check_recipe(recipe, conditioning)
+        if recipe.data.dataset == "generated":
+            raise ConfigError(
+                "retraining a GAN needs real images of the retained classes, and data.dataset generated has none: "
+                "give data.dataset (e.g. digits)"
+            )
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         from ..errors import ConfigError

@@ -98,10 +98,14 @@ class DoCo(Method):
     """
 
     families = ("diffusion",)
+    accumulates = False  # two optimizers per iteration
+    text_params = ("xattn", "kv", "noxattn", "all_but_xattn")
     steps: int = hyperparameter(
         2000, "iterations, each one discriminator step and (after warm_up) one UNet step"
     )
-    warm_up: int = hyperparameter(1000, "first iterations that train the discriminator only (reference 1000)")
+    warm_up: int = hyperparameter(
+        1000, "first iterations that train the discriminator only (reference 1000)", ge=0
+    )
     lr: float = hyperparameter(4.8e-5, "AdamW learning rate of the UNet, constant (reference 6e-6 × batch 8)")
     disc_lr: float = hyperparameter(
         1e-4,
@@ -116,9 +120,10 @@ class DoCo(Method):
     cpg: str = hyperparameter(
         "reference",
         "gradient surgery: reference (the code's CPG scaling), projection (PCGrad) or none (a weighted sum)",
+        choices=CPG_MODES,
     )
     cpg_lambda: float = hyperparameter(
-        1.0, "strength λ of the reference CPG correction (reference --lambda_ 1)"
+        1.0, "strength λ of the reference CPG correction (reference --lambda_ 1)", ge=0
     )
     add_preservation: bool = hyperparameter(
         False, "also descend the preservation loss in the CPG modes (the reference only uses it to correct)"
@@ -131,7 +136,7 @@ class DoCo(Method):
         1.0, "clip each of the adversarial and preservation gradients to this L2 norm; null: no clipping"
     )
     num_anchor_images: int = hyperparameter(
-        1000, "images the original model draws from the anchor prompts first"
+        1000, "images the original model draws from the anchor prompts first", ge=1
     )
     anchor_steps: int = hyperparameter(25, "DDIM steps per anchor image (the reference: 25 DPM-Solver steps)")
     anchor_guidance: float = hyperparameter(
@@ -141,6 +146,7 @@ class DoCo(Method):
         "generator_first",
         "per iteration: generator_first (the reference: the model steps against the discriminator as it was, "
         "then the discriminator steps) or discriminator_first (the textbook GAN order)",
+        choices=UPDATE_ORDERS,
     )
     disc_adversarial_term: bool = hyperparameter(
         True,
@@ -154,9 +160,11 @@ class DoCo(Method):
         "its argparse default is off)",
     )
     generate_batch_size: int = hyperparameter(16, "images per batch while drawing the anchor images")
-    log_every: int = hyperparameter(50, "write the mean losses to train.jsonl every this many iterations")
+    log_every: int = hyperparameter(
+        50, "write the mean losses to train.jsonl every this many iterations", ge=1
+    )
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.update_order not in UPDATE_ORDERS:
             raise ConfigError(
                 f"doco update_order must be one of {', '.join(UPDATE_ORDERS)}, got {self.update_order!r}"
@@ -170,6 +178,11 @@ class DoCo(Method):
             )
         if self.num_anchor_images < 1 or self.batch_size < 1:
             raise ConfigError("doco needs at least one anchor image and a batch_size of at least 1")
+
+    def check_recipe(self, recipe, conditioning: str | None) -> None:
+        super().check_recipe(recipe, conditioning)
+        if recipe.train.mixed_precision == "fp16":
+            raise ConfigError("doco's loop has no fp16 loss scaling; use train.mixed_precision bf16 or no")
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         if accelerator.num_processes > 1:

@@ -49,6 +49,7 @@ class ESD(Method):
     """
 
     families = ("diffusion",)
+    text_params = ("xattn", "kv", "noxattn", "all_but_xattn")
     steps: int = hyperparameter(1000, "optimizer steps")
     lr: float = hyperparameter(1e-5, "Adam learning rate")
     batch_size: int = hyperparameter(1, "forget conditions per step")
@@ -68,14 +69,16 @@ class ESD(Method):
         "model",
         "who draws x_t: model = the model being trained (the reference train-esd.py), frozen = the frozen "
         "original (the newer esd_sd.py)",
+        choices=("model", "frozen"),
     )
     timestep: str = hyperparameter(
         "bin",
         "how x_t and t pair up: bin = the reference train-esd.py (t uniform in the k-th of S bins, x_t where its "
         "CompVis sampler stops), step = x_t before DDIM step k at that step's timestep (the newer esd_sd.py)",
+        choices=("bin", "step"),
     )
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.sample_with not in ("model", "frozen"):
             raise ConfigError(f"esd sample_with must be 'model' or 'frozen', not {self.sample_with!r}")
         if self.timestep not in ("bin", "step"):

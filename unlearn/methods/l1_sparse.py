@@ -100,7 +100,7 @@ class L1Sparse(Method):
     l1_weight: float = hyperparameter(
         5e-4, "weight of the ℓ1 penalty ‖θ‖₁, scaled per epoch by l1_schedule (the reference's --alpha)"
     )
-    no_l1_epochs: int = hyperparameter(0, "last epochs trained without the ℓ1 penalty")
+    no_l1_epochs: int = hyperparameter(0, "last epochs trained without the ℓ1 penalty", ge=0)
     l1_schedule: str = hyperparameter(
         "decay", "how γ changes over the epochs: decay (linear to 0, the reference's), constant or increase"
     )
@@ -109,11 +109,14 @@ class L1Sparse(Method):
         "none", "batch augmentation: none, or crop_flip (CIFAR's random crop and flip)"
     )
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.l1_schedule not in SCHEDULES:
             raise ConfigError(f"unknown l1_schedule {self.l1_schedule!r}; known: {', '.join(SCHEDULES)}")
         if not 0 <= self.no_l1_epochs <= self.epochs:
-            raise ConfigError(f"no_l1_epochs must lie in [0, epochs={self.epochs}], got {self.no_l1_epochs}")
+            raise ConfigError(
+                f"method.no_l1_epochs must lie in [0, method.epochs] = [0, {self.epochs}], got {self.no_l1_epochs}; "
+                "lower it or raise method.epochs"
+            )
 
     def gamma(self, epoch: int) -> float:
         """γ_t of epoch `epoch` (0-based)."""

@@ -166,20 +166,21 @@ class LAF(Method):
     """
 
     families = ("classifier",)
+    accumulates = False  # two optimizers per batch pair
     epochs: int = hyperparameter(
         20, "epochs of step 2; one epoch = min(|D_f|, |D_r|) / batch_size batch pairs"
     )
     lr_ue: float = hyperparameter(
-        3e-4, "Adam learning rate of extractor unlearning (the paper's CNN table: 5e-5)"
+        3e-4, "Adam learning rate of extractor unlearning (the paper's CNN table: 5e-5)", gt=0
     )
     lr_ra: float = hyperparameter(
-        1e-3, "Adam learning rate of representation alignment (the paper's CNN table: 1e-4)"
+        1e-3, "Adam learning rate of representation alignment (the paper's CNN table: 1e-4)", gt=0
     )
     temp: float = hyperparameter(
-        20.0, "temperature dividing the forget term of L_RA (the paper's table: 5 or 20)"
+        20.0, "temperature dividing the forget term of L_RA (the paper's table: 5 or 20)", gt=0
     )
     batch_size: int = hyperparameter(32, "examples per forget batch and per retain batch, in steps 2 and 3")
-    latent_dims: int = hyperparameter(8, "latent size of the embedding VAEs")
+    latent_dims: int = hyperparameter(8, "latent size of the embedding VAEs", ge=1)
     vae_epochs: int = hyperparameter(10, "epochs of training each embedding VAE")
     vae_lr: float = hyperparameter(1e-3, "Adam learning rate of the embedding VAEs")
     vae_batch_size: int = hyperparameter(32, "embeddings per VAE batch")
@@ -203,11 +204,11 @@ class LAF(Method):
         "flip; the reference augments CIFAR-10, with representations recomputed per batch)",
     )
     repair_epochs: int = hyperparameter(
-        0, "LAF+R: epochs of training the head on the retain labels; 0 = label-free LAF"
+        0, "LAF+R: epochs of training the head on the retain labels; 0 = label-free LAF", ge=0
     )
     repair_lr: float = hyperparameter(1e-3, "Adam learning rate of the LAF+R head repair")
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.vae_data not in VAE_DATA:
             raise ConfigError(f"unknown vae_data {self.vae_data!r}; known: {', '.join(VAE_DATA)}")
         if self.decoder_output not in DECODER_OUTPUTS:

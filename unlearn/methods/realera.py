@@ -79,40 +79,49 @@ class RealEra(Method):
     """
 
     families = ("diffusion",)
+    needs_text = True
     # neighbour-concept mining (step 2)
-    num_neighbors: int = hyperparameter(8, "neighbours mined per concept state")
-    max_distance: float = hyperparameter(0.75, "D_1: the largest perturbation ||η|| of a neighbour")
+    num_neighbors: int = hyperparameter(8, "neighbours mined per concept state", ge=0)
+    max_distance: float = hyperparameter(0.75, "D_1: the largest perturbation ||η|| of a neighbour", gt=0)
     relative_distance: bool = hyperparameter(True, "D_1 and beyond_distance are shares of the state's norm")
-    min_cosine: float = hyperparameter(0.8, "S_1: the lowest cosine between a state and its neighbour")
-    max_cosine: float = hyperparameter(0.99, "S_2: the highest cosine between a state and its neighbour")
+    min_cosine: float = hyperparameter(
+        0.8, "S_1: the lowest cosine between a state and its neighbour", ge=-1, le=1
+    )
+    max_cosine: float = hyperparameter(
+        0.99, "S_2: the highest cosine between a state and its neighbour", ge=-1, le=1
+    )
     neighbor_weight: float = hyperparameter(1.0, "weight of a state's neighbours together in the closed form")
-    max_tries: int = hyperparameter(100, "rounds of rejection sampling before mining gives up")
+    max_tries: int = hyperparameter(100, "rounds of rejection sampling before mining gives up", ge=1)
     # beyond-concept regularization (step 3)
-    num_beyond: int = hyperparameter(8, "beyond-concept samples per concept state")
-    beyond_distance: float = hyperparameter(1.5, "the largest perturbation of a beyond-concept sample")
+    num_beyond: int = hyperparameter(8, "beyond-concept samples per concept state", ge=0)
+    beyond_distance: float = hyperparameter(1.5, "the largest perturbation of a beyond-concept sample", gt=0)
     beyond_weight: float = hyperparameter(1.0, "weight of a state's beyond-concept samples together")
     preserve_unconditional: bool = hyperparameter(True, "also preserve the empty prompt's states")
     # closed form (step 4)
     closed_form: bool = hyperparameter(True, "run the closed-form stage (steps 1-4)")
-    erase_scale: float = hyperparameter(1.0, "weight of the erased states' terms in the solve")
+    erase_scale: float = hyperparameter(1.0, "weight of the erased states' terms in the solve", gt=0)
     preserve_scale: float | None = hyperparameter(
         None, "weight of the preserved states' terms; None = max(0.1, 1 / number of preserved prompts)"
     )
-    ridge: float = hyperparameter(0.1, "λ > 0, the ridge term λ ||W - W0||² of the solve")
+    ridge: float = hyperparameter(0.1, "λ > 0, the ridge term λ ||W - W0||² of the solve", gt=0)
     # LoRA stage (step 5)
-    lora_steps: int = hyperparameter(50, "optimizer steps of the LoRA stage; 0 skips it")
-    lora_rank: int = hyperparameter(1, "rank of the LoRA")
-    lora_alpha: float | None = hyperparameter(None, "LoRA alpha (updates scale by alpha / rank); None = rank")
+    lora_steps: int = hyperparameter(50, "optimizer steps of the LoRA stage; 0 skips it", ge=0)
+    lora_rank: int = hyperparameter(1, "rank of the LoRA", ge=1)
+    lora_alpha: float | None = hyperparameter(
+        None, "LoRA alpha (updates scale by alpha / rank); None = rank", gt=0
+    )
     lora_lr: float = hyperparameter(1e-4, "AdamW learning rate of the LoRA")
     lora_batch_size: int = hyperparameter(1, "forget (and retain) images per LoRA step")
     lora_modules: list = hyperparameter(
         ["to_q", "to_k", "to_v", "to_out.0"], "attn2 projections that carry the LoRA"
     )
-    neighbor_share: float = hyperparameter(0.5, "share of a LoRA batch conditioned on mined neighbours")
+    neighbor_share: float = hyperparameter(
+        0.5, "share of a LoRA batch conditioned on mined neighbours", ge=0, le=1
+    )
     preserve_weight: float = hyperparameter(1.0, "weight of the LoRA stage's preservation terms; 0 = none")
     max_grad_norm: float | None = hyperparameter(None, "clip the gradient norm to this; None = no clipping")
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         check_bounds(self.max_distance, self.min_cosine, self.max_cosine, self.relative_distance)
         if self.beyond_distance <= self.max_distance:
             raise ConfigError(
@@ -128,6 +137,15 @@ class RealEra(Method):
             raise ConfigError(f"realera neighbor_share must lie in [0, 1], got {self.neighbor_share}")
         if self.lora_steps < 0 or self.lora_rank < 1 or self.lora_batch_size < 1:
             raise ConfigError("realera lora_steps must be >= 0, lora_rank and lora_batch_size >= 1")
+        if not self.lora_modules or not all(isinstance(m, str) and m for m in self.lora_modules):
+            raise ConfigError(
+                f"method.lora_modules must list attn2 projection names (e.g. to_k, to_v), got {self.lora_modules!r}"
+            )
+        if not self.closed_form and not self.lora_steps:
+            raise ConfigError(
+                "realera with closed_form false and lora_steps 0 runs no stage and leaves the model unchanged; "
+                "set closed_form: true or lora_steps above 0"
+            )
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         if model.conditioning != "text":

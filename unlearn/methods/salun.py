@@ -118,7 +118,7 @@ class SalUn(Method):
         "weights before unlearning, as the paper's formula reads)",
     )
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"salun sparsity must lie in [0, 1), got {self.sparsity}")
         if self.soft and self.mask_path:
@@ -400,6 +400,8 @@ class SalUnDiffusion(Method):
         0.1,
         "probability that a training forward pass (forget, pseudo target, retain) sees the unconditional "
         "condition instead, drawn per pass (the DDPM reference's mode='train', 0.1; SD 0)",
+        ge=0,
+        le=1,
     )
     antithetic_timesteps: bool = hyperparameter(
         True, "pair timesteps t and T-1-t within a batch (the DDPM reference's); false: independent (SD's)"
@@ -416,7 +418,7 @@ class SalUnDiffusion(Method):
     )
     weight_decay: float = hyperparameter(0.0, "Adam's L2 weight decay (reference 0)")
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"salun sparsity must lie in [0, 1), got {self.sparsity}")
         if self.retain_reduction not in ("sum", "mean"):

@@ -39,8 +39,9 @@ class UCE(Method):
     """
 
     families = ("diffusion",)
+    needs_text = True
     erase_scale: float = hyperparameter(
-        1.0, "weight of the erased concept's terms in the solve (reference 1)"
+        1.0, "weight of the erased concept's terms in the solve (reference 1)", gt=0
     )
     preserve_scale: float | None = hyperparameter(
         None,
@@ -48,7 +49,7 @@ class UCE(Method):
         "train_erase.py's default (its newer uce_sd_erase.py uses 1.0)",
     )
     ridge: float = hyperparameter(
-        0.5, "λ > 0, the ridge term λ ||W - W0||² that keeps the edit small (the reference's lamb, 0.5)"
+        0.5, "λ > 0, the ridge term λ ||W - W0||² that keeps the edit small (the reference's lamb, 0.5)", gt=0
     )
     preserve_unconditional: bool = hyperparameter(
         True,
@@ -60,9 +61,10 @@ class UCE(Method):
         "which text states carry a prompt: concept = from its last word token to the end, every state of the "
         "preserved prompts (the reference train_erase.py, the paper's); last_word = only the last word token's "
         "state, of erased, anchor and preserved prompts alike (the newer uce_sd_erase.py)",
+        choices=("concept", "last_word"),
     )
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.ridge <= 0:
             raise ConfigError(f"uce ridge (λ) must be positive, got {self.ridge}")
         if self.erase_scale <= 0:
