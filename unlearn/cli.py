@@ -73,6 +73,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _yaml_quoted(text: str) -> str:
+    """`text` as a YAML double-quoted scalar that reads back as exactly `text`: every character outside
+    printable ASCII escaped by its code point (`\\U0001f642` for an emoji, not JSON's pair of UTF-16 surrogate
+    halves; an undecodable byte of a file name stays its lone surrogate, for the loader to name)."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in '"\\':
+            out.append("\\" + char)
+        elif 0x20 <= code < 0x7F:
+            out.append(char)
+        else:
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'
+
+
 def _erase(args) -> int:
     from .pipeline import run, shutdown
     from .recipe import find_path, load_recipe
@@ -84,16 +100,17 @@ def _erase(args) -> int:
     except ValueError:
         raise ConfigError(f"--forget-class takes integer class ids, got {' '.join(classes)!r}") from None
     if args.checkpoint:
-        overrides.append(f"model.checkpoint={json.dumps(args.checkpoint)}")
+        overrides.append(f"model.checkpoint={_yaml_quoted(args.checkpoint)}")
     if args.arch:
-        overrides.append(f"model.arch={json.dumps(args.arch)}")
+        overrides.append(f"model.arch={_yaml_quoted(args.arch)}")
     if classes:
         overrides += [f"data.forget_class={classes}", "data.forget_fraction=null", "data.concept=null"]
     if args.concept is not None:  # "three,seven" erases both together
         names = [c.strip() for c in args.concept.split(",")] if "," in args.concept else args.concept
-        overrides += [f"data.concept={json.dumps(names)}", "data.forget_class=null"]
+        quoted = _yaml_quoted(names) if isinstance(names, str) else f"[{', '.join(map(_yaml_quoted, names))}]"
+        overrides += [f"data.concept={quoted}", "data.forget_class=null"]
     if args.anchor is not None:
-        overrides.append(f"data.anchor={json.dumps(args.anchor)}")
+        overrides.append(f"data.anchor={_yaml_quoted(args.anchor)}")
     recipe = load_recipe(find_path(args.recipe), overrides)
     run(recipe, args.output)
     shutdown()
@@ -101,16 +118,23 @@ def _erase(args) -> int:
 
 
 def _eval(args) -> int:
-    from pathlib import Path
 
+    from .paths import existing_path
     from .pipeline import evaluate_run
+    from .runfolder import finished_run, read_metrics
 
+    target = existing_path(args.target, "run folder or recipe")
+    recorded = None
+    if (
+        target.is_dir()
+    ):  # the run's own metrics.json, read (and a corrupt one refused) before minutes of scoring
+        finished_run(target, "unlearn eval")
+        if (target / "metrics.json").exists() or (target / "metrics.json").is_symlink():
+            recorded = read_metrics(target / "metrics.json", f"run folder {args.target!r}")
     metrics = evaluate_run(args.target, log=lambda message: print(message, file=sys.stderr))
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
-    recorded_path = Path(args.target) / "metrics.json"
-    recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else None
     width = max(map(len, metrics), default=6)
     print(f"{'metric':{width}s}  {'now':>10s}" + (f"  {'in the run':>10s}" if recorded else ""))
     differ = []
@@ -132,29 +156,37 @@ def _eval(args) -> int:
 
 
 def _attack(args) -> int:
-    from pathlib import Path
 
-    import yaml
-
-    from .attacks.run import attack_run, record_attacks
+    from .attacks.run import attack_run, record_attacks, recorded_outputs, run_lock
+    from .recipe import parse_yaml
+    from .runfolder import finished_run
 
     specs = None
     if args.attack:
+        twice = sorted({name for name in args.attack if args.attack.count(name) > 1})
+        if twice:
+            raise ConfigError(f"--attack {twice[0]} is given twice; name each attack once")
         specs = [{"name": name} for name in args.attack]
     if args.settings:
         if not args.attack or len(args.attack) != 1:
-            raise ConfigError("key=value settings need exactly one --attack NAME to apply to")
+            raise ConfigError(
+                f"key=value settings ({' '.join(args.settings)}) apply to exactly one --attack NAME, and "
+                f"{len(args.attack or [])} are named; give each attack its settings in a run of its own, or in "
+                "the recipe's eval.attacks"
+            )
         for item in args.settings:
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"attack settings are key=value, got {item!r}")
-            try:
-                specs[0][key] = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise ConfigError(f"setting {item!r}: the value is not valid YAML") from None
-    run_dir = Path(args.run_dir)
-    metrics, shown = attack_run(run_dir, specs, log=lambda message: print(message, file=sys.stderr))
-    record_attacks(run_dir, metrics, shown)
+            # bounded: an alias bomb in a setting is refused before it expands
+            specs[0][key] = parse_yaml(value, f"attack setting {item[:100]!r}: the value")
+    run_dir = finished_run(args.run_dir, "unlearn attack")
+    with run_lock(run_dir):  # one writer of the folder from the first attack to the report
+        recorded_outputs(
+            run_dir
+        )  # metrics.json and report.md, merged into at the end: refused now if corrupt
+        metrics, shown = attack_run(run_dir, specs, log=lambda message: print(message, file=sys.stderr))
+        record_attacks(run_dir, metrics, shown)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
@@ -213,11 +245,15 @@ def _ls(args) -> int:
                 print(f"  {key:24s} {info.meaning}{unit}; {better_text(info.better)}{source}")
             print()
     else:
+        from .errors import CheckpointNotFoundError
         from .recipe import find_path
 
         root = find_path("recipes")
         if not root.is_dir():
-            raise UnlearnError("no recipes/ folder found here or in the project")
+            raise CheckpointNotFoundError(
+                "no recipes/ folder here or in the project (an installed package ships none); run `unlearn ls "
+                "recipes` in a clone of unlearn-toolkit, or give `unlearn erase` a recipe file"
+            )
         for path in sorted(root.rglob("*.yaml")):
             print(path.relative_to(root.parent))
     return 0
@@ -232,15 +268,22 @@ def _ls_method(name: str) -> None:
     for i, cls in enumerate(METHODS[name]):
         summary = (cls.__doc__ or "").strip().splitlines()[0]
         print(("\n" if i else "") + f"{name} [{', '.join(cls.families)}]  {summary}")
-        _print_fields(cls)
+        _print_fields(cls, ranges=True)
 
 
-def _print_fields(cls) -> None:
-    """Every field of a method or attack with type, default and help, in recipe (YAML) spelling."""
+def _print_fields(cls, ranges: bool = False) -> None:
+    """Every field of a method or attack with type, default and help, in recipe (YAML) spelling; with `ranges`
+    (methods), the range a recipe's value is checked against comes first in the help."""
     import dataclasses
 
+    from .methods.base import describe, field_rule
+
+    def help_of(field) -> str:
+        rule = field_rule(field) if ranges else {}
+        return (f"[{describe(rule)}] " if rule else "") + field.metadata.get("help", "")
+
     fields = dataclasses.fields(cls)
-    rows = [(f.name, str(f.type), _yaml_default(f), f.metadata.get("help", "")) for f in fields]
+    rows = [(f.name, str(f.type), _yaml_default(f), help_of(f)) for f in fields]
     widths = [max((len(row[k]) for row in rows), default=0) for k in range(3)]
     for row in rows:
         print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
@@ -265,17 +308,15 @@ def _yaml_default(field) -> str:
 
 
 def _check(args) -> int:
-    import yaml
-
     from .bench import check_suite, load_suite
-    from .recipe import find_path, load_recipe
+    from .errors import CheckpointNotFoundError
+    from .recipe import find_path, load_recipe, read_yaml
 
     for name in args.files:
         path = find_path(name)
-        try:
-            raw = yaml.safe_load(path.read_text()) if path.is_file() else None
-        except yaml.YAMLError:
-            raw = None
+        if not path.exists() and not path.is_symlink():
+            raise CheckpointNotFoundError(f"{str(path)!r} does not exist; give a recipe or suite file")
+        raw = read_yaml(path, "recipe or suite")  # a folder, a FIFO, bad YAML, an alias bomb: refused here
         if isinstance(raw, dict) and "methods" in raw:
             check_suite(load_suite(path))
         else:
@@ -305,6 +346,23 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a plain `kill`): stops the command as Ctrl-C does, through every cleanup on the way out."""
+
+
+def _main_process() -> bool:
+    """Whether this is the process that speaks for a multi-process launch (`accelerate launch`, `torchrun`:
+    global rank 0); a lone process always is. Read from the launcher's environment, so it holds before, and
+    whether or not, accelerate's state exists."""
+    import os
+
+    for name in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            return int(value) == 0
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # parse_known_args: overrides may also follow options (`erase RECIPE -o DIR key=value`); argparse alone
@@ -317,20 +375,38 @@ def main(argv: list[str] | None = None) -> int:
             args.settings = [*args.settings, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    import signal
+    import threading
+
+    # In a multi-process launch every process meets the same user error (the recipe and the checks are the
+    # same everywhere): only the main one says it, the others exit with the same status in silence.
+    speaks = _main_process()
+    handles = threading.current_thread() is threading.main_thread()  # only there may a signal handler be set
+    if handles:
+
+        def terminated(signum, frame):
+            raise Terminated()
+
+        previous = signal.signal(signal.SIGTERM, terminated)
     try:
         return COMMANDS[args.command](args)
     except UnlearnError as err:
-        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # always one line
-        print(f"unlearn {args.command}: error: {message}", file=sys.stderr)
+        if speaks:
+            message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line
+            print(f"unlearn {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"unlearn {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        if speaks:
+            print(f"unlearn {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     except BrokenPipeError:  # the reader went away (`unlearn ls methods | head`): stop quietly
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+    finally:
+        if handles:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

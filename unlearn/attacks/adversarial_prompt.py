@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..harness.base import MetricInfo
-from .base import Attack, Probe, Target, hyperparameter
+from .base import Attack, Probe, Target, _is_number, hyperparameter
 
 if TYPE_CHECKING:
     from ..models.diffusion import Diffusion
@@ -50,6 +50,13 @@ __all__ = ["AdversarialPrompt", "Candidate", "PromptSearch", "SEARCH_METRICS", "
 
 GUIDANCE_SWEEP = (1.0, 3.0, 7.5, 15.0)  # the guidances a class-conditional candidate is judged at
 DEFAULT_TARGETS = 8  # the search attacks and their baselines share it: the runner only sets `generations`
+VOCABULARIES = ("all", "words")  # where prefix tokens come from
+
+
+def _is_guidance(value) -> bool:
+    """A guidance of a sweep: a finite number of at least 0."""
+    return _is_number(value) and value >= 0
+
 
 SEARCH_METRICS = {
     "success_judge_a": MetricInfo(
@@ -399,13 +406,19 @@ class AdversarialPrompt(Attack):
     guidance_sweep: list = hyperparameter(list(GUIDANCE_SWEEP), "guidances a DDPM mixture is judged at")
     vocabulary: str = hyperparameter("all", "prefix tokens from: all (special tokens excluded) or words")
 
+    def validate(self) -> None:
+        self.require_int("targets", "tokens", "timesteps", "steps", "noise_draws")
+        self.require_number("lr")
+        self.require_number("weight_decay", strict=False)
+        self.require_list(
+            "guidance_sweep", _is_guidance, "a non-empty list of finite guidances of at least 0"
+        )
+        self.require_choice("vocabulary", VOCABULARIES)
+        self.require_choice("attack_loss", ("unlearndiffatk", "p4d"))
+
     def check(self, target: Target) -> None:
         if target.original.conditioning not in ("text", "class"):
             raise ConfigError("adversarial_prompt needs a text-to-image or class-conditional diffusion model")
-        if self.vocabulary not in ("all", "words"):
-            raise ConfigError(f"vocabulary must be all or words, got {self.vocabulary!r}")
-        if self.attack_loss not in ("unlearndiffatk", "p4d"):
-            raise ConfigError(f"attack_loss must be unlearndiffatk or p4d, got {self.attack_loss!r}")
 
     def checks_per_target(self, target: Target) -> int:
         per_check = 1 if target.original.conditioning == "text" else len(self.guidance_sweep)

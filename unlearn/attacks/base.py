@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..errors import ConfigError
 from ..methods.base import hyperparameter
 
 if TYPE_CHECKING:
@@ -124,6 +125,57 @@ class Attack(ABC):
     baselines: ClassVar[tuple[str, ...]] = ()
     modifies_model: ClassVar[bool] = False
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` in one sentence when a setting is out of range whatever the task (a learning rate
+        of 0, no steps, an unknown choice). Runs when the attack is built, so `unlearn check` refuses a recipe
+        with such `eval.attacks` before anything loads; what depends on the task is `check`'s. Default: nothing
+        to check."""
+        return None
+
+    # -- range checks for `validate`; a setting whose default is None (the family's default, resolved in
+    # -- `check` or `run`) may be left None
+
+    def _bad(self, key: str, what: str) -> ConfigError:
+        got = repr(getattr(self, key))
+        got = got if len(got) <= 80 else got[:77] + "..."
+        return ConfigError(
+            f"{self.name}.{key} must be {what}, got {got} (`unlearn ls attacks {self.name}` lists its settings)"
+        )
+
+    def _left_default(self, key: str) -> bool:
+        return getattr(self, key) is None and self.__dataclass_fields__[key].default is None
+
+    def require_int(self, *keys: str, low: int = 1) -> None:
+        """Each of `keys` is an integer >= `low`."""
+        for key in keys:
+            value = getattr(self, key)
+            if self._left_default(key):
+                continue
+            if not _is_int(value) or value < low:
+                raise self._bad(key, f"an integer of at least {low}")
+
+    def require_number(self, *keys: str, low: float = 0.0, strict: bool = True) -> None:
+        """Each of `keys` is a finite number > `low` (>= `low` when not `strict`)."""
+        for key in keys:
+            value = getattr(self, key)
+            if self._left_default(key):
+                continue
+            if not _is_number(value) or (value <= low if strict else value < low):
+                raise self._bad(key, f"a finite number {'>' if strict else '>='} {low:g}")
+
+    def require_choice(self, key: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, key) not in choices:
+            raise self._bad(key, f"one of {', '.join(choices)}")
+
+    def require_list(self, key: str, item, what: str, empty: bool = False) -> None:
+        """`key` is a list (non-empty unless `empty`) whose items all satisfy `item`; `what` says so in words."""
+        value = getattr(self, key)
+        if not isinstance(value, list) or (not value and not empty) or not all(map(item, value)):
+            raise self._bad(key, what)
+
     def check(self, target: Target) -> None:
         """Raise `ConfigError` in one sentence when the attack does not apply to this task (default: it does)."""
         return None
@@ -139,6 +191,20 @@ class Attack(ABC):
     @abstractmethod
     def run(self, model: Model, target: Target, seed: int) -> Probe:
         """Attack `model`; the runner seeded the global RNG with `seed` (use it for any generator of your own)."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """An int or float that is a finite float (an int beyond a float's range, 10**400, is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def residual(unlearned: float, retrain: float, original: float, floor: float = 1.0) -> float:

@@ -53,6 +53,17 @@ from .base import Attack, Probe, Target, hyperparameter
 SOURCES = ("forget", "original")
 
 
+def _is_template(template) -> bool:
+    """A prompt template: text with `{token}` where the learned token goes, and no other `{...}` field."""
+    if not isinstance(template, str) or "{token}" not in template:
+        return False
+    try:
+        template.format(token="")
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
+
+
 class LearnedEmbedding(nn.Module):
     """The one vector the attack learns: a token embedding (text) or a class-embedding row (class)."""
 
@@ -100,6 +111,17 @@ class ConceptInversion(Attack):
 
     # -- Attack ---------------------------------------------------------------------------------------------
 
+    def validate(self) -> None:
+        self.require_int("steps", "images", "batch_size", "samples", "curve_samples")
+        self.require_int("curve_points", low=0)
+        self.require_number("lr")
+        self.require_choice("source", SOURCES)
+        if not isinstance(self.token, str) or not self.token.strip():
+            raise self._bad("token", "a new word of text, such as <concept>")
+        if not isinstance(self.init_token, str):
+            raise self._bad("init_token", "a word (or empty: the embedding table's mean)")
+        self.require_list("templates", _is_template, "a list of prompts, each with {token} in it", empty=True)
+
     def check(self, target: Target) -> None:
         conditioning = getattr(target.original, "conditioning", None)
         if conditioning not in ("text", "class"):
@@ -110,12 +132,6 @@ class ConceptInversion(Attack):
             raise ConfigError("concept inversion learns one concept at a time; this task erases several")
         if target.data.prompts.concept_label is None:
             raise ConfigError("concept inversion judges its generations: it needs eval.concept_label")
-        if self.source not in SOURCES:
-            raise ConfigError(
-                f"concept_inversion.source must be one of {', '.join(SOURCES)}, not {self.source!r}"
-            )
-        if min(self.steps, self.images, self.batch_size, self.samples) < 1:
-            raise ConfigError("concept_inversion needs steps, images, batch_size and samples of at least 1")
 
     def budget(self, target: Target) -> str:
         what = "token embedding" if target.original.conditioning == "text" else "class-embedding row"

@@ -52,13 +52,14 @@ class FeatureProbe(Attack):
     shots: int = hyperparameter(5, "k: examples of the forgotten class the probe is fitted on")
     batch_size: int = hyperparameter(256, "images per forward pass when extracting features")
 
+    def validate(self) -> None:
+        self.require_int("shots", "batch_size")  # shots >= 1: a probe cannot predict a class it never saw
+
     def check(self, target: Target) -> None:
         if not target.data.forget_classes or not len(target.data.test_forget):
             raise ConfigError(
                 "feature_probe needs a class-wise task (data.forget_class) with held-out test examples"
             )
-        if self.shots < 1:
-            raise ConfigError("feature_probe needs shots >= 1: a probe cannot predict a class it never saw")
 
     def budget(self, target: Target) -> str:
         return (

@@ -77,10 +77,10 @@ class LatentInversion(Attack):
     lr: float = hyperparameter(0.05, "Adam learning rate on the latents")
     prior_weight: float = hyperparameter(0.01, "λ of the prior λ(‖z‖ − √d)² that keeps latents typical")
 
-    def __post_init__(self):
-        for key in ("images", "restarts", "steps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"latent_inversion.{key} must be at least 1, got {getattr(self, key)}")
+    def validate(self) -> None:
+        self.require_int("images", "restarts", "steps")
+        self.require_number("lr")
+        self.require_number("prior_weight", strict=False)
 
     def check(self, target: Target) -> None:
         if len(target.data.test_forget) == 0:

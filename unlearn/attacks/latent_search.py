@@ -164,10 +164,10 @@ class LatentSearch(Attack):
     baseline_factor: int = hyperparameter(4, "the random_latents baseline draws starts × this many latents")
     batch_size: int = hyperparameter(256, "latents optimized together")
 
-    def __post_init__(self):
-        for key in ("starts", "steps", "batch_size", "baseline_factor"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"latent_search.{key} must be at least 1, got {getattr(self, key)}")
+    def validate(self) -> None:
+        self.require_int("starts", "steps", "batch_size", "baseline_factor")
+        self.require_number("lr")
+        self.require_number("prior_weight", strict=False)
 
     def check(self, target: Target) -> None:
         check_real_retained(target, self.name)

@@ -19,7 +19,6 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import ConfigError
 from ..harness.base import MetricInfo
 from .base import Attack, Probe, Target, hyperparameter
 from .latent_search import check_real_retained, counted_samples, eval_mode, percent
@@ -53,12 +52,8 @@ class RandomLatents(Attack):
     generations: int = hyperparameter(1024, "random latents drawn and judged")
     batch_size: int = hyperparameter(512, "latents generated together")
 
-    def __post_init__(self):
-        if self.generations < 1 or self.batch_size < 1:
-            raise ConfigError(
-                f"random_latents needs generations and batch_size of at least 1, got {self.generations} and "
-                f"{self.batch_size}"
-            )
+    def validate(self) -> None:
+        self.require_int("generations", "batch_size")
 
     def check(self, target: Target) -> None:
         check_real_retained(target, self.name)

@@ -20,9 +20,11 @@ from .adversarial_prompt import (
     DEFAULT_TARGETS,
     GUIDANCE_SWEEP,
     SEARCH_METRICS,
+    VOCABULARIES,
     Candidate,
     PromptSearch,
     SearchPoint,
+    _is_guidance,
     run_search,
 )
 from .base import Attack, Probe, Target, hyperparameter
@@ -58,11 +60,21 @@ class RandomPrompt(Attack):
     batch: int = hyperparameter(16, "candidates drawn and judged together")
     guidance_sweep: list = hyperparameter(list(GUIDANCE_SWEEP), "guidances a DDPM mixture is drawn at")
 
+    def validate(self) -> None:
+        self.require_int("generations", "targets", "tokens", "batch")
+        if self.generations < self.targets:
+            raise ConfigError(
+                f"random_prompt needs at least one generation per target: generations {self.generations} < "
+                f"targets {self.targets}; raise generations or lower targets"
+            )
+        self.require_choice("vocabulary", VOCABULARIES)
+        self.require_list(
+            "guidance_sweep", _is_guidance, "a non-empty list of finite guidances of at least 0"
+        )
+
     def check(self, target: Target) -> None:
         if target.original.conditioning not in ("text", "class"):
             raise ConfigError("random_prompt needs a text-to-image or class-conditional diffusion model")
-        if self.generations < self.targets:
-            raise ConfigError(f"random_prompt needs at least one generation per target ({self.targets})")
 
     def budget(self, target: Target) -> str:
         what = (

@@ -124,10 +124,19 @@ class Relearn(Attack):
         chosen = (self.steps, self.batch_size, self.lr, self.eval_every, self.samples)
         return tuple(default if value is None else value for value, default in zip(chosen, defaults))
 
+    def validate(self) -> None:
+        self.require_list(
+            "shots",
+            lambda k: isinstance(k, int) and not isinstance(k, bool) and k >= 0,
+            "a non-empty list of counts of at least 0",
+        )
+        self.require_int("steps", "eval_every", "samples")
+        self.require_int("batch_size", low=2)
+        self.require_number("lr")
+        self.require_number("r1_gamma", strict=False)
+
     def check(self, target: Target) -> None:
         data, family = target.data, target.family
-        if not self.shots or any(not isinstance(k, int) or k < 0 for k in self.shots):
-            raise ConfigError(f"relearn shots must be a non-empty list of counts >= 0, got {self.shots!r}")
         steps, batch, _, every, samples = self._settings(family)
         if steps < 1 or batch < 2 or every < 1 or (family != "classifier" and samples < 1):
             raise ConfigError("relearn needs steps >= 1, batch_size >= 2, eval_every >= 1 and samples >= 1")

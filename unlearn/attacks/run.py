@@ -13,18 +13,20 @@ attacks them once per seed, not once per method. Everything is seeded: a rerun g
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..checkpoints import write_json, write_text
-from ..errors import CheckpointNotFoundError, ConfigError
+from ..checkpoints import require_file, write_json, write_text
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from ..harness.base import MetricInfo
 from . import get_attack
 from .base import Attack, Probe, Target, residual, wilson
@@ -39,15 +41,22 @@ def attack_run(run_dir: str | Path, specs: list | None = None, log=print) -> tup
     (keys `<attack>.<metric>`, `original_<attack>.<metric>`, `retrain_<attack>.<metric>`, `<attack>.R`, ...) and
     what the report shows ({attack: {"budget", "seeds", "curve", "images", ...}})."""
     from ..harness import HARNESSES
+    from ..paths import existing_path, shown
     from ..recipe import load_recipe
     from ..runfolder import reference_folder
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "model").exists() or not (run_dir / "recipe.yaml").exists():
+    run_dir = existing_path(run_dir)  # a finished run's, or one whose run attacks it before it says complete
+    if not (run_dir / "model").is_dir() or not (run_dir / "recipe.yaml").is_file():
         raise CheckpointNotFoundError(
-            f"{str(run_dir)!r} is not a finished run folder (no model/ or recipe.yaml)"
+            f"{shown(run_dir)} is not a run folder (no model/ or recipe.yaml in it); give a folder `unlearn erase` "
+            "wrote"
         )
     recipe = load_recipe(run_dir / "recipe.yaml")
+    if specs is None and not recipe.eval.attacks:
+        raise ConfigError(
+            f"run {str(run_dir)!r} names no attacks (its recipe has no eval.attacks); name one with --attack NAME "
+            "(`unlearn ls attacks` lists them)"
+        )
     attacks = recipe.build_attacks(specs)
     if not attacks:
         raise ConfigError("no attack to run: name one with --attack NAME or list them in eval.attacks")
@@ -55,7 +64,12 @@ def attack_run(run_dir: str | Path, specs: list | None = None, log=print) -> tup
         reference_dir = run_dir
     else:
         reference_dir, _ = reference_folder(recipe, run_dir)
-        if reference_dir is None or not (reference_dir / "model").exists():
+        if reference_dir is not None and not (reference_dir / "model").exists():
+            raise CheckpointNotFoundError(
+                f"the Retrain reference {str(reference_dir)!r}, the attacks' control, has no model/; restore it, "
+                "or run the run again into a fresh folder"
+            )
+        if reference_dir is None:
             raise ConfigError(
                 "attacks need the Retrain reference as their control: this run names none with a model "
                 "(set eval.reference to a Retrain recipe or run folder and rerun)"
@@ -76,16 +90,55 @@ def attack_run(run_dir: str | Path, specs: list | None = None, log=print) -> tup
         "retrain": {"run": _read(reference_dir / "run.json")},
     }
     seeds = [1000 * recipe.seed + i for i in range(recipe.eval.attack_seeds)]
-    return attack_models(
-        attacks,
-        harness,
-        data,
-        models,
-        seeds,
-        cache=reference_dir / "attacks",
-        identity=identity,
-        output=run_dir,
-    )
+    with run_lock(run_dir):  # attacks.json, the curves and images go into the run folder
+        return attack_models(
+            attacks,
+            harness,
+            data,
+            models,
+            seeds,
+            cache=reference_dir / "attacks",
+            identity=identity,
+            output=run_dir,
+        )
+
+
+_HELD: set[Path] = set()  # run folders whose lock this process holds
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path):
+    """Hold `run_dir/.lock` (the lock a run takes, `unlearn.runfolder.RunFolder`) while attacks write into the
+    folder: a second process writing there (an attack, a resumed run) is refused in one sentence instead of
+    interleaving its writes with ours. Re-entrant within a process (a run of this process holding the folder,
+    as `unlearn erase` does when it attacks, is no other writer); a folder that does not exist is not locked
+    (nothing will be written there)."""
+    from ..runfolder import take_lock
+
+    path = Path(run_dir).resolve()
+    if path in _HELD or not path.is_dir():
+        yield
+        return
+    lock = path / ".lock"
+    fd = take_lock(path, "remove it and rerun")
+    if isinstance(fd, str):
+        if fd == f"pid {os.getpid()}":  # this process's own run holds it (`unlearn erase` attacking)
+            yield
+            return
+        raise ConfigError(
+            f"another process ({fd}) is writing to run folder {str(run_dir)!r}; wait for it to finish and rerun"
+        )
+    _HELD.add(path)
+    try:
+        yield
+    finally:
+        _HELD.discard(path)
+        try:  # still held: no other process has it; unlinked only if it is still our file
+            if os.path.samestat(os.lstat(lock), os.fstat(fd)):
+                os.unlink(lock)
+        except OSError:
+            pass  # gone already, or the folder went away
+        os.close(fd)
 
 
 def attack_models(
@@ -242,9 +295,12 @@ def _cached(folder: Path, attack, role, seed, recipe, identity) -> Probe | None:
     if not path.exists():
         return None
     try:
-        return Probe.from_json(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError):
-        return None  # a damaged cache entry is recomputed
+        probe = Probe.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a damaged cache entry is recomputed (and rewritten)
+    if not isinstance(probe.success, (int, float)) or isinstance(probe.success, bool):
+        return None
+    return probe
 
 
 def _store(folder: Path, attack, role, seed, recipe, identity, probe: Probe) -> None:
@@ -361,13 +417,33 @@ def attack_info(key: str) -> MetricInfo | None:
 def record_attacks(run_dir: Path, metrics: dict, shown: dict) -> dict:
     """Merge attack metrics into `run_dir/metrics.json` and put their section at the end of `report.md`
     (replacing an earlier attack section); returns the merged metrics."""
+    run_dir = Path(run_dir)
     path, report_path = run_dir / "metrics.json", run_dir / "report.md"
-    merged = {**(json.loads(path.read_text()) if path.is_file() else {}), **metrics}
-    write_json(merged, path)
-    report = report_path.read_text() if report_path.is_file() else ""
-    head = report.split(f"\n{SECTION}")[0].rstrip("\n")
-    write_text("\n".join([head, *attack_section(merged, shown)]) + "\n", report_path)
+    with run_lock(run_dir):
+        recorded, report = recorded_outputs(run_dir)
+        merged = {**recorded, **metrics}
+        write_json(merged, path)
+        head = report.split(f"\n{SECTION}")[0].rstrip("\n")
+        write_text("\n".join([head, *attack_section(merged, shown)]) + "\n", report_path)
     return merged
+
+
+def recorded_outputs(run_dir: Path) -> tuple[dict, str]:
+    """The run folder's `metrics.json` and `report.md` that attacks merge into ({} and "" where absent);
+    refuses in one sentence one that is corrupt (`unlearn attack` asks before it attacks)."""
+    from ..runfolder import read_metrics
+
+    path, report_path = run_dir / "metrics.json", run_dir / "report.md"
+    recorded = read_metrics(path, f"run folder {str(run_dir)!r}") if path.exists() else {}
+    if not report_path.exists():
+        return recorded, ""
+    try:
+        return recorded, require_file(report_path, "report", CheckpointError).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"report {str(report_path)!r} cannot be read as text ({str(err).splitlines()[0]}); delete it or restore "
+            "it, then rerun"
+        ) from None
 
 
 def attack_section(metrics: dict, shown: dict) -> list[str]:

@@ -49,11 +49,17 @@ class SeedSearch(Attack):
     )
     batch: int = hyperparameter(16, "candidates drawn and judged together")
 
+    def validate(self) -> None:
+        self.require_int("generations", "targets", "batch")
+        if self.generations < self.targets:
+            raise ConfigError(
+                f"seed_search needs at least one generation per target: generations {self.generations} < "
+                f"targets {self.targets}; raise generations or lower targets"
+            )
+
     def check(self, target: Target) -> None:
         if target.original.conditioning not in ("text", "class"):
             raise ConfigError("seed_search needs a text-to-image or class-conditional diffusion model")
-        if self.generations < self.targets:
-            raise ConfigError(f"seed_search needs at least one generation per target ({self.targets})")
 
     def budget(self, target: Target) -> str:
         return (

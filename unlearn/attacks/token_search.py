@@ -28,6 +28,7 @@ from .adversarial_prompt import (
     Candidate,
     PromptSearch,
     SearchPoint,
+    _is_guidance,
     run_search,
     word_tokens,
 )
@@ -63,12 +64,18 @@ class TokenSearch(Attack):
     batch: int = hyperparameter(64, "candidates drawn and judged together")
     guidance_sweep: list = hyperparameter(list(GUIDANCE_SWEEP), "guidances each DDPM class is judged at")
 
+    def validate(self) -> None:
+        self.require_int("targets", "max_tokens", "batch")
+        self.require_list(
+            "positions", lambda p: p in ("prefix", "replace"), "a non-empty list of prefix, replace"
+        )
+        self.require_list(
+            "guidance_sweep", _is_guidance, "a non-empty list of finite guidances of at least 0"
+        )
+
     def check(self, target: Target) -> None:
         if target.original.conditioning not in ("text", "class"):
             raise ConfigError("token_search needs a text-to-image or class-conditional diffusion model")
-        unknown = set(self.positions) - {"prefix", "replace"}
-        if unknown or not self.positions:
-            raise ConfigError(f"token_search positions are prefix and/or replace, got {self.positions!r}")
 
     def vocabulary(self, model) -> list[int]:
         return word_tokens(model.tokenizer, self.max_tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,9 +24,33 @@ def prepare(world: str, verbose: bool = True, families: Sequence[str] | str | No
         families: which models to build: None for the quick default (the classifier only), "all", or names
             such as ("classifier", "ddpm", "t2i"). Models already cached are returned as well.
     """
-    if world not in WORLDS:
+    if not isinstance(world, str) or world not in WORLDS:
         raise ConfigError(f"unknown world {world!r}; known worlds: {', '.join(WORLDS)}")
+    if families is not None and not isinstance(families, str):
+        if not isinstance(families, Sequence) or not all(isinstance(f, str) for f in families):
+            raise ConfigError(f"families must be None, 'all' or a list of model names, got {families!r}")
     return _prepare_digits(verbose, families)
+
+
+def _writable_cache(folder: Path, families: Sequence[str]) -> None:
+    """Refuse in one sentence a cache that cannot hold the models `families` about to be built in `folder`:
+    `$UNLEARN_CACHE` (or a folder in it) is a file, or cannot be created or written."""
+    root = cache_dir()
+    where = f"the model cache {str(root)!r} ($UNLEARN_CACHE)"
+    for path in (root, folder, *(folder / family for family in families)):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(
+                f"{where} cannot hold the world: {str(path)!r} is a file, not a folder; point UNLEARN_CACHE at a "
+                "writable folder"
+            )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"{where} cannot be created ({err.strerror or err}); point UNLEARN_CACHE at a writable folder"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where} is not writable; point UNLEARN_CACHE at a writable folder")
 
 
 def _prepare_digits(verbose: bool = True, families: Sequence[str] | str | None = None) -> dict[str, Path]:
@@ -33,7 +58,7 @@ def _prepare_digits(verbose: bool = True, families: Sequence[str] | str | None =
     and the text-to-image model (several minutes each, `digits_diffusion`) and the GAN (minutes, `digits_gan`)
     are built only when asked for in `families`; when already cached they are returned whether asked for or
     not."""
-    from .digits import classifier_path, world_folder
+    from .digits import CONFIG_NAME, classifier_path, world_folder
 
     known = FAMILIES["digits"]
     if families is None:
@@ -46,6 +71,18 @@ def _prepare_digits(verbose: bool = True, families: Sequence[str] | str | None =
     if unknown:
         raise ConfigError(f"the digits world has no {unknown[0]!r} model; it has: {', '.join(known)}")
     folder = world_folder()
+    missing = [
+        f
+        for f, marker in (
+            ("classifier", Path("classifier") / CONFIG_NAME),
+            ("ddpm", Path("ddpm") / "model_index.json"),
+            ("t2i", Path("t2i") / "model_index.json"),
+            ("gan", Path("gan") / "gan_config.json"),
+        )
+        if (f == "classifier" or f in wanted) and not (folder / marker).exists()
+    ]
+    if missing:  # something will be built and saved there
+        _writable_cache(folder, missing)
     paths = {"classifier": classifier_path(verbose=verbose)}
     for family in ("ddpm", "t2i"):
         path = folder / family
