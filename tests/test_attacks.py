@@ -139,7 +139,7 @@ def test_unlearn_attack_takes_settings_and_refuses_bad_ones_with_status_2(attack
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not apply to the classifier family" in err
     assert main(["attack", str(folder / "retrain" / "model")]) == 2
-    assert "not a finished run folder" in capsys.readouterr().err
+    assert "is not a run folder (no run.json in it)" in capsys.readouterr().err
 
 
 def test_attack_keys_have_catalogue_entries_and_bench_columns(attacked_run):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from unlearn.cli import main
-from unlearn.errors import ConfigError, DataError
+from unlearn.errors import CheckpointError, ConfigError
 from unlearn.pipeline import run
 from unlearn.recipe import find_path, load_recipe
 from unlearn.runfolder import RunFolder
@@ -60,8 +60,10 @@ def test_interrupted_run_resumes_only_its_own_recipe(digits_world, tmp_path, one
 
 def test_a_run_that_failed_before_unlearning_does_not_claim_its_folder(digits_world, tmp_path, one_thread):
     out = tmp_path / "run"
-    with pytest.raises(DataError, match="out of range"):
-        run(quick("data.forget_class=[42]"), out, log=lambda m: None)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")  # found only when the model loads, after the folder is opened
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        run(quick(f"model.checkpoint={garbage}"), out, log=lambda m: None)
     run(quick(), out, log=lambda m: None)  # another recipe may use the folder: nothing of the first one ran
     assert (out / "metrics.json").exists()
 
