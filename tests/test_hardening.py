@@ -389,7 +389,9 @@ def test_mixed_precision_no_is_accepted(tmp_path, capsys):
     assert load_recipe(RL, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     assert load_recipe(RL, ["train.mixed_precision=No"]).train.mixed_precision == "no"
     path = tmp_path / "recipe.yaml"
-    path.write_text(Path(RL).read_text() + "\ntrain: {mixed_precision: no}\n")
+    retrain = Path(RL).with_name("retrain.yaml")  # the copy names its reference where it is
+    path.write_text(Path(RL).read_text().replace("reference: retrain.yaml", f"reference: {retrain}"))
+    path.write_text(path.read_text() + "\ntrain: {mixed_precision: no}\n")
     assert load_recipe(path).train.mixed_precision == "no"
     assert main(["check", str(path)]) == 0, capsys.readouterr().err
     with pytest.raises(UnlearnError, match="must be str"):
@@ -2115,22 +2117,22 @@ def ls_metrics_with_a_name(tmp):
     return ["ls", "metrics", "accuracy"]
 
 
-@case("no recipes/ folder here or in the project")
-def ls_recipes_where_recipes_is_a_file(tmp):
+@case("no shipped recipes/ folder is found in the checkout or in the installed package")
+def ls_recipes_where_none_are_shipped(tmp):
     import argparse
-    import os
 
+    from unlearn import recipe
     from unlearn.cli import _ls
 
-    (tmp / "recipes").write_text("not a folder")
-
     def call():
-        here = os.getcwd()
-        os.chdir(tmp)
+        found = recipe.shipped_roots
+        recipe.shipped_roots = (
+            lambda: []
+        )  # an install that lost its recipes (a local recipes/ file is no help)
         try:
             _ls(argparse.Namespace(what="recipes", name=None))
         finally:
-            os.chdir(here)
+            recipe.shipped_roots = found
 
     return call
 

@@ -510,7 +510,9 @@ def atomic_path(path: str | Path):
 
     The temporary (`.NAME.XXXXXXXX/NAME`) is removed whatever happens, so a failed write leaves the previous
     version of `path` as it was and nothing half-written; a killed process leaves its temporary behind, which
-    `remove_temporaries` clears (a run folder does when it is opened again).
+    `remove_temporaries` clears (a run folder does when it is opened again). What is moved onto `path` gets the
+    permissions a plain `open()` or `mkdir` would give it (`honour_umask`), whatever the writer chose:
+    safetensors writes its files 0600.
 
     Raises:
         OutputError: the write failed for want of space, permission or a writable file system, whether the
@@ -526,6 +528,7 @@ def atomic_path(path: str | Path):
         raise write_error(path, err) from None
     try:
         yield tmp
+        honour_umask(tmp)
         if path.is_dir() and tmp.is_dir():
             old = path.with_name(f".{path.name}.old{os.getpid()}")
             os.replace(path, old)
@@ -546,6 +549,45 @@ def atomic_path(path: str | Path):
         raise error from None
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (`/proc/self/status`); elsewhere set
+    and put back at once."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(tmp: Path) -> None:
+    """Give the file or folder tree `tmp` the permissions a plain `open()` / `mkdir` gives under the current
+    umask (0644 files and 0755 folders under umask 022; executables keep their execute bits), so weight files
+    are as readable as the rest of the run folder whichever library wrote them. Symlinks are left alone."""
+    mask = current_umask()
+
+    def fix(entry: str) -> None:
+        mode = os.lstat(entry).st_mode
+        if stat.S_ISLNK(mode):
+            return
+        full = 0o777 if stat.S_ISDIR(mode) or mode & 0o111 else 0o666
+        want = full & ~mask
+        if stat.S_IMODE(mode) != want:
+            os.chmod(entry, want)
+
+    if not os.path.lexists(tmp):
+        return
+    fix(str(tmp))
+    if tmp.is_dir() and not tmp.is_symlink():
+        for root, dirs, files in os.walk(tmp):
+            for name in [*dirs, *files]:
+                fix(os.path.join(root, name))
 
 
 def _write_fault(path: Path, scratch: Path, err: BaseException) -> OutputError | None:

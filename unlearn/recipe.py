@@ -7,11 +7,10 @@ import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from .datasets import DATASETS
 from .errors import CheckpointNotFoundError, ConfigError, DataError
 from .methods import get_method
+from .safe_yaml import parse_yaml, read_yaml
 
 FAMILIES = ("classifier", "diffusion", "gan")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -120,11 +119,16 @@ class EvalSpec:
     guidance: float = 3.0  # classifier-free guidance scale
     fid_features: str = "judge"  # "judge" (the judge's penultimate features) or "inception" (clean-fid)
     clip_model: str | None = None  # a local CLIP folder: adds clip_score
+    # diffusion: the relative Frobenius error each layer of the exported LoRA (lora/) must meet (unlearn.lora_export)
+    lora_tolerance: float = 1e-3
     # attacks that try to bring the concept back (`unlearn ls attacks`): names, or {name: ..., setting: value}
     attacks: list | None = None
     attack_seeds: int = (
         2  # each attack runs with this many seeds on the original, Retrain and the unlearned model
     )
+    # the utility guard: a run whose retained quality (classifiers: RA or TA) falls more than this many points
+    # below the original model's ends with a warning (`unlearn erase --strict`: exit status 1)
+    utility_margin: float = 5.0
 
 
 SECTIONS = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec, "eval": EvalSpec}
@@ -186,116 +190,6 @@ class Recipe:
         out["seed"] = self.seed
         out["output"] = self.output
         return out
-
-
-# What a YAML file the user gives (a recipe, a suite, a run folder's recipe.yaml) may hold: a recipe is a few
-# kilobytes; aliases (`*name`) may repeat a value, but not blow a small file up to gigabytes ("billion laughs").
-MAX_YAML_BYTES = 1_000_000
-MAX_YAML_NODES = 100_000  # values, keys and list items, with every alias expanded
-MAX_YAML_CHARS = 2_000_000  # characters of text, with every alias expanded
-
-
-def read_yaml(path: str | Path, what: str = "recipe"):
-    """The content of the user's YAML file `path` (a `what`: recipe, suite, ...), read safely: a regular file
-    (not a folder, FIFO or device), at most `MAX_YAML_BYTES`, no Python tags, and refused before any Python
-    object is built when its aliases expand beyond `MAX_YAML_NODES` values or `MAX_YAML_CHARS` characters.
-
-    Raises:
-        CheckpointNotFoundError: nothing is at `path`.
-        ConfigError: anything else wrong with the file, in one sentence.
-    """
-    from .checkpoints import require_file
-
-    path = Path(path)
-    name = f"{what} {str(path)!r}"
-    require_file(path, what, ConfigError)  # a folder, a FIFO, a device: refused before it is opened
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_YAML_BYTES + 1)
-    except OSError as err:
-        raise ConfigError(f"{name} cannot be read ({err.strerror or err}); make it readable") from None
-    if len(data) > MAX_YAML_BYTES:
-        raise ConfigError(
-            f"{name} is larger than {MAX_YAML_BYTES:,} bytes, too large for a {what}; give the {what} file "
-            "itself (a few kilobytes of YAML)"
-        )
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{name} is not UTF-8 text; give a YAML {what} file") from None
-    return parse_yaml(text, name)
-
-
-def parse_yaml(text: str, what: str):
-    """`text` parsed as YAML with the safe loader, its aliases expanded no further than `MAX_YAML_NODES`
-    values and `MAX_YAML_CHARS` characters (counted on the composed graph, before any object is built).
-    `what` names the text in messages ("recipe 'x.yaml'", "override 'method.lr=...': the value")."""
-    try:  # the loader checks the characters first: a lone surrogate (an undecodable byte) is refused
-        loader = yaml.SafeLoader(text)
-    except yaml.YAMLError as err:
-        detail = " ".join(str(err).split())
-        raise ConfigError(f"{what} is not valid YAML text ({detail[:200]}); type it in UTF-8") from None
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_expansion(node, what)
-        return loader.construct_document(node)
-    except yaml.YAMLError as err:
-        detail = " ".join(str(err).split())
-        raise ConfigError(f"{what} is not valid YAML ({detail[:200]}); fix its syntax") from None
-    except RecursionError:
-        raise ConfigError(f"{what} nests its lists and mappings too deeply for YAML; flatten it") from None
-    finally:
-        loader.dispose()
-
-
-def _check_expansion(root: yaml.Node, what: str) -> None:
-    """Refuse a YAML graph whose aliases expand beyond the bounds, or that contains itself (an alias inside
-    its own anchor). Each node is counted once with the sizes of its children (memoized), so the check takes
-    time linear in the file's size whatever the expansion."""
-    sizes: dict[int, tuple[int, int]] = {}
-    open_nodes: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, done = stack.pop()
-        key = id(node)
-        if key in sizes:
-            continue
-        if isinstance(node, yaml.ScalarNode):
-            sizes[key] = (1, len(node.value))
-            continue
-        children = (
-            [item for pair in node.value for item in pair]
-            if isinstance(node, yaml.MappingNode)
-            else node.value
-        )
-        if done:
-            open_nodes.discard(key)
-            nodes, chars = 1, 0
-            for child in children:
-                child_nodes, child_chars = sizes[id(child)]
-                nodes, chars = nodes + child_nodes, chars + child_chars
-            if nodes > MAX_YAML_NODES or chars > MAX_YAML_CHARS:
-                raise ConfigError(
-                    f"{what} expands to more than {MAX_YAML_NODES:,} values or {MAX_YAML_CHARS:,} characters "
-                    "through its YAML aliases (*name); write the values out, or repeat fewer of them"
-                )
-            sizes[key] = (nodes, chars)
-            continue
-        if key in open_nodes:
-            raise ConfigError(
-                f"{what} contains itself through a YAML alias (*name inside its own &name); remove it"
-            )
-        open_nodes.add(key)
-        stack.append((node, True))
-        for child in children:
-            if id(child) in open_nodes:
-                raise ConfigError(
-                    f"{what} contains itself through a YAML alias (*name inside its own &name); remove it"
-                )
-            if id(child) not in sizes:
-                stack.append((child, False))
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -393,7 +287,11 @@ def validate(recipe: Recipe) -> None:
     for key, value in recipe.method_args.items():
         if key not in fields:
             _unknown(f"hyperparameter of method {recipe.method!r}", key, fields)
-        _check_type(f"method.{key}", fields[key].type, value)
+        if value != "auto":  # `auto` (lr, epochs): searched before the run (unlearn.tune), checked below
+            _check_type(f"method.{key}", fields[key].type, value)
+    from .tune import check_auto
+
+    check_auto(recipe)
     conditioning = _world_conditioning(model)
     _validate_local_checkpoint(model)
     if data.forget_class is not None:
@@ -426,6 +324,8 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError(f"eval.attack_seeds must be a positive integer, got {ev.attack_seeds!r}")
     if ev.fid_features not in ("judge", "inception"):
         _unknown("eval.fid_features", ev.fid_features, ("judge", "inception"))
+    if not isinstance(ev.lora_tolerance, (int, float)) or not 0 <= ev.lora_tolerance < 1:
+        raise ConfigError(f"eval.lora_tolerance must be a number in [0, 1), got {ev.lora_tolerance!r}")
     if train.mixed_precision not in PRECISIONS:
         _unknown("train.mixed_precision", train.mixed_precision, PRECISIONS)
     if train.gradient_accumulation_steps < 1:
@@ -685,6 +585,7 @@ RANGES: dict[str, dict] = {
     "eval.steps": {"ge": 1},
     "eval.guidance": {"ge": 0},
     "eval.attack_seeds": {"ge": 1},
+    "eval.utility_margin": {"ge": 0, "le": 100},
     "model.prune.sparsity": {"ge": 0, "lt": 1},
     "model.prune.rounds": {"ge": 1},
     "model.prune.rate": {"ge": 0, "lt": 1},
@@ -757,10 +658,135 @@ def _unknown(what: str, name, known) -> None:
     raise ConfigError(f"unknown {what} {name!r}.{hint} Known: {', '.join(map(str, known))}")
 
 
-def find_path(path: str | Path) -> Path:
-    """A recipe or suite path as given, else relative to the project root (where recipes/ and evals/ live)."""
+# What the toolkit ships beside its code: the folder of each kind of YAML file, at the checkout's top level.
+SHIPPED = {"recipe": "recipes", "suite": "evals"}
+
+
+def shipped_roots() -> list[Path]:
+    """The folders that hold the shipped `recipes/` and `evals/`, in the order they are searched: the
+    checkout's top level (a clone, or an editable install), then the copies a wheel carries inside the package
+    (`unlearn/_data/`, put there by setup.py's build hook). The checkout is recognised by its pyproject.toml,
+    so an installed package never mistakes site-packages (which may hold another package named `evals`) for
+    it."""
+    package = Path(__file__).resolve().parent
+    roots = [package.parent] if (package.parent / "pyproject.toml").is_file() else []
+    roots.append(package / "_data")
+    return [root for root in roots if any((root / folder).is_dir() for folder in SHIPPED.values())]
+
+
+def shipped_folder(kind: str) -> Path | None:
+    """The shipped folder of `kind` ("recipe": recipes/, "suite": evals/), or None when none is found."""
+    for root in shipped_roots():
+        if (root / SHIPPED[kind]).is_dir():
+            return root / SHIPPED[kind]
+    return None
+
+
+def shipped_names(kind: str) -> list[str]:
+    """The short names of the shipped files of `kind`: `classifier/digits/salun`, `digits_classwise`."""
+    folder = shipped_folder(kind)
+    if folder is None:
+        return []
+    return sorted(str(path.relative_to(folder).with_suffix("")) for path in folder.rglob("*.yaml"))
+
+
+def find_path(path: str | Path, kind: str | None = None) -> Path:
+    """Where a recipe or suite the user names is: `path` as given if it exists (or is absolute), else under
+    the shipped folders (`shipped_roots`), as a path from the top level (`recipes/classifier/digits/salun.yaml`)
+    or as a short name of `kind` ("recipe", "suite"; None: either) with or without `.yaml`
+    (`classifier/digits/salun`, `digits_classwise`).
+
+    Raises:
+        CheckpointNotFoundError: nothing is found; the sentence names the closest shipped names.
+    """
     path = Path(path)
-    if path.exists() or path.is_absolute():
+    if path.exists() or path.is_symlink() or path.is_absolute():
         return path
-    candidate = Path(__file__).resolve().parents[1] / path
-    return candidate if candidate.exists() else path
+    kinds = [kind] if kind else list(SHIPPED)
+    for root in shipped_roots():
+        candidates = [root / path]
+        for name in kinds:
+            candidates.append(root / SHIPPED[name] / path)
+            if path.suffix not in (".yaml", ".yml"):
+                candidates.append(root / SHIPPED[name] / f"{path}.yaml")
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+    raise CheckpointNotFoundError(_not_found(path, kinds))
+
+
+def _not_found(path: Path, kinds: list[str]) -> str:
+    """One sentence: `path` names no file, with the closest shipped names (or how to list them)."""
+    what = " or ".join(kinds)
+    given = str(path)
+    short = given.removesuffix(".yaml").removesuffix(".yml")
+    for name in kinds:
+        short = short.removeprefix(f"{SHIPPED[name]}/")
+    names = {name: shipped_names(name) for name in kinds}
+    close = difflib.get_close_matches(short, [n for ns in names.values() for n in ns], n=3, cutoff=0.6)
+    if not close:  # a name without its folders (`salun`): the shipped files of that name
+        close = [n for ns in names.values() for n in ns if n.rsplit("/", 1)[-1] == short][:3]
+    listing = " and ".join(f"`unlearn ls {name}s`" for name in kinds)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; {listing} lists them"
+    shipped = " and ".join(f"{name}s" for name in kinds)
+    return f"{what} {given!r} does not exist, here or among the shipped {shipped}{hint}"
+
+
+def resolve_reference(recipe: Recipe) -> Path:
+    """Where the recipe's `eval.reference` (a Retrain recipe or a finished run folder) is: an absolute path as
+    it is; a relative one beside the recipe file first (the shipped recipes say `reference: retrain.yaml`),
+    then from the working directory, then a shipped recipe by its short name (`classifier/digits/retrain`).
+
+    Raises:
+        CheckpointNotFoundError: it is in none of these places; the sentence says how to fix the recipe.
+    """
+    given = str(recipe.eval.reference)
+    ref = Path(given)
+    candidates = [ref] if ref.is_absolute() else []
+    if not ref.is_absolute():
+        candidates = [Path(recipe.source).parent / ref] if recipe.source else []
+        candidates.append(ref)
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    if not ref.is_absolute():
+        try:
+            return find_path(ref, "recipe")
+        except CheckpointNotFoundError:
+            pass
+    where = f"recipe {recipe.source!r}" if recipe.source else "the recipe"
+    shipped = [
+        name
+        for name in shipped_names("recipe")
+        if name.startswith(f"{recipe.model.family}/") and name.rsplit("/", 1)[-1] == ref.stem
+    ]
+    shipped.sort(key=lambda name: f"/{recipe.data.dataset}/" not in f"/{name}/")  # the recipe's dataset first
+    example = f" (e.g. eval.reference={shipped[0]})" if shipped else ""
+    place = "does not exist" if ref.is_absolute() else "is neither beside it, nor here, nor a shipped recipe"
+    fix = (
+        f"copy the Retrain recipe beside it, or set eval.reference to a shipped Retrain recipe{example}, a "
+        "finished Retrain run folder, or null"
+    )
+    raise CheckpointNotFoundError(f"eval.reference {given!r} of {where} {place}; {fix}")
+
+
+def check_reference(recipe: Recipe) -> None:
+    """Check `eval.reference` before anything runs (`unlearn check`, and `erase` before any training): it is
+    found (`resolve_reference`); a recipe there is valid and names no reference of its own; a folder there
+    holds a finished run's metrics.json. Nothing to check when the recipe names no reference.
+
+    Raises:
+        CheckpointNotFoundError, ConfigError: what is wrong, in one sentence.
+    """
+    if not recipe.eval.reference:
+        return
+    ref = resolve_reference(recipe)
+    if ref.is_dir():
+        if not (ref / "metrics.json").exists():
+            raise CheckpointNotFoundError(
+                f"reference run {str(ref)!r} has no metrics.json; point eval.reference at a finished Retrain run "
+                "folder or a Retrain recipe"
+            )
+        return
+    if load_recipe(ref).eval.reference:
+        raise ConfigError(f"reference recipe {str(ref)!r} must not itself name a reference")

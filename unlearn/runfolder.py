@@ -24,8 +24,9 @@ _HASHES: dict = {}  # (path, size, mtime) -> sha256: a bench hashes the same che
 
 
 def checkpoint_fingerprint(checkpoint: str | None) -> str:
-    """sha256 of the input checkpoint's files (a file, or every file of a folder, by relative path); a hub id, a
-    world (built deterministically by this toolkit) or no checkpoint (fresh weights) stands for itself."""
+    """sha256 of the input checkpoint's files (a file, or every file of a folder, by relative path, bar the
+    folder's model card `README.md`: documentation, which `unlearn attack` rewrites in an output folder); a hub
+    id, a world (built deterministically by this toolkit) or no checkpoint (fresh weights) stands for itself."""
     if not checkpoint:
         return "fresh weights"
     if str(checkpoint).startswith("world:"):
@@ -34,7 +35,10 @@ def checkpoint_fingerprint(checkpoint: str | None) -> str:
     if not path.exists():
         return f"hub id {checkpoint}"
     # a FIFO or a device is refused before it is opened (reading one blocks or never ends)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [require_file(path)]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p != path / "README.md")
+    else:
+        files = [require_file(path)]
     digest = hashlib.sha256()
     for file in files:
         stat = file.stat()
@@ -271,7 +275,7 @@ class RunFolder:
         try:
             if not stored_file.is_file():  # a FIFO would block: only a regular file is read
                 return "its recipe.yaml is missing or not a file"
-            from .recipe import read_yaml  # bounded: an alias bomb is refused, not expanded
+            from .safe_yaml import read_yaml  # bounded: an alias bomb is refused, not expanded
 
             stored = read_yaml(stored_file, "recipe") or {}
         except (OSError, ValueError, yaml.YAMLError):  # ValueError: bad UTF-8, ConfigError
