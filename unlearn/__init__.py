@@ -25,12 +25,19 @@ _EXPORTS = {
     "load_model": "unlearn.models",
     "Classifier": "unlearn.models",
     "Model": "unlearn.models",
+    "wrap_classifier": "unlearn.models",
+    "Diffusion": "unlearn.models.diffusion",
+    "GAN": "unlearn.models.gan",
     "METHODS": "unlearn.methods",
     "Method": "unlearn.methods",
     "get_method": "unlearn.methods",
     "UnlearnData": "unlearn.data",
     "forget_classes": "unlearn.data",
     "forget_fraction": "unlearn.data",
+    "forget_generated_concept": "unlearn.data",
+    "ConceptPrompts": "unlearn.data",
+    "ImageTensorDataset": "unlearn.datasets",
+    "as_image_dataset": "unlearn.datasets",
     "load_dataset": "unlearn.datasets",
     "fit": "unlearn.train",
     "Phase": "unlearn.train",
@@ -46,30 +53,41 @@ _EXPORTS = {
 __all__ = [
     "HARNESSES",
     "METHODS",
+    "GAN",
     "Classifier",
+    "ConceptPrompts",
+    "Diffusion",
+    "ImageTensorDataset",
     "Method",
     "Model",
     "ParamMask",
     "Phase",
     "UnlearnData",
+    "as_image_dataset",
     "bench",
     "evaluate",
     "fit",
     "forget_classes",
     "forget_fraction",
+    "forget_generated_concept",
     "gap",
     "get_method",
     "load_dataset",
     "load_model",
     "load_recipe",
     "run",
+    "wrap_classifier",
 ]
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names are imported on first use
     from .bench import bench as bench
+    from .data import ConceptPrompts as ConceptPrompts
     from .data import UnlearnData as UnlearnData
     from .data import forget_classes as forget_classes
     from .data import forget_fraction as forget_fraction
+    from .data import forget_generated_concept as forget_generated_concept
+    from .datasets import ImageTensorDataset as ImageTensorDataset
+    from .datasets import as_image_dataset as as_image_dataset
     from .datasets import load_dataset as load_dataset
     from .evaluate import evaluate as evaluate
     from .harness import HARNESSES as HARNESSES
@@ -80,6 +98,9 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names are 
     from .models import Classifier as Classifier
     from .models import Model as Model
     from .models import load_model as load_model
+    from .models import wrap_classifier as wrap_classifier
+    from .models.diffusion import Diffusion as Diffusion
+    from .models.gan import GAN as GAN
     from .params import ParamMask as ParamMask
     from .pipeline import run as run
     from .recipe import load_recipe as load_recipe

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .datasets import ImageTensorDataset
+from .datasets import ImageTensorDataset, as_image_dataset
 from .errors import ConfigError, DataError
 
 
@@ -118,10 +118,33 @@ class UnlearnData:
         return f"forget {what}: {len(self.forget)} forget / {len(self.retain)} retain / {len(self.test)} test examples"
 
 
-def forget_classes(
-    train: ImageTensorDataset, test: ImageTensorDataset, classes: Sequence[int]
-) -> UnlearnData:
-    """Class-wise forgetting: every training example of `classes` is forgotten."""
+def concept_task(prompts: ConceptPrompts) -> UnlearnData:
+    """A text-to-image (or class-conditional) erasure task given by its prompts alone, for the methods that
+    train on prompts only (UCE, ESD, DoCo, ANT): its image sets are empty."""
+    empty = ImageTensorDataset(torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long), 1, "none")
+    return UnlearnData(
+        forget=empty, retain=empty, test=empty, test_forget=empty, num_classes=0, prompts=prompts
+    )
+
+
+def _same_classes(train, test) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+    """Any two map-style `(image, label)` datasets as `ImageTensorDataset`s that agree on the number of
+    classes (a test split may lack the last class)."""
+    train, test = as_image_dataset(train, "train"), as_image_dataset(test, "test")
+    classes = max(train.num_classes, test.num_classes)
+    if train.num_classes != classes:
+        train = ImageTensorDataset(train.images, train.labels, classes, train.name)
+    if test.num_classes != classes:
+        test = ImageTensorDataset(test.images, test.labels, classes, test.name)
+    return train, test
+
+
+def forget_classes(train, test, classes: Sequence[int]) -> UnlearnData:
+    """Class-wise forgetting: every training example of `classes` is forgotten.
+
+    `train` and `test` are `ImageTensorDataset`s or any map-style datasets of `(image, label)` pairs (a
+    `TensorDataset`, a torchvision dataset; see `as_image_dataset`)."""
+    train, test = _same_classes(train, test)
     classes = tuple(sorted({int(c) for c in classes}))
     if not classes:
         raise DataError("the forget set is empty: name at least one class to forget")
@@ -147,15 +170,12 @@ def forget_classes(
     )
 
 
-def forget_fraction(
-    train: ImageTensorDataset,
-    test: ImageTensorDataset,
-    fraction: float | Mapping[int, float],
-    seed: int = 0,
-) -> UnlearnData:
+def forget_fraction(train, test, fraction: float | Mapping[int, float], seed: int = 0) -> UnlearnData:
     """Random-example forgetting: a seeded random `fraction` of the training examples is forgotten; or, with a
     mapping {class id: share}, a seeded random int(share × class size) examples of each named class (LAF's
-    random-data protocol is {5: 0.4, 6: 0.4, 7: 0.4, 8: 0.4, 9: 0.4})."""
+    random-data protocol is {5: 0.4, 6: 0.4, 7: 0.4, 8: 0.4, 9: 0.4}). `train` and `test` as in
+    `forget_classes`."""
+    train, test = _same_classes(train, test)
     generator = torch.Generator().manual_seed(seed)
     if isinstance(fraction, Mapping):
         forget_idx = _class_shares(train, fraction, generator)

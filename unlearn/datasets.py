@@ -44,6 +44,123 @@ class ImageTensorDataset(Dataset):
         return ImageTensorDataset(self.images[indices], self.labels[indices], self.num_classes, self.name)
 
 
+def as_image_dataset(dataset, name: str = "dataset", num_classes: int | None = None) -> ImageTensorDataset:
+    """Any map-style dataset of `(image, label)` pairs as an `ImageTensorDataset` (read once, into memory).
+
+    Images may be tensors (C, H, W) or (H, W), float in [0, 1] or uint8 in 0..255, or PIL images (a torchvision
+    dataset without a transform); labels integers. The number of classes is `num_classes`, else the length of
+    the dataset's `classes` attribute (torchvision), else the largest label + 1. A `DataLoader` or an
+    iterable-style dataset is refused: the methods batch and shuffle the examples themselves.
+    """
+    from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+    if isinstance(dataset, ImageTensorDataset):
+        return dataset
+    if isinstance(dataset, DataLoader):
+        raise DataError(
+            f"the {name} set is a DataLoader; pass its dataset (loader.dataset): the methods batch and shuffle "
+            "the examples themselves"
+        )
+    if (
+        isinstance(dataset, IterableDataset)
+        or not hasattr(dataset, "__getitem__")
+        or not hasattr(dataset, "__len__")
+    ):
+        raise DataError(
+            f"the {name} set must be a map-style dataset of (image, label) pairs (with __len__ and "
+            f"__getitem__), got a {type(dataset).__name__}"
+        )
+    if len(dataset) == 0:
+        raise DataError(f"the {name} set is empty")
+    tensors = dataset.tensors if isinstance(dataset, TensorDataset) else ()
+    if len(tensors) == 2 and tensors[0].dim() in (3, 4) and tensors[1].dim() == 1:
+        stacked, labels = tensors  # read as a whole, checked as the items would be
+        stacked = stacked.unsqueeze(1) if stacked.dim() == 3 else stacked
+        _image_tensor(stacked[0], 0, name)
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            _label(labels[0], 0, name)
+        labels = labels.tolist()
+    else:
+        images, labels = [], []
+        for index in range(len(dataset)):
+            item = dataset[index]
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise DataError(
+                    f"item {index} of the {name} set is a {type(item).__name__}, not an (image, label) pair"
+                )
+            images.append(_image_tensor(item[0], index, name))
+            labels.append(_label(item[1], index, name))
+        shapes = {tuple(image.shape) for image in images}
+        if len(shapes) > 1:
+            raise DataError(
+                f"the images of the {name} set differ in shape ({sorted(shapes)[:2]}); resize them to one size"
+            )
+        dtypes = {image.dtype for image in images}
+        if len(dtypes) > 1:
+            raise DataError(f"the images of the {name} set mix dtypes {sorted(map(str, dtypes))}; use one")
+        stacked = torch.stack(images)
+    if stacked.is_floating_point():
+        low, high = float(stacked.min()), float(stacked.max())
+        if low < 0 or high > 1 or not np.isfinite([low, high]).all():
+            raise DataError(
+                f"the {name} set's images range over [{low:.3g}, {high:.3g}]; give float images in [0, 1] (or "
+                "uint8): normalisation is the model's (unlearn.wrap_classifier(module, n, mean=..., std=...))"
+            )
+        stacked = stacked.float()
+    label_tensor = torch.tensor(labels, dtype=torch.long)
+    if int(label_tensor.min()) < 0:
+        raise DataError(f"the {name} set has a negative label ({int(label_tensor.min())})")
+    if num_classes is None:
+        classes = getattr(dataset, "classes", None)
+        num_classes = len(classes) if isinstance(classes, (list, tuple)) and classes else None
+    num_classes = num_classes or int(label_tensor.max()) + 1
+    if int(label_tensor.max()) >= num_classes:
+        raise DataError(
+            f"the {name} set has label {int(label_tensor.max())}, out of range for {num_classes} classes"
+        )
+    return ImageTensorDataset(stacked, label_tensor, num_classes, name)
+
+
+def _image_tensor(image, index: int, name: str) -> torch.Tensor:
+    """One dataset image as a (C, H, W) tensor (uint8 or float)."""
+    if not isinstance(image, torch.Tensor):
+        if hasattr(image, "getbands"):  # a PIL image
+            from torchvision.transforms.functional import pil_to_tensor
+
+            image = pil_to_tensor(image)
+        elif isinstance(image, np.ndarray):
+            image = torch.from_numpy(np.ascontiguousarray(image))
+        else:
+            raise DataError(
+                f"image {index} of the {name} set is a {type(image).__name__}; give tensors, arrays or PIL "
+                "images"
+            )
+    if image.dim() == 2:
+        image = image.unsqueeze(0)
+    if image.dim() != 3:
+        raise DataError(
+            f"image {index} of the {name} set has shape {tuple(image.shape)}; give (C, H, W) or (H, W) images"
+        )
+    if image.dtype != torch.uint8 and not image.is_floating_point():
+        raise DataError(f"image {index} of the {name} set is {image.dtype}; give float in [0, 1] or uint8")
+    return image
+
+
+def _label(label, index: int, name: str) -> int:
+    if (
+        isinstance(label, torch.Tensor)
+        and label.numel() == 1
+        and not label.is_floating_point()
+        and label.dtype != torch.bool
+    ):
+        return int(label)
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        return int(label)
+    raise DataError(
+        f"label {index} of the {name} set is {label!r}; give integer class ids (not one-hot or float labels)"
+    )
+
+
 def load_dataset(
     name: str, split: str, root: str | None = None, download: bool = False, image_size: int | None = None
 ) -> ImageTensorDataset:

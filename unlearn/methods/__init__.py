@@ -43,6 +43,13 @@ METHODS: dict[str, tuple[type[Method], ...]] = {
     "adapt_then_unlearn": (AdaptThenUnlearn,),
 }
 
+for (
+    _name,
+    _variants,
+) in METHODS.items():  # each class knows its name and variants (a refusal names the variant)
+    for _cls in _variants:
+        _cls.registered_as, _cls.variants = _name, _variants
+
 
 def families(name: str) -> tuple[str, ...]:
     """The model families a registered method supports."""

@@ -159,6 +159,7 @@ class ANT(Method):
     """
 
     families = ("diffusion",)
+    needs_images = False  # prompts alone: a ConceptPrompts is a whole task
     mode: str = hyperparameter(
         "auto", "saliency (one concept), lora (several), or auto: by the number of concepts"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -140,6 +141,54 @@ class Method(ABC):
     needs_text: ClassVar[bool] = False
     # the `params` sets that need cross-attention (a text-to-image UNet) in this method
     text_params: ClassVar[tuple[str, ...]] = ("xattn", "kv")
+    # a diffusion method that trains on images of the concept (False: prompts alone, a `ConceptPrompts`, do)
+    needs_images: ClassVar[bool] = True
+    # set by the registry (`unlearn.methods.METHODS`): the name this method is registered as, and its variants
+    # for every family (this class among them)
+    registered_as: ClassVar[str | None] = None
+    variants: ClassVar[tuple[type[Method], ...]] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Every method's `unlearn` takes what a library user brings: its model and task are checked, and raw
+        objects wrapped (`unlearn.models.wrap`), once, here at the entry, before the method sees them."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("unlearn")
+        if own is None or getattr(own, "_takes_raw_inputs", False):
+            return
+
+        @functools.wraps(own)
+        def unlearn(self, model, data, accelerator, *args, **kwargs):
+            model, data = self.inputs(model, data)
+            return own(self, model, data, accelerator, *args, **kwargs)
+
+        unlearn._takes_raw_inputs = True
+        cls.unlearn = unlearn
+
+    def inputs(self, model, data) -> tuple[Model, UnlearnData]:
+        """`model` as an adapter of a family this method supports and `data` as an `UnlearnData`, or one
+        sentence that says what to pass (a model of another family names the variant of this method for it)."""
+        from ..models.wrap import as_model, as_task, is_pipeline
+
+        who = f"method {type(self).__name__}"
+        family = model.family if isinstance(model, Model) else "diffusion" if is_pipeline(model) else None
+        if family is not None and family not in self.families:
+            raise ConfigError(f"{who} {self._variant_for(family)}")
+        family = family or ("classifier" if "classifier" in self.families else self.families[0])
+        data = as_task(data, family, who, self.needs_images)  # the task first: wrapping needs its classes
+        return as_model(model, self.families, getattr(data, "num_classes", None), who), data
+
+    def _variant_for(self, family: str) -> str:
+        """The end of the sentence refusing a `family` model: the registered variant to use instead, if any."""
+        name = self.registered_as
+        if name is None:
+            return f"works on {', '.join(self.families)} models, not on a {family} model"
+        for variant in self.variants:
+            if family in variant.families:
+                return (
+                    f"works on {', '.join(self.families)} models; for a {family} model use "
+                    f"unlearn.get_method({name!r}, family={family!r}) ({variant.__name__})"
+                )
+        return f"works on {', '.join(self.families)} models, and {name!r} has no {family} variant"
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

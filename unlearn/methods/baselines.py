@@ -343,5 +343,6 @@ class RetrainGAN(Method):
             lr=self.lr,
             seed=torch.initial_seed() % 2**63,
             log=accelerator.print if accelerator is not None else print,
+            accelerator=accelerator,  # its trackers (train.log_with) get the losses
         )
         return model

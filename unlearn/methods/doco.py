@@ -98,6 +98,7 @@ class DoCo(Method):
     """
 
     families = ("diffusion",)
+    needs_images = False  # prompts alone: a ConceptPrompts is a whole task
     accumulates = False  # two optimizers per iteration
     text_params = ("xattn", "kv", "noxattn", "all_but_xattn")
     steps: int = hyperparameter(

@@ -49,6 +49,7 @@ class ESD(Method):
     """
 
     families = ("diffusion",)
+    needs_images = False  # prompts alone: a ConceptPrompts is a whole task
     text_params = ("xattn", "kv", "noxattn", "all_but_xattn")
     steps: int = hyperparameter(1000, "optimizer steps")
     lr: float = hyperparameter(1e-5, "Adam learning rate")

@@ -39,6 +39,7 @@ class UCE(Method):
     """
 
     families = ("diffusion",)
+    needs_images = False  # prompts alone: a ConceptPrompts is a whole task
     needs_text = True
     erase_scale: float = hyperparameter(
         1.0, "weight of the erased concept's terms in the solve (reference 1)", gt=0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from .base import Model
 from .zoo import ARCHITECTURES
 
 CONFIG_NAME = "unlearn_model.json"
-FORMATS = ("builtin", "torchvision", "transformers")
+FORMATS = ("builtin", "torchvision", "transformers", "module")  # module: any nn.Module (`wrap_classifier`)
 
 
 class Classifier(Model):
@@ -46,11 +47,12 @@ class Classifier(Model):
     Args:
         network: the wrapped `nn.Module` (returns logits, or an output object with `.logits`).
         num_classes: number of output classes.
-        source: how the network was brought: {"format": builtin|torchvision|transformers, "arch": name,
+        source: how the network was brought: {"format": builtin|torchvision|transformers|module, "arch": name,
             "weights_suffix": ".safetensors"|".pt"|...}; `save` writes the same format back.
         mean, std: per-channel normalisation.
         channels: input channels the network expects.
         image_size: square input size the network needs, or None if any size works.
+        head: the classification head; by default the last `nn.Linear` with `num_classes` outputs.
     """
 
     family = "classifier"
@@ -64,6 +66,7 @@ class Classifier(Model):
         std: tuple[float, ...],
         channels: int,
         image_size: int | None = None,
+        head: nn.Module | None = None,
     ):
         super().__init__()
         self.network = network
@@ -77,7 +80,7 @@ class Classifier(Model):
         self.register_buffer(
             "std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
         )
-        self.head = _find_head(network, num_classes)
+        self.head = head if head is not None else _find_head(network, num_classes)
         self._capture = False
         self._captured: torch.Tensor | None = None
         self.head.register_forward_hook(self._capture_head_input)
@@ -191,7 +194,71 @@ def build_classifier(arch: str, num_classes: int, channels: int | None = None) -
     return Classifier(network, num_classes, {"format": "builtin", "arch": arch}, mean, std, channels=channels)
 
 
-def load_classifier(checkpoint: str | Path | None, arch: str | None, num_classes: int) -> Classifier:
+def wrap_classifier(
+    module: nn.Module,
+    num_classes: int,
+    *,
+    head: nn.Module | str | None = None,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+    channels: int | None = None,
+    image_size: int | None = None,
+) -> Classifier:
+    """Wrap any image classifier `nn.Module` into the toolkit's `Classifier` adapter.
+
+    Args:
+        module: maps images (N, C, H, W) to logits (N, num_classes), or to an output object with `.logits`.
+        num_classes: number of classes it predicts.
+        head: the classification head (a module of `module`, or its dotted name); by default the last
+            `nn.Linear` with `num_classes` outputs. Its input is what `features()` returns (LAF, representation
+            metrics).
+        mean, std: per-channel normalisation the adapter applies to [0, 1] images before the module; the
+            defaults (0, 1) hand the images over unchanged, as the module was trained on them.
+        channels: input channels the module expects (1-channel images are repeated for 3); by default the
+            `in_channels` of its first convolution, else the channels of the mean.
+        image_size: square input size to resize images to, or None to pass them at their own size.
+
+    The module itself becomes the adapter's `network` (not a copy): `save()` writes its state dict, and
+    `unlearn.load_model(folder, module=MyNet())` loads it back into a fresh instance.
+    """
+    if isinstance(module, Model):
+        raise ConfigError(f"the model is already a {type(module).__name__} adapter; pass it as it is")
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"wrap_classifier needs a torch.nn.Module, got a {type(module).__name__}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ConfigError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
+    if isinstance(head, str):
+        modules = dict(module.named_modules())
+        if head not in modules:
+            raise ConfigError(f"head {head!r} is not a submodule of {type(module).__name__}")
+        head = modules[head]
+    elif head is None:
+        heads = [m for m in module.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+        if not heads:
+            raise ConfigError(
+                f"cannot find the classification head of {type(module).__name__}: it has no nn.Linear with "
+                f"{num_classes} outputs; name it with unlearn.wrap_classifier(module, {num_classes}, "
+                "head=module.<head>)"
+            )
+        head = heads[-1]
+    if channels is None:
+        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+        channels = convs[0].in_channels if convs else len(mean)
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(mean) != len(std) or len(mean) not in (1, channels):
+        raise ConfigError(
+            f"give one mean and one std per input channel ({channels}), or one of each; got {len(mean)} and "
+            f"{len(std)}"
+        )
+    if not all(v > 0 for v in std):
+        raise ConfigError(f"std must be positive, got {std}")
+    source = {"format": "module", "arch": f"{type(module).__module__}.{type(module).__qualname__}"}
+    return Classifier(module, num_classes, source, mean, std, channels, image_size, head=head)
+
+
+def load_classifier(
+    checkpoint: str | Path | None, arch: str | None, num_classes: int, module: nn.Module | None = None
+) -> Classifier:
     """Load a classifier from any supported checkpoint.
 
     Args:
@@ -199,6 +266,8 @@ def load_classifier(checkpoint: str | Path | None, arch: str | None, num_classes
             weights file (`.safetensors`, `.pt`, `.pth`) for `arch`; or None for fresh weights.
         arch: built-in name or `torchvision:<name>`; needed for a bare weights file or fresh weights.
         num_classes: number of classes of the dataset; the checkpoint must agree.
+        module: a fresh instance of the architecture of a folder saved from `wrap_classifier` (format
+            "module"), or of a built-in / torchvision one, whose weights the folder holds.
     """
     if checkpoint is None:
         if not arch:
@@ -209,7 +278,7 @@ def load_classifier(checkpoint: str | Path | None, arch: str | None, num_classes
         raise CheckpointNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir():
         if (path / CONFIG_NAME).exists():
-            return _load_saved_folder(path, num_classes)
+            return _load_saved_folder(path, num_classes, module)
         if (path / "config.json").exists():
             return _load_transformers(path, num_classes)
         raise CheckpointError(
@@ -227,12 +296,14 @@ def load_classifier(checkpoint: str | Path | None, arch: str | None, num_classes
     return model
 
 
-def _load_saved_folder(path: Path, num_classes: int) -> Classifier:
+def _load_saved_folder(path: Path, num_classes: int, module: nn.Module | None = None) -> Classifier:
     refuse_special_files(path)
     config = _read_model_config(path)
     _check_classes(config["num_classes"], num_classes, path)
     if config["format"] == "transformers":
         model = _load_transformers(path, num_classes)
+    elif config["format"] == "module" or module is not None:
+        model = _load_into_module(path, config, module)
     else:
         try:
             model = build_classifier(config["arch"], num_classes, channels=config["channels"])
@@ -252,7 +323,36 @@ def _load_saved_folder(path: Path, num_classes: int) -> Classifier:
                 f"{str(path / CONFIG_NAME)!r} gives {len(values)} {key} values for a model of {model.channels} "
                 f"input channels; give one per channel"
             )
-        getattr(model, key).copy_(torch.tensor(values).view(1, -1, 1, 1))
+        setattr(model, key, torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1))
+    model.image_size = config.get("image_size")  # the size the saved model was used at, whatever its format
+    return model
+
+
+def _load_into_module(path: Path, config: dict, module: nn.Module | None) -> Classifier:
+    """A folder's weights loaded into `module`, a fresh instance of the architecture the folder was saved from
+    (custom architectures are code, and a folder never carries code)."""
+    if module is None:
+        raise CheckpointError(
+            f"{str(path)!r} holds the weights of a custom architecture ({config['arch']}); reload it with "
+            "unlearn.load_model(folder, module=<a fresh instance of it>)"
+        )
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"module must be a torch.nn.Module instance, got a {type(module).__name__}")
+    weights = _own_file(path, config.get("weights", "model.safetensors"))
+    state = load_state_dict(weights)
+    load_into(module, state, str(weights))
+    model = wrap_classifier(
+        module,
+        config["num_classes"],
+        mean=config["mean"],
+        std=config["std"],
+        channels=config.get("channels"),
+        image_size=config.get("image_size"),
+    )
+    if config["format"] != "module":  # a built-in architecture brought as an instance saves as what it is
+        model.source = {"format": config["format"], "arch": config["arch"]}
+    model.source["weights_suffix"] = weights.suffix
+    model.input_dtypes = float_dtypes(state)
     return model
 
 

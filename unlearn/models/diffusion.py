@@ -39,6 +39,7 @@ from ..checkpoints import (
     stored_dtypes,
 )
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from ..progress import progress
 from .base import Model
 
 # Where attention lives in a diffusers UNet: the cross-attention projections ESD-x, UCE, DoCo and ANT's LoRA
@@ -453,6 +454,7 @@ class Diffusion(Model):
         was_training = self.training
         self.eval()
         images = []
+        bar = progress(desc="generating", total=total, unit="img")
         for start in range(0, total, batch_size):
             chunk = conditions[start : start + batch_size]
             latents = noise[start : start + len(chunk)].to(self.device, self.unet.dtype)
@@ -462,6 +464,8 @@ class Diffusion(Model):
             latents = latents * sampler.init_noise_sigma
             latents = self.denoise(latents, cond, sampler, guidance=guidance, uncond=uncond)
             images.append(self.decode(latents).cpu())
+            bar.update(len(chunk))
+        bar.close()
         self.train(was_training)
         return torch.cat(images)
 
@@ -497,14 +501,56 @@ class Diffusion(Model):
             parts["vae"] = self.vae
         return parts
 
+    @classmethod
+    def from_pipeline(cls, pipeline) -> Diffusion:
+        """Wrap a diffusers pipeline held in memory (built from configs, or loaded and changed by the user).
+
+        The adapter shares the pipeline's modules (no copy): a method that edits the UNet in place edits the
+        pipeline's. Components beyond the UNet, scheduler, text encoder, tokenizer and VAE (a safety checker, a
+        feature extractor, or None for them) are kept and saved as they are."""
+        parts = dict(getattr(pipeline, "components", None) or {})
+        unet, scheduler = parts.pop("unet", None), parts.pop("scheduler", None)
+        if not isinstance(unet, nn.Module) or scheduler is None:
+            raise ConfigError(
+                f"a {type(pipeline).__name__} needs a UNet and a scheduler to be erased from; it has "
+                f"{sorted(k for k, v in dict(getattr(pipeline, 'components', {}) or {}).items() if v is not None)}"
+            )
+        text_encoder, tokenizer = parts.pop("text_encoder", None), parts.pop("tokenizer", None)
+        vae = parts.pop("vae", None)
+        if hasattr(pipeline, "set_progress_bar_config"):
+            pipeline.set_progress_bar_config(disable=True)
+        model = cls(unet, scheduler, text_encoder, tokenizer, vae, type(pipeline), parts)
+        model.source = {"path": f"<in-memory {type(pipeline).__name__}>"}
+        return model
+
     def save(self, path: str | Path) -> None:
-        """Write a diffusers pipeline folder (loads with `DiffusionPipeline.from_pretrained`), atomically."""
-        pipeline = _pipeline_class(self)(**self.components())
+        """Write a diffusers pipeline folder (loads with `DiffusionPipeline.from_pretrained`), atomically.
+
+        Optional components the pipeline class requires and this model lacks (Stable Diffusion's
+        `safety_checker` and `feature_extractor` of a pipeline built in memory) are saved as None, as
+        diffusers itself saves a pipeline built with `safety_checker=None`."""
+        pipeline_class = _pipeline_class(self)
+        components = {**_absent_optionals(pipeline_class, self.components()), **self.components()}
+        pipeline = pipeline_class(**components)
         with atomic_path(Path(path)) as tmp, contextlib.ExitStack() as stack:
             for name, module in self.components().items():  # each component in the dtype it came in
                 if isinstance(module, nn.Module) and name in self.input_dtypes:
                     stack.enter_context(saved_as(module, self.input_dtypes[name], self._uncast.get(name)))
             pipeline.save_pretrained(str(tmp), safe_serialization=True)
+
+
+def _absent_optionals(pipeline_class: type, components: dict) -> dict:
+    """None for each optional component `pipeline_class.__init__` requires that `components` lacks; with no
+    safety checker, `requires_safety_checker=False` (diffusers would otherwise refuse, or warn at length)."""
+    import inspect
+
+    optional = set(getattr(pipeline_class, "_optional_components", ()) or ())
+    params = inspect.signature(pipeline_class.__init__).parameters
+    absent = {name: None for name in params if name in optional and name not in components}
+    checker = components.get("safety_checker", absent.get("safety_checker", "none required"))
+    if "requires_safety_checker" in params and checker is None:
+        absent["requires_safety_checker"] = False
+    return absent
 
 
 def _pipeline_class(model: Diffusion) -> type:

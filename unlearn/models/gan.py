@@ -40,6 +40,7 @@ from ..checkpoints import (
     saved_as,
 )
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from ..progress import progress
 from .base import Model
 
 CONFIG_NAME = "gan_config.json"
@@ -237,7 +238,8 @@ class GAN(Model):
         was_training = self.generator.training
         self.generator.eval()
         z = self.latents(n, seed)
-        images = [self.generate(z[start : start + batch_size]).cpu() for start in range(0, n, batch_size)]
+        batches = progress(range(0, n, batch_size), "generating", unit="batch")
+        images = [self.generate(z[start : start + batch_size]).cpu() for start in batches]
         self.generator.train(was_training)
         return torch.cat(images) if images else torch.zeros(0)
 
