@@ -108,7 +108,8 @@ class Harness(ABC):
     legend: ClassVar[str]  # what the bench table's columns mean
     row_extras: ClassVar[tuple[str, ...]] = ()  # keys kept in results.json beside the table's columns
     files: ClassVar[str] = (  # what report.md says the run folder holds
-        "`model/` (the unlearned model), `recipe.yaml` (resolved), `metrics.json`, `train.jsonl`, `run.log`."
+        "`model/` (the unlearned model), `recipe.yaml` (resolved), `metrics.json`, `train.jsonl`, `run.log`, "
+        "the charts `chart_*.png`."
     )
 
     def __init__(self, recipe: Recipe, device: str | torch.device = "cpu", log=print):
@@ -175,6 +176,45 @@ class Harness(ABC):
         Retrain's (`reference`, its metrics): none by default."""
         return {}
 
+    # ------------------------------------------------------------------------------------------ utility guard
+
+    # The retained-quality metrics (higher is better, in points) the utility guard watches; none: no guard.
+    utility_keys: ClassVar[tuple[str, ...]] = ()
+
+    def utility_guard(self, metrics: dict) -> dict:
+        """The guard's verdict on a scored run: `utility_warning` is one sentence when a `utility_keys` metric
+        fell more than `eval.utility_margin` points below the original model's (`original_*`), else None;
+        `utility_drop` is the largest fall in points. Why: a recipe tuned for one model can erase the class
+        and much of another model with it, and nothing else would say so at run time."""
+        margin = self.recipe.eval.utility_margin
+        drops = {}
+        for key in self.utility_keys:
+            before, after = metrics.get(f"original_{key}"), metrics.get(key)
+            if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+                if math.isfinite(before) and math.isfinite(after):
+                    drops[key] = (before - after, before, after)
+        if not drops:
+            return {"utility_warning": None}
+        verdict: dict = {"utility_drop": round(max(d[0] for d in drops.values()), 4), "utility_warning": None}
+        fallen = [
+            f"{self.info(k).title} fell {d:.1f} points ({b:.1f} → {a:.1f} %)"
+            for k, (d, b, a) in drops.items()
+            if d > margin
+        ]
+        if fallen:
+            verdict["utility_warning"] = (
+                f"utility warning: {' and '.join(fallen)} below the original model, more than "
+                f"eval.utility_margin={margin:g}; the recipe's settings may not suit this model: try "
+                "method.lr=auto, or a smaller method.lr or fewer method.epochs"
+            )
+        return verdict
+
+    def check_original(self, model: Model, data: UnlearnData) -> str | None:
+        """One sentence when the original model scores so poorly on the data as the toolkit preprocesses it
+        that the run cannot mean anything (a wrong normalisation, say), else None. Checked before any
+        training; none by default."""
+        return None
+
     # ---------------------------------------------------------------------------------------------- writing
 
     def save_model(self, model: Model, output: Path) -> None:
@@ -182,8 +222,17 @@ class Harness(ABC):
         model.save(output / "model")
 
     def save_artifacts(self, output: Path, scores: Scores, original: Scores | None) -> dict[str, dict]:
-        """Write what a reader looks at besides numbers (sample grids); returns {name: {kind: file}}."""
-        return {}
+        """Write what a reader looks at besides numbers (sample grids, charts); returns {name: {kind: file}},
+        the charts under "charts" (`save_charts`)."""
+        return {"charts": self.save_charts(output, scores, original)}
+
+    def save_charts(self, output: Path, scores: Scores, original: Scores | None) -> dict[str, str]:
+        """Write the run's PNG charts into `output`; returns {caption: file name}, in report order. Every
+        family: the training losses the run logged (`train.jsonl`; none for a method that does not train)."""
+        from ..charts import loss_chart
+
+        chart = loss_chart(output / "train.jsonl", output / "chart_training_loss.png")
+        return {"Training losses as `train.jsonl` logged them": chart.name} if chart else {}
 
     def report(self, data: UnlearnData, metrics: dict, artifacts: dict) -> str:
         """report.md: the header, the metric table (original / unlearned / Retrain), the family's sections."""
@@ -203,7 +252,9 @@ class Harness(ABC):
             row = f"| {title}{unit} | {fmt(metrics.get(f'original_{key}'))} | {fmt(metrics[key])} | "
             row += f"{fmt(metrics.get(f'retrain_{key}'))} |"
             lines.append(row + (f" {fmt(metrics.get(f'gap_{key}'))} |" if has_gap else ""))
+        lines += guard_lines(metrics)
         lines += self.report_sections(data, metrics, artifacts)
+        lines += chart_section(artifacts.get("charts", {}))
         lines += ["", "Metrics:", ""]
         for key in self.report_keys(metrics):
             info = self.info(key)
@@ -288,9 +339,17 @@ class Harness(ABC):
         return {**cls.bench_row(original, reference), "RTE_s": 0.0}, cls.bench_row(reference, reference)
 
 
+def guard_lines(metrics: dict) -> list[str]:
+    """report.md's lines of the utility guard's warning and of the `auto` search, where the run has them."""
+    from ..tune import tune_report_line
+
+    warning = metrics.get("utility_warning")
+    return (["", f"**{warning[0].upper()}{warning[1:]}**"] if warning else []) + tune_report_line(metrics)
+
+
 def class_table(metrics: dict, prefix: str, marked, caption: str) -> list[str]:
-    """Report lines of a per-class table: the keys `<prefix><c>` of the original and the unlearned model, the
-    classes in `marked` starred; none when the run has no such keys."""
+    """Report lines of a per-class table: the keys `<prefix><c>` of the original, the unlearned model and, where
+    the run has them, Retrain; the classes in `marked` starred; none when the run has no such keys."""
     classes = sorted(int(k[len(prefix) :]) for k in metrics if k.startswith(prefix))
     if not classes:
         return []
@@ -302,7 +361,21 @@ def class_table(metrics: dict, prefix: str, marked, caption: str) -> list[str]:
         "|---|" + "---|" * len(classes),
         "| original | " + " | ".join(fmt(metrics.get(f"original_{prefix}{c}")) for c in classes) + " |",
         "| unlearned | " + " | ".join(fmt(metrics.get(f"{prefix}{c}")) for c in classes) + " |",
-    ]
+    ] + (
+        ["| Retrain | " + " | ".join(fmt(metrics.get(f"retrain_{prefix}{c}")) for c in classes) + " |"]
+        if any(f"retrain_{prefix}{c}" in metrics for c in classes)
+        else []
+    )
+
+
+def chart_section(charts: dict[str, str]) -> list[str]:
+    """Report lines that show the charts ({caption: file name}, see `Harness.save_charts`); none without."""
+    if not charts:
+        return []
+    lines = ["", "## Charts"]
+    for caption, file in charts.items():
+        lines += ["", f"{caption}:", "", f"![{caption}]({file})"]
+    return lines
 
 
 def fmt(value) -> str:

@@ -7,11 +7,11 @@ import math
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from ..data import UnlearnData, forget_classes, forget_fraction
 from ..datasets import load_dataset
 from ..errors import ConfigError
+from ..metrics.classification import accuracy, dataset_accuracy, predict_logits
 from ..metrics.functional import GAP_KEYS, gap
 from .base import Harness, MetricInfo, Recognition, Scores, class_table
 
@@ -26,46 +26,38 @@ def classifier_task(recipe) -> UnlearnData:
     return forget_fraction(train, test, spec.forget_fraction, seed=recipe.seed)
 
 
-@torch.no_grad()
-def _logits(model, dataset, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    outputs, labels = [], []
-    for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        outputs.append(model(images.to(device)).float().cpu())
-        labels.append(targets)
-    if not outputs:
-        return torch.zeros(0, model.num_classes), torch.zeros(0, dtype=torch.long)
-    return torch.cat(outputs), torch.cat(labels)
-
-
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    if len(labels) == 0:
-        return math.nan
-    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+def per_class_of(metrics: dict) -> dict[int, float]:
+    """{class: test accuracy} from a run's metric keys `acc_class_<c>`."""
+    prefix = "acc_class_"
+    found = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+    return {int(c): v for c, v in found.items() if c.isdigit()}
 
 
 @torch.no_grad()
 def score_classifier(model, data: UnlearnData, names, batch_size: int = 256, references=None) -> dict:
     """UA, RA, TA, MIA (percent), `forget_test_acc`, `acc_class_<c>` and, given reference models, the
     representation metrics of a classifier on a task (see `ClassifierHarness.catalogue`)."""
-    from ..metrics.classification import MEMBER, NONMEMBER, TARGET, MIAEfficacy, PerClassAccuracy
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from ..metrics.classification import MEMBER, NONMEMBER, TARGET, MIAEfficacy
 
     ClassifierHarness.check_metrics(names)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    forget = _logits(model, data.forget, batch_size, device)
-    retain = _logits(model, data.retain, batch_size, device)
-    test = _logits(model, data.test, batch_size, device)
-    test_forget = _logits(model, data.test_forget, batch_size, device)
+    forget = predict_logits(model, data.forget, batch_size, device)
+    retain = predict_logits(model, data.retain, batch_size, device)
+    test = predict_logits(model, data.test, batch_size, device)
+    test_forget = predict_logits(model, data.test_forget, batch_size, device)
     results: dict[str, float] = {}
     if "UA" in names:
-        results["UA"] = 100.0 - _accuracy(*forget)
+        results["UA"] = 100.0 - accuracy(*forget)
     if "RA" in names:
-        results["RA"] = _accuracy(*retain)
+        results["RA"] = accuracy(*retain)
     if "TA" in names:
-        results["TA"] = _accuracy(*test)
+        results["TA"] = accuracy(*test)
     if data.forget_classes:
-        results["forget_test_acc"] = _accuracy(*test_forget)
+        results["forget_test_acc"] = accuracy(*test_forget)
     if "MIA" in names:
         # Members: the first |D_test| retain examples in dataset order (as the reference code takes them).
         members = min(len(data.test), len(data.retain))
@@ -77,16 +69,23 @@ def score_classifier(model, data: UnlearnData, names, batch_size: int = 256, ref
         mia.update(*forget, TARGET)
         results["MIA"] = float(mia.compute())
     if "per_class" in names:
-        per_class = PerClassAccuracy(data.num_classes, sync_on_compute=False)
-        per_class.update(torch.cat([test[0], test_forget[0]]), torch.cat([test[1], test_forget[1]]))
+        per_class = MulticlassAccuracy(data.num_classes, average=None, sync_on_compute=False)
+        logits, labels = torch.cat([test[0], test_forget[0]]), torch.cat([test[1], test_forget[1]])
+        per_class.update(logits, labels)
+        present = torch.bincount(labels, minlength=data.num_classes) > 0  # a class never seen: NaN, not 0
         for c, value in enumerate(per_class.compute().tolist()):
-            results[f"acc_class_{c}"] = value
+            results[f"acc_class_{c}"] = 100.0 * value if present[c] else math.nan
     if "representation" in names and references:
         from ..metrics.representation import representation_metrics
 
         results.update(representation_metrics(model, data, references, batch_size))
     model.train(was_training)
     return results
+
+
+# An original model is flagged before any training when its test accuracy is below chance plus this share of
+# the way from chance to 100 % (32.5 % for 10 classes): such a model was not trained on the data as preprocessed.
+POOR_ORIGINAL = 0.25
 
 
 class ClassifierHarness(Harness):
@@ -157,6 +156,7 @@ class ClassifierHarness(Harness):
         ),
     }
     default_metrics = ("UA", "RA", "TA", "MIA", "per_class", "representation")
+    utility_keys = ("RA", "TA")  # the utility guard (`Harness.utility_guard`)
     multi_process = True
     second_judge = None  # a classifier is judged by itself
     columns = (
@@ -195,6 +195,7 @@ class ClassifierHarness(Harness):
     def before(self, original, data, reference_dir):
         """The representation metrics compare the unlearned features with the original's and Retrain's."""
         self.references = {}
+        self.reference_dir = reference_dir  # its metrics.json: Retrain's per-class accuracy (`save_charts`)
         if "representation" in self.names:
             self.references["original"] = original.frozen_copy()
             if reference_dir is not None and (reference_dir / "model").exists():
@@ -203,6 +204,33 @@ class ClassifierHarness(Harness):
     def score(self, model, data, original: bool = False) -> Scores:
         references = None if original else getattr(self, "references", None)
         return Scores(score_classifier(model, data, self.names, self.recipe.eval.batch_size, references))
+
+    def save_charts(self, output, scores, original):
+        """Test accuracy per class of the original, the unlearned model and Retrain (its run folder's
+        `metrics.json`), where the run scored `per_class`; then the common charts."""
+        from ..charts import per_class_chart
+        from ..runfolder import read_metrics
+
+        reference_dir = getattr(self, "reference_dir", None)
+        retrain = {}
+        if reference_dir is not None and (reference_dir / "metrics.json").is_file():
+            what = f"Retrain run folder {str(reference_dir)!r}"
+            retrain = read_metrics(reference_dir / "metrics.json", what)
+        accuracy = {
+            model: per_class_of(found)
+            for model, found in (
+                ("original", original.metrics if original else {}),
+                ("unlearned", scores.metrics),
+                ("Retrain", retrain),
+            )
+        }
+        charts = {}
+        if accuracy["unlearned"]:
+            forgotten = self.recipe.data.forget_class or []
+            path = per_class_chart(accuracy, forgotten, output / "chart_per_class.png")
+            caption = "Test accuracy per class: original, unlearned, Retrain (forgotten classes starred)"
+            charts[caption] = path.name
+        return {**charts, **super().save_charts(output, scores, original)}
 
     @classmethod
     def compare(cls, metrics: dict, reference: dict | None) -> dict:
@@ -213,7 +241,25 @@ class ClassifierHarness(Harness):
         if len(keys) < len(GAP_KEYS):  # SalUn's Avg. Gap is over all four
             out.pop("avg_gap", None)
         out.update({f"retrain_{k}": reference[k] for k in (*GAP_KEYS, "RTE_s") if k in reference})
+        out.update({f"retrain_{k}": v for k, v in reference.items() if k.startswith("acc_class_")})
         return out
+
+    def check_original(self, model, data) -> str | None:
+        """A sentence when the original model's test accuracy (all classes, as the toolkit preprocesses the
+        images) is below `POOR_ORIGINAL`: near chance, the usual sign of a wrong image_mean / image_std, image
+        size or channel order, or of a checkpoint that does not fit the dataset's classes."""
+        test = torch.utils.data.ConcatDataset([data.test, data.test_forget])
+        accuracy = dataset_accuracy(model, test, self.recipe.eval.batch_size)
+        chance = 100.0 / data.num_classes
+        if math.isnan(accuracy) or accuracy >= chance + POOR_ORIGINAL * (100.0 - chance):
+            return None
+        return (
+            f"the original model scores {accuracy:.1f} % on the {self.recipe.data.dataset} test set as the "
+            f"toolkit preprocesses it (chance: {chance:.1f} %): its inputs are likely normalised differently "
+            "from its training (image_mean / image_std in its preprocessor_config.json or config, the image "
+            "size, the channels), or the checkpoint does not fit this dataset's classes; unlearning it would "
+            "measure nothing"
+        )
 
     @torch.no_grad()
     def recognized(self, model, data, *, samples=None, seed=0, images=None, labels=None) -> Recognition:

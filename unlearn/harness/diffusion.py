@@ -3,6 +3,7 @@ generations before and after unlearning (same seeds), with FID and CLIP score (r
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -81,6 +82,7 @@ class DiffusionHarness(Harness):
         ),
     }
     default_metrics = ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid")
+    utility_keys = ("retain_accuracy",)  # the utility guard (`Harness.utility_guard`)
     columns = (
         "erasure_rate",
         "erasure_rate_paraphrase",
@@ -101,6 +103,8 @@ class DiffusionHarness(Harness):
     )
     files = (
         "`model/` (a diffusers pipeline folder), `edit.safetensors` (the changed UNet tensors only), "
+        "`lora/pytorch_lora_weights.safetensors` (the edit as a diffusers LoRA: "
+        "`pipe.load_lora_weights(run / 'lora')` on the original pipeline; text-to-image UNets), "
         "`recipe.yaml`, `metrics.json`, `train.jsonl`, `run.log`."
     )
 
@@ -181,6 +185,7 @@ class DiffusionHarness(Harness):
             name = f"digits-retain-{data.prompts.concept}-{original.conditioning}-judge-{judge}.npz"
             self.fid_cache = cache_dir() / "fid" / name
         self.unet_before = {n: t.detach().cpu().clone() for n, t in original.unet.state_dict().items()}
+        self.concept = data.prompts.concept  # named in the edit and LoRA files' metadata
 
     @torch.no_grad()
     def score(self, model, data, original: bool = False) -> Scores:
@@ -314,18 +319,33 @@ class DiffusionHarness(Harness):
         return {f"retrain_{k}": reference[k] for k in keys if k not in ("device", "num_processes")}
 
     def save_model(self, model, output: Path) -> None:
-        """The pipeline folder, and the edit alone: the UNet tensors the method changed, under their diffusers
-        names (load them over the original UNet with `load_state_dict(..., strict=False)`)."""
-        from ..checkpoints import save_state_dict
+        """The pipeline folder; the edit alone: the UNet tensors the method changed, under their diffusers
+        names (load them over the original UNet with `load_state_dict(..., strict=False)`); and, for a UNet
+        diffusers loads LoRAs into, the edit as a diffusers LoRA (`lora/`, see `unlearn.lora_export`), each
+        layer within `eval.lora_tolerance`. Both files' metadata say what they are."""
+        from .. import __version__
+        from ..lora_export import LORA_FILE, LORA_FOLDER, export_lora, save_edit, state_hash
 
         model.save(output / "model")
-        after = model.unet.state_dict()
-        changed = {
-            n: t.detach().cpu()
-            for n, t in after.items()
-            if not torch.equal(t.detach().cpu(), self.unet_before[n])
+        recipe = self.recipe
+        described = {
+            "unlearn.toolkit_version": __version__,
+            "unlearn.method": recipe.method,
+            "unlearn.method_settings": json.dumps(recipe.method_args, sort_keys=True, default=str),
+            "unlearn.concept": str(getattr(self, "concept", recipe.data.concept)),
+            "unlearn.base_model": str(recipe.model.checkpoint),
+            "unlearn.base_unet_sha256": state_hash(self.unet_before),
         }
-        save_state_dict(changed, output / "edit.safetensors")
+        save_edit(model.unet, self.unet_before, output / "edit.safetensors", described)
+        self.lora_export = None
+        if not hasattr(model.unet, "load_lora_adapter"):
+            self.log(f"no LoRA written: diffusers loads no LoRA into a {type(model.unet).__name__}")
+            return
+        path = output / LORA_FOLDER / LORA_FILE
+        self.lora_export = export_lora(
+            model.unet, self.unet_before, path, recipe.eval.lora_tolerance, described
+        )
+        self.log(f"LoRA {path.relative_to(output)}: {self.lora_export.summary()}")
 
     def save_artifacts(self, output, scores, original):
         from ..metrics.generation import save_grid
@@ -341,7 +361,7 @@ class DiffusionHarness(Harness):
                     original.images[name][:count], output / f"samples_{name}_original.png", nrow=10
                 )
                 grids[name]["original"] = path.name
-        return grids
+        return {**grids, "charts": self.save_charts(output, scores, original)}
 
     def report_header(self, data, metrics):
         recipe, prompts = self.recipe, data.prompts
@@ -359,7 +379,18 @@ class DiffusionHarness(Harness):
 
     def report_sections(self, data, metrics, artifacts):
         lines = []
+        export = getattr(self, "lora_export", None)
+        if export is not None:
+            lines += [
+                "",
+                "## The edit as a diffusers LoRA",
+                "",
+                f"`lora/{export.path.name}` (`pipe.load_lora_weights(run_folder / 'lora')` on the original "
+                f"pipeline): {export.summary()}.",
+            ]
         for name, files in artifacts.items():
+            if name == "charts":  # shown by `Harness.report`
+                continue
             lines += ["", f"## Samples: {name} conditions (same seeds before and after)", ""]
             if "original" in files:
                 lines += ["Original:", "", f"![original {name}]({files['original']})", ""]

@@ -71,7 +71,8 @@ class GANHarness(Harness):
     )
     files = (
         "`model/` (the unlearned GAN: gan_config.json, generator / discriminator safetensors), "
-        "`recipe.yaml`, `metrics.json`, `train.jsonl`, `run.log`, and what the method writes beside them."
+        "`recipe.yaml`, `metrics.json`, `train.jsonl`, `run.log`, the charts `chart_*.png`, and what the method "
+        "writes beside them."
     )
 
     def setup(self):
@@ -199,7 +200,7 @@ class GANHarness(Harness):
             grids["original"] = save_grid(
                 original.images["samples"][:count], output / "samples_original.png", nrow=10
             ).name
-        return grids
+        return {**grids, "charts": self.save_charts(output, scores, original)}
 
     def report_header(self, data, metrics):
         recipe = self.recipe

@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.utils.data import DataLoader
 from torchmetrics import Metric
 
+from ..progress import progress
 from .functional import per_class_accuracy, svc_mia_efficacy, true_label_confidence
 
 MEMBER, NONMEMBER, TARGET = 0, 1, 2
+
+
+@torch.no_grad()
+def predict_logits(model, dataset, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits (float32, on the CPU) and the labels of a dataset of (image, label), in order."""
+    outputs, labels = [], []
+    for images, targets in progress(DataLoader(dataset, batch_size=batch_size, shuffle=False), "evaluating"):
+        outputs.append(model(images.to(device)).float().cpu())
+        labels.append(targets)
+    if not outputs:
+        return torch.zeros(0, model.num_classes), torch.zeros(0, dtype=torch.long)
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Percent of rows whose largest logit is the label's (NaN for none)."""
+    if len(labels) == 0:
+        return math.nan
+    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+
+
+def dataset_accuracy(model, dataset, batch_size: int) -> float:
+    """Percent of `dataset` the model classifies correctly, in eval mode (its mode restored after; NaN for an
+    empty set)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return accuracy(*predict_logits(model, dataset, batch_size, next(model.parameters()).device))
+    finally:
+        model.train(was_training)
 
 
 class MIAEfficacy(Metric):
