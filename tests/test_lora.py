@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_diffusion import tiny_sd_pipeline
+from tiny_diffusion import stock_pipeline, tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return tiny_sd_pipeline(tmp_path_factory.mktemp("lora") / "sd")
-
-
-def _pipeline(folder):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _kv(unet):
@@ -46,7 +38,7 @@ def _out(unet):
 def test_factors_are_fp32_and_the_only_trainable_parameters(folder):
     from unlearn.lora import add_lora
 
-    unet = _pipeline(folder).unet.to(torch.bfloat16)
+    unet = stock_pipeline(folder).unet.to(torch.bfloat16)
     factors = add_lora(unet, _kv(unet), rank=2)
     assert len(factors) == 2 * len(_kv(unet))
     assert all(p.dtype == torch.float32 and p.requires_grad for p in factors)
@@ -59,7 +51,7 @@ def test_unknown_targets_are_refused(folder):
     from unlearn.errors import ConfigError
     from unlearn.lora import add_lora
 
-    unet = _pipeline(folder).unet
+    unet = stock_pipeline(folder).unet
     with pytest.raises(ConfigError, match="not found"):
         add_lora(unet, ["attn2.to_k"], rank=2)  # an ending, not a full module name
 
@@ -67,7 +59,7 @@ def test_unknown_targets_are_refused(folder):
 def test_merge_unmerge_and_remove(folder):
     from unlearn.lora import delta_weights, lora_layers, merge, remove_lora, unmerge
 
-    unet = _pipeline(folder).unet
+    unet = stock_pipeline(folder).unet
     original = {k: v.clone() for k, v in unet.state_dict().items()}
     _trained(unet)
     remove_lora(unet, merge=False)  # discarded: the plain layers with their original weights, bit for bit
@@ -96,10 +88,10 @@ def test_merge_unmerge_and_remove(folder):
 def test_export_loads_in_diffusers_with_its_scale(folder, tmp_path):
     from unlearn.lora import save_lora
 
-    unet = _pipeline(folder).unet
+    unet = stock_pipeline(folder).unet
     _trained(unet, rank=2, alpha=4.0, adapter="concept")  # scale alpha / rank = 2, carried in the metadata
     adapted = _out(unet)
     path = save_lora(unet, tmp_path / "out" / "concept.safetensors", adapter="concept")
-    pipe = _pipeline(folder)
+    pipe = stock_pipeline(folder)
     pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     torch.testing.assert_close(_out(pipe.unet), adapted)

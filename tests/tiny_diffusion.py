@@ -122,6 +122,15 @@ def load_pipeline(path):
     return load_diffusion(path)
 
 
+def stock_pipeline(folder):
+    """A pipeline folder as diffusers itself loads it (`StableDiffusionPipeline`), progress bars off."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def cpu_accelerator(tmp_path, mixed_precision: str = "no"):
     """A CPU accelerator whose project folder (where methods save masks, LoRAs, train.jsonl) is `tmp_path`."""
     from accelerate import Accelerator
