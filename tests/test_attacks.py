@@ -109,7 +109,7 @@ def test_a_run_with_eval_attacks_reports_each_attack_on_original_retrain_and_unl
     )
     report = (folder / "rl" / "report.md").read_text()
     assert "## Is it really gone?" in report and "### relearn" in report and "### feature_probe" in report
-    assert "attack_relearn_curve.svg" in report and (folder / "rl" / "attack_relearn_curve.svg").exists()
+    assert "attack_relearn_curve.png" in report and (folder / "rl" / "attack_relearn_curve.png").exists()
     # The original's and Retrain's results are cached in the Retrain folder, one file per role and seed.
     cached = sorted(p.name for p in (folder / "retrain" / "attacks").iterdir())
     assert len([c for c in cached if c.startswith("relearn-original-")]) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import write_json, write_text
+from .checkpoints import atomic_path, write_json, write_text
 from .errors import CheckpointNotFoundError, ConfigError
 from .harness import HARNESSES
 from .recipe import apply_override, find_path, from_dict, read_yaml
@@ -29,7 +29,9 @@ class Suite:
 
 
 def load_suite(path: str | Path) -> Suite:
-    path = find_path(path)
+    """The suite at `path`, or the shipped suite of that short name (`digits_classwise`), checked field by
+    field."""
+    path = find_path(path, "suite")
     if not path.exists() and not path.is_symlink():
         raise CheckpointNotFoundError(f"suite {str(path)!r} does not exist")
     raw = read_yaml(path, "suite")
@@ -106,9 +108,7 @@ def _check_fields(suite: Suite, where: str) -> None:
 def suite_recipe(suite: Suite, method: str, seed: int):
     """The recipe of one (method, seed) cell: `<recipes>/<method>.yaml`, the suite's overrides, then the
     method's own (`method_overrides`: e.g. the learning rate a method needs for random forgetting)."""
-    path = find_path(Path(suite.recipes) / f"{method}.yaml")
-    if not path.exists():
-        raise CheckpointNotFoundError(f"suite {suite.name!r}: recipe {str(path)!r} does not exist")
+    path = _suite_recipe_path(suite, method)
     raw = read_yaml(path, "recipe")
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping with at least a 'method' section")
@@ -121,6 +121,19 @@ def suite_recipe(suite: Suite, method: str, seed: int):
     if suite.attacks and method != suite.reference:
         raw["eval"]["attacks"] = suite.attacks
     return from_dict(raw, source=str(path))
+
+
+def _suite_recipe_path(suite: Suite, method: str) -> Path:
+    """`<recipes>/<method>.yaml` of a suite: from the working directory, beside the suite file, or among the
+    shipped recipes (`recipes/classifier/digits` or `classifier/digits`)."""
+    relative = Path(suite.recipes) / f"{method}.yaml"
+    beside = Path(suite.source).parent / relative if suite.source else None
+    if not relative.exists() and beside is not None and beside.is_file():
+        return beside
+    try:
+        return find_path(relative, "recipe")
+    except CheckpointNotFoundError as err:
+        raise CheckpointNotFoundError(f"suite {suite.name!r}: {err}") from None
 
 
 def check_suite(suite: Suite) -> str:
@@ -179,22 +192,27 @@ def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -
         "description": suite.description,
         "seeds": suite.seeds,
         "reference": suite.reference,
+        "overrides": list(suite.overrides),  # what the suite changed in every method's recipe
+        "method_overrides": {m: list(v) for m, v in suite.method_overrides.items()},  # then in one method's
         "rows": rows,
         "summary": summary,
     }
     write_json(results, output / "results.json")
-    table = results_table(results)
+    chart = bench_chart(results, output / CHART_FILE)
+    table = results_table(results, chart=chart.name if chart else None)
     write_text(table, output / "results.md")
     log(table)
+    log(f"wrote {output / 'results.json'}, results.md" + (f" and {chart.name}" if chart else "") + " there")
     return results
 
 
-_BENCH_FILES = ("runs", "results.json", "results.md")
+CHART_FILE = "bench.png"
+_BENCH_FILES = ("runs", "results.json", "results.md", CHART_FILE)
 
 
 def bench_folder(output: Path) -> Path:
     """Create the bench's output folder, refusing before any run one that cannot be written or that holds
-    anything but a bench's own files (`runs/`, `results.json`, `results.md`)."""
+    anything but a bench's own files (`runs/`, `results.json`, `results.md`, `bench.png`)."""
     from .paths import make_folder, output_error, shown
 
     make_folder(output)
@@ -216,21 +234,26 @@ def bench_folder(output: Path) -> Path:
 
 
 def _summarize(rows: list[dict]) -> dict:
+    """Mean, sample standard deviation and number of seeds `n` of every metric of one method's rows; with one
+    seed there is no spread, and `std` is None rather than a 0 that reads as one."""
     out = {}
-    for key in rows[0]:
+    for key in dict.fromkeys(k for row in rows for k in row):
         if key in ("method", "seed"):
             continue
-        values = np.array([r[key] for r in rows], dtype=float)
+        values = np.array([r[key] for r in rows if key in r], dtype=float)
         out[key] = {
             "mean": float(np.mean(values)),
-            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            "n": len(values),
         }
     return out
 
 
-def results_table(results: dict) -> str:
-    """The table a paper would print: the family's columns (mean ± std over seeds; several concepts erased
-    together add one column per concept after the columns they split), and RTE relative to the reference."""
+def results_table(results: dict, chart: str | None = None) -> str:
+    """The table a paper would print: the family's columns that the runs measured (mean ± std over the n
+    seeds; with one seed, that seed's value and no spread; several concepts erased together add one column per
+    concept after the columns they split), RTE relative to the reference, the overrides the suite applied, and
+    a link to `chart` (a file beside results.md) when there is one."""
     if "family" not in results:
         raise ConfigError(
             "these bench results name no model family (written by an older version); rerun the suite"
@@ -245,6 +268,7 @@ def results_table(results: dict) -> str:
         columns.append((key, harness.info(key).title))
         if split and key == split[-1]:
             columns += [(p, f"{harness.info(p).title}: {p.split(':', 1)[1]}") for p in present if ":" in p]
+    columns = [(key, title) for key, title in columns if any(key in stats for stats in summary.values())]
     legend = [harness.legend]
     attacked = [k for k in dict.fromkeys(k for stats in summary.values() for k in stats) if "." in k]
     if attacked:
@@ -253,22 +277,143 @@ def results_table(results: dict) -> str:
         columns[-1:-1] = [(k, attack_info(k).title) for k in attacked]  # before RTE
         legend.append(attack_legend(attacked))
     reference = "Retrain" if results["reference"] == "retrain" else results["reference"]
+    seeds = len(results["seeds"])
     lines = [
-        f"## {results['suite']} ({len(results['seeds'])} seed{'s' if len(results['seeds']) > 1 else ''})",
+        f"## {results['suite']} ({seeds} seed{'s' if seeds > 1 else ''}, n={seeds})",
         "",
         "| method | " + " | ".join(title for _, title in columns) + f" | RTE / {reference} |",
         "|---|" + "---|" * (len(columns) + 1),
     ]
     for method, stats in summary.items():
-        cells = [_pm(stats.get(key)) for key, _ in columns]
+        # the original model took no unlearning time: its RTE is no measurement
+        cells = [
+            _pm(stats.get(key), seeds) if (method, key) != ("original", "RTE_s") else "–"
+            for key, _ in columns
+        ]
         ratio = stats["RTE_s"]["mean"] / ref_time if ref_time and method != "original" else math.nan
         cells.append("–" if math.isnan(ratio) else f"{ratio:.2f}×")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", *legend, ""]
+    if seeds == 1:
+        legend.append("n=1: one seed, so each cell is that seed's value; there is no spread to show.")
+    lines += ["", *legend, *_overrides_lines(results)]
+    if chart:
+        lines += ["", f"![each method's {_chart_title(results)} against its run time]({chart})"]
+    lines.append("")
     return "\n".join(lines)
 
 
-def _pm(stat) -> str:
+def _overrides_lines(results: dict) -> list[str]:
+    """What the suite changed in the recipes, so a table is read with the settings that made it."""
+    every, per_method = results.get("overrides", []), results.get("method_overrides", {})
+    if not every and not per_method:
+        return []
+    lines = ["", "Overrides the suite applied to the recipes:"]
+    if every:
+        lines.append("- every method: " + ", ".join(f"`{item}`" for item in every))
+    lines += [
+        f"- {m}: " + ", ".join(f"`{item}`" for item in items) for m, items in per_method.items() if items
+    ]
+    return lines
+
+
+def _pm(stat, seeds: int) -> str:
+    """`mean ± std`, or the value alone where one seed gave it (no spread to show; results written before `n`
+    was recorded have one per seed)."""
     if stat is None:
         return "–"
+    if stat.get("std") is None or stat.get("n", seeds) < 2:
+        return f"{stat['mean']:.2f}"
     return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+
+
+# -- the chart ---------------------------------------------------------------------------------------------------
+
+
+def _chart_keys(results: dict) -> list[str]:
+    """What the chart plots against run time: the classifier's Avg. Gap to the reference; for generative
+    families the erasure and what is kept (retained accuracy, else FID of the retained classes)."""
+    present = {k for stats in results["summary"].values() for k in stats}
+    if "avg_gap" in present:
+        return ["avg_gap"]
+    kept = next((k for k in ("retain_accuracy", "fid") if k in present), None)
+    return [k for k in ("erasure_rate", kept) if k in present]
+
+
+def _chart_title(results: dict) -> str:
+    harness = HARNESSES[results["family"]]
+    return " and ".join(harness.info(k).title for k in _chart_keys(results)) or "result"
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def _error_bar(mean: float, std: float | None, low: float, high: float):
+    """matplotlib's (below, above) error bar lengths for mean ± std, cut at the values a metric can take (a
+    percentage stays within 0–100, a time above 0: std over a few seeds is no bound), or None for no spread."""
+    if std is None or not math.isfinite(std):
+        return None
+    below = min(std, mean - low) if mean > low else 0.0
+    return [[max(below, 0.0)], [max(min(std, high - mean), 0.0)]]
+
+
+def bench_chart(results: dict, path: str | Path) -> Path | None:
+    """Write a PNG of each method's result (`_chart_keys`, one panel each) against its run time, with error
+    bars of one standard deviation over seeds on both axes; the reference is a star, the original model (which
+    took no time) a dotted line. Returns `path`, or None when the results hold nothing to plot."""
+    from matplotlib.figure import Figure  # heavy: only when a bench ends (no pyplot: no global state)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    from .harness.base import better_text
+
+    keys = _chart_keys(results)
+    summary = results["summary"]
+    if not keys or not any("RTE_s" in stats for stats in summary.values()):
+        return None
+    harness = HARNESSES[results["family"]]
+    seeds = len(results["seeds"])
+    figure = Figure(figsize=(5.6 * len(keys) + 1.8, 4.6), layout="constrained")
+    axes = figure.subplots(1, len(keys), squeeze=False)[0]
+    timed = [(m, s) for m, s in summary.items() if m != "original" and "RTE_s" in s]
+    positive = [s["RTE_s"]["mean"] for _, s in timed if s["RTE_s"]["mean"] > 0]
+    for axis, key in zip(axes, keys):
+        info = harness.info(key)
+        for index, (method, stats) in enumerate(summary.items()):
+            if key not in stats:
+                continue
+            y, y_err = stats[key]["mean"], stats[key].get("std")
+            if method == "original":
+                axis.axhline(y, color="0.5", linestyle=":", label="original (no unlearning)")
+                continue
+            x, x_err = stats["RTE_s"]["mean"], stats["RTE_s"].get("std")
+            reference = method == results["reference"]
+            axis.errorbar(
+                x,
+                y,
+                xerr=_error_bar(x, x_err, 0.0, math.inf),  # a time is positive
+                yerr=_error_bar(y, y_err, 0.0, 100.0 if info.unit == "%" else math.inf),
+                fmt="*" if reference else _MARKERS[index % len(_MARKERS)],
+                markersize=13 if reference else 7,
+                capsize=3,
+                color="black" if reference else f"C{index % 10}",
+                label=f"{method} (reference)" if reference else method,
+            )
+        if positive and max(positive) / min(positive) > 20:
+            axis.set_xscale("log")
+            axis.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axis.xaxis.set_minor_formatter(NullFormatter())
+        else:
+            right = max((s["RTE_s"]["mean"] + (s["RTE_s"].get("std") or 0) for _, s in timed), default=0)
+            axis.set_xlim(0, 1.1 * right if right > 0 else 1)  # times read as ratios from a zero origin
+        axis.set_xlabel("run time, RTE (s)")
+        unit = f" ({info.unit})" if info.unit and info.unit not in info.title else ""
+        axis.set_ylabel(f"{info.title}{unit}, {better_text(info.better)}")
+        axis.grid(True, alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right upper", fontsize=8)
+    spread = f"mean ± std over n={seeds} seeds" if seeds > 1 else "n=1 seed (no spread)"
+    figure.suptitle(f"{results['suite']}: {spread}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    return path

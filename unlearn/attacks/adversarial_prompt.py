@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..harness.base import MetricInfo
+from ..progress import progress
 from .base import Attack, Probe, Target, _is_number, hyperparameter
 
 if TYPE_CHECKING:
@@ -324,7 +325,8 @@ def run_search(name: str, model, target: Target, seed: int, batches, limits: lis
     one loop of every prompt search."""
     search = PromptSearch(model, target)
     points = search_points(target, len(limits), seed)
-    outcomes = [search.search(point, batches(search, point), limit) for point, limit in zip(points, limits)]
+    pairs = progress(zip(points, limits), name, total=len(limits), unit="target")
+    outcomes = [search.search(point, batches(search, point), limit) for point, limit in pairs]
     return search_probe(outcomes, max(limits), target.log, name)
 
 

@@ -40,6 +40,7 @@ import torch
 
 from ..errors import ConfigError
 from ..harness.base import MetricInfo
+from ..progress import progress
 from .base import Attack, Probe, Target, hyperparameter
 from .latent_search import eval_mode, norm_prior, percent
 
@@ -117,7 +118,7 @@ class LatentInversion(Attack):
             return per_restart[choice, torch.arange(count)]
 
         with eval_mode(model):
-            for step in range(self.steps + 1):
+            for step in progress(range(self.steps + 1), self.name, unit="step"):
                 reconstruction, loss = objective()
                 if step % CURVE_EVERY == 0 or step == self.steps:
                     seen = harness.recognized(model, data, images=best(reconstruction, loss).cpu())

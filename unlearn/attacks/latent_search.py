@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..harness.base import MetricInfo
+from ..progress import progress
 from .base import Attack, Probe, Target, hyperparameter
 
 # A sample is realistic when D scores it at least at this percentile of its scores on real retained images.
@@ -187,7 +188,7 @@ class LatentSearch(Attack):
         starts = model.latents(self.starts, seed=seed)
         found, judge_a_curve = [], torch.zeros(self.steps + 1)
         with eval_mode(model):
-            for first in range(0, self.starts, self.batch_size):
+            for first in progress(range(0, self.starts, self.batch_size), self.name, unit="batch"):
                 z = starts[first : first + self.batch_size].clone().requires_grad_(True)
                 optimizer = torch.optim.Adam([z], lr=self.lr)
                 for step in range(self.steps + 1):

@@ -316,14 +316,18 @@ def _read(path: Path) -> str:
 
 
 def _artifacts(run_dir: Path, name: str, probes: dict[str, list[Probe]]) -> dict:
-    """The first seed's curves (an SVG of all three models) and images (a grid per model that produced
+    """The first seed's curves (a PNG chart of all three models) and images (a grid per model that produced
     them in this call; cached results keep no images)."""
+    from ..charts import recovery_chart
     from ..metrics.generation import save_grid
 
     out: dict = {}
     curves = {role: probes[role][0].curve for role in ROLES if probes[role][0].curve}
     if curves:
-        out["curve"] = write_curve(curves, run_dir / f"attack_{name}_curve.svg").name
+        # A search measured against seed_search spends generations; the other attacks' curves count steps.
+        unit = "generations per target" if "seed_search" in get_attack(name).baselines else "steps"
+        path = recovery_chart(curves, run_dir / f"attack_{name}_curve.png", f"{name} (first seed)", unit)
+        out["curve"] = path.name
         out["curve_points"] = {role: curve for role, curve in curves.items()}
     for role in ROLES:
         images = probes[role][0].images
@@ -335,45 +339,6 @@ def _artifacts(run_dir: Path, name: str, probes: dict[str, list[Probe]]) -> dict
 
 def _dump(shown: dict) -> dict:
     return json.loads(json.dumps(shown, default=str))
-
-
-COLOURS = {"original": "#d62728", "retrain": "#2ca02c", "unlearned": "#1f77b4"}
-
-
-def write_curve(curves: dict[str, list], path: Path, width: int = 420, height: int = 240) -> Path:
-    """A small SVG line chart: x (steps, or what the attack's curve counts) against y in percent, one line per
-    model, colour-keyed original / Retrain / unlearned."""
-    xs = [x for curve in curves.values() for x, _ in curve]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    left, bottom, top, right = 40, height - 30, 10, width - 110
-
-    def point(x, y):
-        return left + (x - x0) / (x1 - x0) * (right - left), bottom - max(0.0, min(100.0, y)) / 100 * (
-            bottom - top
-        )
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-        'font-size="11">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
-        f'<line x1="{left}" y1="{bottom}" x2="{left}" y2="{top}" stroke="black"/>',
-        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">100</text>',
-        f'<text x="{left - 4}" y="{bottom}" text-anchor="end">0</text>',
-        f'<text x="{left}" y="{bottom + 14}">{x0:g}</text>',
-        f'<text x="{right}" y="{bottom + 14}" text-anchor="end">{x1:g}</text>',
-        f'<text x="{(left + right) / 2}" y="{height - 4}" text-anchor="middle">step</text>',
-    ]
-    for i, (role, curve) in enumerate(curves.items()):
-        colour = COLOURS.get(role, "black")
-        points = " ".join(
-            f"{px:.1f},{py:.1f}" for px, py in (point(x, y) for x, y in curve if not math.isnan(y))
-        )
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{points}"/>')
-        parts.append(f'<text x="{right + 8}" y="{top + 14 + 16 * i}" fill="{colour}">{role}</text>')
-    parts.append("</svg>")
-    write_text("\n".join(parts) + "\n", path)
-    return path
 
 
 def attack_info(key: str) -> MetricInfo | None:
@@ -416,7 +381,8 @@ def attack_info(key: str) -> MetricInfo | None:
 
 def record_attacks(run_dir: Path, metrics: dict, shown: dict) -> dict:
     """Merge attack metrics into `run_dir/metrics.json` and put their section at the end of `report.md`
-    (replacing an earlier attack section); returns the merged metrics."""
+    (replacing an earlier attack section); returns the merged metrics (`unlearn attack` then writes them into
+    the model card)."""
     run_dir = Path(run_dir)
     path, report_path = run_dir / "metrics.json", run_dir / "report.md"
     with run_lock(run_dir):
@@ -496,7 +462,8 @@ def attack_section(metrics: dict, shown: dict) -> list[str]:
             row = " | ".join(fmt(metrics.get(f"{PREFIX[role]}{key}")) for role in ROLES)
             lines.append(f"| {label} | {row} |")
         if "curve" in info:
-            lines += ["", f"![{name} curve]({info['curve']})"]
+            caption = "Recovery curve (first seed): percent recognized as the attack spends its budget"
+            lines += ["", f"{caption}:", "", f"![{name} recovery curve]({info['curve']})"]
         for role, image in info.get("images", {}).items():
             lines += ["", f"{role}:", "", f"![{name} {role}]({image})"]
     return lines

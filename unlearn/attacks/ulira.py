@@ -68,6 +68,7 @@ from ..data import UnlearnData
 from ..datasets import ImageTensorDataset
 from ..errors import ConfigError
 from ..harness.base import MetricInfo
+from ..progress import progress
 from .base import Attack, Probe, Target, hyperparameter
 
 ROLES = ("original", "retrain", "unlearned")
@@ -196,7 +197,7 @@ class ULiRA(Attack):
             f"{len(pool)} examples"
         )
         trained, out_logits = [], []
-        for m in range(self.shadows):
+        for m in progress(range(self.shadows), "ulira: shadow pairs", unit="pair"):
             full = fit(_joined(base, pool), arch, _seed(seed, m, 0), self.epochs)
             trained.append({k: v.clone() for k, v in full.state_dict().items()})
             kept = pool.subset((~forgotten[m]).nonzero().flatten())
@@ -220,7 +221,7 @@ class ULiRA(Attack):
         accelerator = _cpu_accelerator(recipe) if target.role == "unlearned" else None
         method = recipe.build_method() if target.role == "unlearned" else None
         outputs = []
-        for m in range(self.shadows):
+        for m in progress(range(self.shadows), f"ulira: {target.role} runs", unit="run"):
             forget = pool.subset(forgotten[m].nonzero().flatten())
             kept = _joined(base, pool.subset((~forgotten[m]).nonzero().flatten()))
             if target.role == "retrain":

@@ -15,7 +15,6 @@ Heavy modules (clean-fid, transformers, torchmetrics) are imported inside the fu
 from __future__ import annotations
 
 import importlib
-import math
 import re
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from torch import nn
 
 from ..checkpoints import atomic_path, refuse_custom_code
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, DataError
+from ..progress import progress
 
 # Where clean-fid (non-Windows) looks for, and otherwise downloads, its TorchScript Inception weights.
 INCEPTION_WEIGHTS = Path("/tmp/inception-2015-12-05.pt")
@@ -117,7 +117,7 @@ def judge_logits(judge: Extractor, images: torch.Tensor, batch_size: int = 256) 
     device = _module_device(module)
     out = []
     with _eval_mode(module), torch.no_grad():
-        for start in range(0, len(images), batch_size):
+        for start in progress(range(0, len(images), batch_size), "judging", unit="batch"):
             logits = judge(images[start : start + batch_size].to(device))
             logits = logits.logits if hasattr(logits, "logits") else logits
             out.append(logits.float().cpu())
@@ -266,7 +266,7 @@ def image_features(
     device = torch.device(device) if device is not None else _module_device(module)
     chunks = []
     with _eval_mode(module), torch.no_grad():
-        for start in range(0, len(images), batch_size):
+        for start in progress(range(0, len(images), batch_size), "image features", unit="batch"):
             feats = extractor(images[start : start + batch_size].to(device))
             chunks.append(feats.detach().flatten(1).cpu().double().numpy())
     if not chunks:
@@ -448,7 +448,7 @@ def clip_score(
     metric = CLIPScore(model_name_or_path=lambda: (model, processor)).to(device)
     pixels = _to_uint8(images)
     with torch.no_grad():
-        for start in range(0, len(pixels), batch_size):
+        for start in progress(range(0, len(pixels), batch_size), "CLIP score", unit="batch"):
             stop = start + batch_size
             metric.update(pixels[start:stop].to(device), prompts[start:stop])
     return float(metric.compute())
@@ -471,22 +471,19 @@ def grid_image(images: torch.Tensor, nrow: int, scale: int = 4):
         between neighbours and no outer border; unused cells of the last row stay white.
     """
     from PIL import Image
+    from torchvision.utils import make_grid
 
     _check_images(images)
     if nrow < 1 or scale < 1:
         raise ConfigError(f"grid needs nrow >= 1 and scale >= 1, got nrow={nrow}, scale={scale}")
     if len(images) == 0:
         raise DataError("no images to put in a grid")
-    n, channels, height, width = images.shape
-    cols = min(nrow, n)
-    rows = math.ceil(n / cols)
+    channels = images.shape[1]
     pixels = (images.detach().float().cpu() * 255).round().clamp(0, 255).to(torch.uint8)
     pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-    cell_h, cell_w = height * scale, width * scale
-    canvas = torch.full((channels, rows * (cell_h + 1) - 1, cols * (cell_w + 1) - 1), 255, dtype=torch.uint8)
-    for index, image in enumerate(pixels):
-        top, left = (index // cols) * (cell_h + 1), (index % cols) * (cell_w + 1)
-        canvas[:, top : top + cell_h, left : left + cell_w] = image
+    # make_grid pads every cell, the outer border included: cut the border off, keep the gaps between cells.
+    # (Not torchvision's save_image: it would write grey grids as RGB, and not atomically.)
+    canvas = make_grid(pixels, nrow=nrow, padding=1, pad_value=255)[:, 1:-1, 1:-1]
     array = canvas.permute(1, 2, 0).numpy()
     return Image.fromarray(array[:, :, 0] if channels == 1 else array)  # uint8: "L" or "RGB"
 

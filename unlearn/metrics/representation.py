@@ -30,6 +30,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 from torchmetrics import Metric
 
+from ..progress import progress
+
 __all__ = [
     "LinearCKA",
     "knn_accuracy",
@@ -192,7 +194,8 @@ def _features(model, dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tens
     device = next(model.parameters()).device
     feats, labels = [], []
     try:
-        for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        batches = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        for images, targets in progress(batches, "features"):
             feats.append(model.features(images.to(device)).double().cpu())
             labels.append(targets)
     finally:

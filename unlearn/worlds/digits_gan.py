@@ -63,19 +63,23 @@ def train_gan(
     log=print,
     log_every: int = 1000,
     callback=None,
+    accelerator=None,
 ) -> None:
     """Train `model` (a `GAN`) on `images` (N, C, H, W) in [0, 1]; deterministic for a fixed seed.
 
     Alternating steps: the discriminator on a real batch and a fake one (+ lazy R1 every `R1_EVERY` steps),
     then the generator with the non-saturating loss. The generator's weights end as their exponential moving
     average (decay `ema_decay`); `callback(step, ema_generator)` is called at every log point. Batches come from a `torch.Generator` seeded with `seed`; latents from the
-    global RNG seeded with `seed` inside a fork, so the caller's RNG state is left as it was.
+    global RNG seeded with `seed` inside a fork, so the caller's RNG state is left as it was. `accelerator`
+    (a run's, as RetrainGAN passes it) receives the losses at every log point when it has trackers
+    (`train.log_with`); the loop itself runs as without it.
     """
     gen_opt = torch.optim.Adam(model.generator.parameters(), lr=lr, betas=BETAS)
     dis_opt = torch.optim.Adam(model.discriminator.parameters(), lr=lr, betas=BETAS)
     ema = copy.deepcopy(model.generator).requires_grad_(False)
     reals = Batches(images, batch_size, torch.Generator().manual_seed(seed), torch.stack)
     trainer = Trainer(model, gen_opt, None, stage="train_gan", total=steps)
+    tracked = accelerator is not None and bool(accelerator.trackers) and accelerator.is_main_process
     started = time.perf_counter()
     model.train()
     with torch.random.fork_rng(devices=[]):
@@ -94,7 +98,11 @@ def train_gan(
             with torch.no_grad():
                 for target, source in zip(ema.parameters(), model.generator.parameters()):
                     target.lerp_(source, 1.0 - ema_decay)
-            if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
+            at_log_point = (step + 1) % log_every == 0 or step + 1 == steps
+            if at_log_point and tracked:
+                losses = {"train_gan/discriminator": d_loss.item(), "train_gan/generator": g_loss.item()}
+                accelerator.log(losses, step=step + 1)
+            if log is not None and at_log_point:
                 log(
                     f"step {step + 1}/{steps}  D {d_loss.item():.3f}  G {g_loss.item():.3f}  "
                     f"{time.perf_counter() - started:.0f} s"
