@@ -140,7 +140,8 @@ def test_erase_writes_a_complete_run_folder(rl_run):
     assert not [n for n in names if n.startswith(".")]  # no temporary files left behind
 
     metrics = json.loads((rl_run / "metrics.json").read_text())
-    assert all(isinstance(v, (int, float, str)) for v in metrics.values())  # flat
+    assert all(isinstance(v, (int, float, str, type(None))) for v in metrics.values())  # flat
+    assert metrics["utility_warning"] is None  # the guard ran and found RA and TA within the margin
     for key in ("UA", "RA", "TA", "MIA"):
         assert 0.0 <= metrics[key] <= 100.0 and f"original_{key}" in metrics
     assert metrics["RTE_s"] > 0 and "avg_gap" not in metrics

@@ -14,11 +14,17 @@ from .errors import ConfigError, UnlearnError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="unlearn", description="Machine unlearning and concept erasure.")
+    parser.add_argument("--version", action="version", version=f"unlearn-toolkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     erase = sub.add_parser("erase", help="erase a class or examples from a model as a recipe says")
-    erase.add_argument("recipe", help="recipe YAML (see recipes/)")
+    erase.add_argument(
+        "recipe",
+        help="recipe YAML, or a shipped recipe's short name (`unlearn ls recipes`): classifier/digits/salun",
+    )
     erase.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. method.lr=0.02")
     erase.add_argument("--checkpoint", help="the model to unlearn (overrides model.checkpoint)")
     erase.add_argument("--arch", help="architecture of a bare weights file (overrides model.arch)")
@@ -31,6 +37,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     erase.add_argument("--anchor", help="diffusion: what the concept should become (overrides data.anchor)")
     erase.add_argument("-o", "--output", help="run folder (rerun the same folder to resume)")
+    erase.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with status 1 when the utility guard warns (RA / TA fell more than eval.utility_margin "
+        "below the original's; the run folder is still complete), and refuse an original model that scores "
+        "near chance on the data as preprocessed",
+    )
+    erase.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="after the run, upload its model folder (with its model card) to this Hugging Face model repo",
+    )
 
     ev = sub.add_parser(
         "eval", help="score a run folder again (or the model a recipe names, before unlearning)"
@@ -53,17 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--json", action="store_true", help="print the attack metrics as JSON")
 
     bench = sub.add_parser("bench", help="run an evaluation suite over methods and seeds")
-    bench.add_argument("suite", help="suite YAML (see evals/)")
+    bench.add_argument(
+        "suite", help="suite YAML, or a shipped suite's short name (`unlearn ls suites`): digits_classwise"
+    )
     bench.add_argument("-o", "--output", help="output folder for results.json / results.md")
 
     ls = sub.add_parser(
-        "ls", help="list methods, attacks, metrics or recipes; `ls methods NAME` documents a method"
+        "ls", help="list methods, attacks, metrics, recipes or suites; `ls methods NAME` documents a method"
     )
-    ls.add_argument("what", choices=["methods", "attacks", "metrics", "recipes"])
+    ls.add_argument("what", choices=["methods", "attacks", "metrics", "recipes", "suites"])
     ls.add_argument("name", nargs="?", help="methods and attacks: print this one's settings")
 
     check = sub.add_parser("check", help="validate recipes or suites without running anything")
-    check.add_argument("files", nargs="+")
+    check.add_argument("files", nargs="+", help="recipe or suite YAML files, or shipped short names")
 
     prepare = sub.add_parser(
         "prepare",
@@ -91,7 +111,7 @@ def _yaml_quoted(text: str) -> str:
 
 def _erase(args) -> int:
     from .pipeline import run, shutdown
-    from .recipe import find_path, load_recipe
+    from .recipe import check_reference, find_path, load_recipe
 
     classes = [item for item in args.forget_class or [] if "=" not in item]
     overrides = [*args.overrides, *[item for item in args.forget_class or [] if "=" in item]]
@@ -111,10 +131,39 @@ def _erase(args) -> int:
         overrides += [f"data.concept={quoted}", "data.forget_class=null"]
     if args.anchor is not None:
         overrides.append(f"data.anchor={_yaml_quoted(args.anchor)}")
-    recipe = load_recipe(find_path(args.recipe), overrides)
-    run(recipe, args.output)
+    recipe = load_recipe(find_path(args.recipe, "recipe"), overrides)
+    check_reference(recipe)  # a reference that is not found is refused before the run folder is made
+    if args.push_to_hub:  # a malformed repo id or a missing token is refused before anything runs
+        from .card import check_push_target
+
+        check_push_target(args.push_to_hub)
+    metrics = run(recipe, args.output, strict=args.strict)
+    main = _is_main_process()
     shutdown()
+    if args.strict and metrics.get("utility_warning"):  # the run folder is complete; nothing is pushed
+        if main:
+            print("unlearn erase: --strict: the utility guard warned (see the line above)", file=sys.stderr)
+        return 1
+    if args.push_to_hub and main:
+        _push(recipe, args.output, args.push_to_hub)
     return 0
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _push(recipe, output: str | None, repo_id: str) -> None:
+    """`erase --push-to-hub`: upload the finished run folder's model (with its card) to the Hub."""
+    from pathlib import Path
+
+    from .card import push_to_hub
+    from .pipeline import default_output
+
+    folder = Path(output or recipe.output or default_output(recipe))
+    print(f"uploaded {folder / 'model'} to {push_to_hub(folder, repo_id)}")
 
 
 def _eval(args) -> int:
@@ -135,19 +184,12 @@ def _eval(args) -> int:
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
-    width = max(map(len, metrics), default=6)
-    print(f"{'metric':{width}s}  {'now':>10s}" + (f"  {'in the run':>10s}" if recorded else ""))
-    differ = []
-    for key, value in metrics.items():
-        line = f"{key:{width}s}  {value:10.4f}"
-        if recorded:
-            before = recorded.get(key)
-            line += f"  {before:10.4f}" if isinstance(before, (int, float)) else f"  {'–':>10s}"
-            if before != value and key != "RTE_s":
-                differ.append(key)
-                line += "  differs"
-        print(line)
+    from .recipe import load_recipe
+
+    family = load_recipe(target / "recipe.yaml" if target.is_dir() else target).model.family
+    print(_eval_table(metrics, recorded, family))
     if recorded:
+        differ = [k for k, v in metrics.items() if k != "RTE_s" and recorded.get(k) != v]
         print(
             f"{len(metrics) - len(differ)} of {len(metrics)} metrics equal the run's metrics.json"
             + (f"; differ: {', '.join(differ)}" if differ else "")
@@ -155,11 +197,64 @@ def _eval(args) -> int:
     return 0
 
 
-def _attack(args) -> int:
+def _eval_table(metrics: dict, recorded: dict | None, family: str) -> str:
+    """`unlearn eval`'s table: one row per metric (its key and its title from the family's catalogue), the
+    model's value now beside the original's and Retrain's where they were scored, and for a run folder the
+    value its `metrics.json` holds; `*` marks a row where a value now differs from the run's."""
+    import math
 
+    from .attacks.run import attack_info
+    from .harness import HARNESSES
+
+    harness = HARNESSES[family]
+    prefixes = [p for p in ("original_", "retrain_") if any(k.startswith(p) for k in metrics)]
+    paired = {f"{p}{k}" for p in prefixes for k in metrics}  # a prefixed key whose model key is there too
+    keys = [k for k in metrics if k not in paired]
+
+    def number(value) -> str:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "–" if value is None else str(value)
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.2f}" if value == 0 or abs(value) >= 0.1 else f"{value:.3g}"
+
+    def title(key: str) -> str:
+        info = harness.info(key) or attack_info(key)
+        if info is None:
+            return ""
+        unit = f" ({info.unit})" if info.unit and info.unit not in info.title else ""
+        return info.title + (f": {key.split(':', 1)[1]}" if ":" in key else "") + unit
+
+    header = ["metric", "", "model", *("original" if p == "original_" else "Retrain" for p in prefixes)]
+    header += ["in the run"] if recorded else []
+    rows = []
+    for key in keys:
+        scored = [key, *(f"{p}{key}" for p in prefixes)]
+        row = [key, title(key), *(number(metrics.get(k)) for k in scored)]
+        if recorded:
+            differs = any(k in metrics and k != "RTE_s" and recorded.get(k) != metrics[k] for k in scored)
+            row.append(number(recorded.get(key)) + (" *" if differs else "  "))
+        rows.append(row)
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))
+        ).rstrip()
+        for line in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if recorded and any(row[-1].endswith("*") for row in rows):
+        lines.append(
+            "* differs now from the run's metrics.json (the model's, the original's or Retrain's value)"
+        )
+    return "\n".join(lines)
+
+
+def _attack(args) -> int:
     from .attacks.run import attack_run, record_attacks, recorded_outputs, run_lock
-    from .recipe import parse_yaml
+    from .card import write_model_card
     from .runfolder import finished_run
+    from .safe_yaml import parse_yaml
 
     specs = None
     if args.attack:
@@ -182,11 +277,12 @@ def _attack(args) -> int:
             specs[0][key] = parse_yaml(value, f"attack setting {item[:100]!r}: the value")
     run_dir = finished_run(args.run_dir, "unlearn attack")
     with run_lock(run_dir):  # one writer of the folder from the first attack to the report
-        recorded_outputs(
-            run_dir
-        )  # metrics.json and report.md, merged into at the end: refused now if corrupt
+        # metrics.json and report.md, merged into at the end: refused now if corrupt
+        recorded_outputs(run_dir)
         metrics, shown = attack_run(run_dir, specs, log=lambda message: print(message, file=sys.stderr))
-        record_attacks(run_dir, metrics, shown)
+        merged = record_attacks(run_dir, metrics, shown)
+        if (run_dir / "model").is_dir():
+            write_model_card(run_dir, merged)  # the card's evaluation results gain the attacks'
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
@@ -244,18 +340,21 @@ def _ls(args) -> int:
                 unit = f" ({info.unit})" if info.unit else ""
                 print(f"  {key:24s} {info.meaning}{unit}; {better_text(info.better)}{source}")
             print()
-    else:
+    else:  # the shipped recipes or suites, wherever the toolkit is installed: short name, then the path
         from .errors import CheckpointNotFoundError
-        from .recipe import find_path
+        from .recipe import SHIPPED, shipped_folder, shipped_names
 
-        root = find_path("recipes")
-        if not root.is_dir():
+        kind = args.what.removesuffix("s")
+        folder = shipped_folder(kind)
+        if folder is None:
             raise CheckpointNotFoundError(
-                "no recipes/ folder here or in the project (an installed package ships none); run `unlearn ls "
-                "recipes` in a clone of unlearn-toolkit, or give `unlearn erase` a recipe file"
+                f"no shipped {SHIPPED[kind]}/ folder is found in the checkout or in the installed package; "
+                "reinstall unlearn-toolkit, or give `unlearn erase` and `unlearn bench` your own files"
             )
-        for path in sorted(root.rglob("*.yaml")):
-            print(path.relative_to(root.parent))
+        names = shipped_names(kind)
+        width = max(map(len, names), default=0)
+        for name in names:
+            print(f"{name:{width}s}  {folder.name}/{name}.yaml")
     return 0
 
 
@@ -310,7 +409,7 @@ def _yaml_default(field) -> str:
 def _check(args) -> int:
     from .bench import check_suite, load_suite
     from .errors import CheckpointNotFoundError
-    from .recipe import find_path, load_recipe, read_yaml
+    from .recipe import check_reference, find_path, load_recipe, read_yaml
 
     for name in args.files:
         path = find_path(name)
@@ -320,7 +419,7 @@ def _check(args) -> int:
         if isinstance(raw, dict) and "methods" in raw:
             check_suite(load_suite(path))
         else:
-            load_recipe(path)
+            check_reference(load_recipe(path))
         print(f"ok  {name}")
     return 0
 

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from .checkpoints import write_json, write_text
-from .errors import CheckpointNotFoundError, ConfigError, OutputError, UnlearnError
+from .errors import CheckpointNotFoundError, ConfigError, DataError, OutputError, UnlearnError
 from .harness import HARNESSES
 from .paths import existing_path, make_folder, open_own_file, output_error, shown
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, load_recipe, resolve_reference
 from .runfolder import RunFolder, finished_run, read_metrics, reference_folder
 from .train import end_trackers, reset_accelerate_state
+from .tune import auto_fields, tune_method
 
 if TYPE_CHECKING:
     from .data import UnlearnData
@@ -102,8 +103,10 @@ def shutdown() -> None:
         PartialState().destroy_process_group()
 
 
-def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
+def run(recipe: Recipe, output: str | Path | None = None, log=print, strict: bool = False) -> dict:
     """Erase as the recipe says and score the result; returns the metrics (also in `output/metrics.json`).
+    With `strict`, an original model that scores near chance on the data as preprocessed is refused (a
+    `DataError`) instead of warned about (the utility guard's own verdict is `metrics["utility_warning"]`).
 
     The run folder holds its resolved recipe and input checkpoint fingerprint (`unlearn.runfolder`): a finished
     folder of the same recipe is reused, an interrupted one resumes from its last training checkpoint, and a
@@ -125,22 +128,27 @@ def run(recipe: Recipe, output: str | Path | None = None, log=print) -> dict:
     try:
         if folder.complete:
             log(f"{output} is already complete; reusing its metrics.json")
-            return folder.metrics()
+            reused = folder.metrics()
+            if reused.get("utility_warning"):  # the guard's verdict stays the last line
+                log(reused["utility_warning"])
+            return reused
         log = _file_logger(output, log, main)
         if folder.resuming:
             log(f"continuing the interrupted run in {output}")
-        return _run(recipe, output, folder, log, main)
+        return _run(recipe, output, folder, log, main, strict=strict)
     finally:
         folder.close()
 
 
-def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool) -> dict:
-    """The run itself. Its outputs are written in this order: the model, the artifacts, report.md (with the
-    attacks' section), metrics.json, and last run.json marked complete (`folder.finish`); the training
-    checkpoints are removed only after that. A run killed anywhere before is resumed by a rerun, which writes
-    every output again; a full disk or an unwritable folder raises `OutputError` with the checkpoints kept."""
+def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool, strict: bool = False) -> dict:
+    """The run itself. Its outputs are written in this order: the model, the artifacts, the model card
+    (`model/README.md`, `unlearn.card`), report.md (with the attacks' section), metrics.json, and last run.json
+    marked complete (`folder.finish`); the training checkpoints are removed only after that. A run killed
+    anywhere before is resumed by a rerun, which writes every output again; a full disk or an unwritable folder raises `OutputError` with the checkpoints kept."""
     from accelerate import PartialState
     from accelerate.utils import set_seed
+
+    from .card import write_model_card
 
     if recipe.eval.attacks and not recipe.eval.reference and recipe.method != "retrain":
         raise ConfigError(
@@ -158,7 +166,9 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool) -> di
             f"is the global batch, split evenly across processes (use method.batch_size={fit}, or launch another "
             "number of processes)"
         )
-    reference, reference_dir = _reference(recipe, output, log) if recipe.eval.reference else (None, None)
+    reference, reference_dir = (None, None)
+    if recipe.eval.reference:
+        reference, reference_dir = _reference(recipe, output, log, strict)
     accelerator = make_accelerator(recipe, output, log)
     set_seed(recipe.seed)
     method = recipe.build_method()
@@ -170,6 +180,7 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool) -> di
     with accelerator.main_process_first():  # a world checkpoint is built and cached once
         model, data = harness.setup()
     log(f"{recipe.method} on {recipe.model.checkpoint}: {data.describe()}")
+    _check_original(harness, model, data, log if main else (lambda message: None), strict)
 
     metrics: dict = {}
     if recipe.model.prune is not None:
@@ -181,6 +192,9 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool) -> di
             original = harness.score(model, data, original=True)
             metrics.update({f"original_{k}": v for k, v in original.metrics.items()})
 
+    if auto_fields(recipe):  # `method.lr: auto`: a budgeted search on held-out training data (unlearn.tune)
+        method, tuned = tune_method(recipe, model, data, accelerator, reference, output, log)
+        metrics.update({f"tuned_{name}": value for name, value in tuned.items()})
     earlier = folder.begin_segment()
     model, seconds = _timed_unlearn(method, model, data, accelerator, recipe.seed)
     model = accelerator.unwrap_model(model)
@@ -191,6 +205,7 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool) -> di
             scores = harness.score(model, data)
             metrics = {**scores.metrics, "RTE_s": earlier + seconds, **metrics}
             metrics.update(harness.compare(metrics, reference))
+            metrics.update(harness.utility_guard(metrics))  # utility_warning: RA / TA fell past the margin
             metrics["device"] = str(accelerator.device)
             metrics["num_processes"] = accelerator.num_processes
             folder.ensure_held()  # the folder was not deleted during training: its outputs go where they belong
@@ -203,6 +218,7 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool) -> di
                 found, shown_attacks = attack_run(output, log=log)
                 metrics = {**metrics, **found}
                 report = "\n".join([report.rstrip("\n"), *attack_section(metrics, shown_attacks)]) + "\n"
+            write_model_card(output, metrics, recipe)  # model/README.md: what was erased, how, the numbers
             write_text(report, output / "report.md")
             write_json(metrics, output / "metrics.json")  # the last output, then run.json says complete
             folder.finish(seconds)
@@ -210,6 +226,8 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool) -> di
             shutil.rmtree(output / "checkpoints", ignore_errors=True)
             log(harness.headline(metrics))
             log(f"wrote {output}")
+            if metrics.get("utility_warning"):  # the last line (`unlearn erase --strict`: exit status 1)
+                log(metrics["utility_warning"])
         except UnlearnError as err:  # a full disk, say: the other processes are told, then it is raised
             failure = err
     end_trackers(accelerator)
@@ -273,12 +291,10 @@ def evaluate_run(target: str | Path, log=print) -> dict:
     return metrics
 
 
-def _reference(recipe: Recipe, output: Path, log) -> tuple[dict, Path]:
+def _reference(recipe: Recipe, output: Path, log, strict: bool = False) -> tuple[dict, Path]:
     """The Retrain reference's metrics and run folder: a finished run folder, or a recipe run once into
     `output/reference`."""
-    ref = Path(recipe.eval.reference)
-    if not ref.is_absolute() and recipe.source and not ref.exists():
-        ref = Path(recipe.source).parent / ref
+    ref = resolve_reference(recipe)  # beside the recipe, here, or a shipped recipe; else one sentence
     if ref.is_dir():
         if not (ref / "metrics.json").exists():
             raise CheckpointNotFoundError(
@@ -299,7 +315,18 @@ def _reference(recipe: Recipe, output: Path, log) -> tuple[dict, Path]:
     reference.model = dataclasses.replace(recipe.model, prune=None)  # Retrain is the dense gold standard
     reference.eval.original = False
     log(f"reference: {reference.method} ({ref})")
-    return run(reference, output / "reference", log=log), output / "reference"
+    return run(reference, output / "reference", log=log, strict=strict), output / "reference"
+
+
+def _check_original(harness, model, data: UnlearnData, log, strict: bool) -> None:
+    """Before any training: say in one line (with `strict`: refuse, a `DataError`) when the original model
+    scores so poorly on the data as preprocessed that the run would measure nothing (`Harness.check_original`)."""
+    problem = harness.check_original(model, data)
+    if problem is None:
+        return
+    if strict:
+        raise DataError(f"{problem} (--strict)")
+    log(f"warning: {problem}")
 
 
 def _prune_first(model, recipe: Recipe, data: UnlearnData, accelerator, output: Path, log) -> float:
