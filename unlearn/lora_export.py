@@ -6,9 +6,11 @@ pipeline loads with `pipe.load_lora_weights(folder)`:
 
 - each changed weight of a Linear or Conv2d layer becomes LoRA factors through a truncated SVD of its delta
   (a conv kernel is flattened to out × in·kh·kw, as peft's conv LoRA composes it). The rank is the smallest
-  whose relative Frobenius error ||BA − Δ|| / ||Δ|| is within `tolerance`, capped so the layer's factors never
-  hold more numbers than its delta; a layer that needs more is exported at the cap and reported inexact, with
-  its error. An edit that is low-rank by construction (a merged LoRA, UCE's closed form) is found exactly.
+  whose relative Frobenius error ||BA − Δ|| / ||Δ|| is within `tolerance`, so every layer meets it (the full
+  rank reproduces any delta). An edit that is low-rank by construction (a merged LoRA, UCE's closed form) is
+  found at its own small rank; a full-weight fine-tune (ESD, SalUn) usually needs a rank near full, and then
+  its factors hold more numbers than the delta itself: the result says which layers, and `edit.safetensors`
+  is the smaller file for them.
 - a changed bias of such a layer travels as the LoRA's `lora_B.bias` (peft's `lora_bias`, which diffusers
   loads); a layer whose bias alone changed gets rank-1 zero factors to carry it.
 - every other changed tensor (norms, embeddings) cannot be carried by a LoRA: it is listed, in the result and
@@ -45,14 +47,15 @@ class LayerFit:
         rank: the LoRA rank written.
         error: the achieved relative Frobenius error ||BA − Δ|| / ||Δ|| (0 for a bias-only change).
         full_rank: the delta's largest possible rank (min of its flattened dimensions).
-        capped: the tolerance needed a rank above the size cap, so the layer was written at the cap.
+        larger_than_delta: the factors hold more numbers than the delta (r·(out + k) > out·k): the edit is
+            not low-rank, and the LoRA is a faithful but not a compact form of it.
     """
 
     name: str
     rank: int
     error: float
     full_rank: int
-    capped: bool
+    larger_than_delta: bool
 
 
 @dataclass
@@ -73,7 +76,7 @@ class LoraExport:
 
     @property
     def inexact(self) -> list[LayerFit]:
-        """The layers whose error exceeds the tolerance (not low-rank enough under the size cap)."""
+        """The layers whose error exceeds the tolerance (none but for rounding to fp32: the rank can be full)."""
         return [layer for layer in self.layers if layer.error > self.tolerance]
 
     @property
@@ -100,9 +103,13 @@ class LoraExport:
         if self.inexact:
             names = ", ".join(f"{layer.name} ({layer.error:.2e})" for layer in self.inexact[:5])
             more = f" and {len(self.inexact) - 5} more" if len(self.inexact) > 5 else ""
+            text += f"; INEXACT: {len(self.inexact)} layer(s) miss the tolerance: {names}{more}"
+        large = [layer for layer in self.layers if layer.larger_than_delta]
+        if large:
             text += (
-                f"; INEXACT: {len(self.inexact)} layer(s) are not low-rank enough for the tolerance within the "
-                f"size of their delta: {names}{more}"
+                f"; NOT LOW-RANK: {len(large)} layer(s) need ranks near full (up to "
+                f"{max(layer.rank for layer in large)}), so their factors are larger than the changed weights "
+                "(edit.safetensors is the compact form of those)"
             )
         if self.not_carried:
             names = ", ".join(self.not_carried[:5]) + (" ..." if len(self.not_carried) > 5 else "")
@@ -118,9 +125,8 @@ def factorize(
 ) -> tuple[torch.Tensor, torch.Tensor, LayerFit]:
     """LoRA factors (up B: out × r [× 1 × 1], down A: r × in [× kh × kw]) of a Linear or Conv2d weight delta.
 
-    The rank is the smallest whose truncation error is within `tolerance` (relative Frobenius), capped at
-    floor(out·k / (out + k)) for the out × k flattened delta so the factors hold no more numbers than the
-    delta. The singular values are split evenly between the factors (B = U√S, A = √S Vᵀ), so neither factor
+    The rank is the smallest whose truncation error is within `tolerance` (relative Frobenius), at most the
+    full rank min(out, k) of the out × k flattened delta, which reproduces it. The singular values are split evenly between the factors (B = U√S, A = √S Vᵀ), so neither factor
     is badly scaled. The returned fit's `name` is empty. Computed in float64 on `device` (a GPU makes the SVDs
     of a Stable Diffusion UNet's layers quick); the factors come back fp32, on the CPU.
     """
@@ -130,26 +136,24 @@ def factorize(
     matrix = delta.detach().to(device=device, dtype=torch.float64).reshape(shape[0], -1)
     out, k = matrix.shape
     full_rank = min(out, k)
-    cap = max(1, (out * k) // (out + k))
     norm = torch.linalg.matrix_norm(matrix)
     if norm == 0:
         up, down = matrix.new_zeros(out, 1), matrix.new_zeros(1, k)
-        rank, capped = 1, False
+        rank = 1
     else:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         # tail[r] = the relative error of keeping the first r singular values (Eckart-Young)
         tail = (s.flip(0) ** 2).cumsum(0).flip(0).sqrt() / norm
         tail = torch.cat([tail, tail.new_zeros(1)])
-        needed = int(torch.nonzero(tail <= tolerance)[0])
-        needed = max(needed, 1)
-        rank, capped = min(needed, cap), needed > cap
+        rank = max(int(torch.nonzero(tail <= tolerance)[0]), 1)
         root = s[:rank].sqrt()
         up, down = u[:, :rank] * root, root[:, None] * vh[:rank]
     error = float(torch.linalg.matrix_norm(up @ down - matrix) / norm) if norm > 0 else 0.0
     up, down = up.float().cpu(), down.float().cpu()
     if len(shape) == 4:  # a conv kernel: A is a conv of the layer's kernel size, B a 1 × 1 conv
         up, down = up.reshape(out, rank, 1, 1), down.reshape(rank, *shape[1:])
-    return up.contiguous(), down.contiguous(), LayerFit("", rank, error, full_rank, capped)
+    larger = rank * (out + k) > out * k
+    return up.contiguous(), down.contiguous(), LayerFit("", rank, error, full_rank, larger)
 
 
 def loraable(module: nn.Module) -> bool:
@@ -233,6 +237,7 @@ def export_lora(
             {f.name: {"rank": f.rank, "relative_error": float(f"{f.error:.3e}")} for f in fits}
         ),
         "unlearn.lora_inexact_layers": json.dumps([f.name for f in result.inexact]),
+        "unlearn.lora_not_low_rank_layers": json.dumps([f.name for f in fits if f.larger_than_delta]),
         "unlearn.not_carried": json.dumps(not_carried),
         **(metadata or {}),
     }
