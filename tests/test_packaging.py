@@ -18,13 +18,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+import unlearn
 from unlearn.checkpoints import atomic_path, save_state_dict
 from unlearn.cli import main
 from unlearn.errors import CheckpointNotFoundError
 from unlearn.recipe import check_reference, find_path, load_recipe, shipped_roots
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "recipes"
+# the checkout of the package these tests import (the same as ROOT, unless another editable install of the
+# toolkit comes first on sys.path): where its lookup finds the shipped recipes and suites
+CHECKOUT = Path(unlearn.__file__).resolve().parents[1]
+RECIPES = CHECKOUT / "recipes"
 QUICK_SUITE = {  # one method and its Retrain reference, one epoch each, one seed: seconds on the digits world
     "name": "tiny",
     "recipes": "classifier/digits",  # a shipped folder by its short name
@@ -49,8 +53,8 @@ def test_short_names_and_paths_from_any_directory(tmp_path, monkeypatch):
     assert find_path("classifier/digits/salun") == salun
     assert find_path("classifier/digits/salun.yaml", "recipe") == salun
     assert find_path("recipes/classifier/digits/salun.yaml") == salun
-    assert find_path("digits_classwise", "suite") == ROOT / "evals" / "digits_classwise.yaml"
-    assert find_path("evals/digits_classwise.yaml") == ROOT / "evals" / "digits_classwise.yaml"
+    assert find_path("digits_classwise", "suite") == CHECKOUT / "evals" / "digits_classwise.yaml"
+    assert find_path("evals/digits_classwise.yaml") == CHECKOUT / "evals" / "digits_classwise.yaml"
     (tmp_path / "classifier" / "digits").mkdir(parents=True)
     mine = tmp_path / "classifier" / "digits" / "salun.yaml"
     mine.write_text("method: salun\n")
@@ -94,8 +98,8 @@ def test_site_packages_is_never_taken_for_a_checkout():
     """The checkout is the package's parent only where pyproject.toml is (site-packages may hold another
     package named `evals`)."""
     roots = shipped_roots()
-    assert roots[0] == ROOT and (ROOT / "pyproject.toml").is_file()
-    assert all(root == ROOT or root.name == "_data" for root in roots)
+    assert roots[0] == CHECKOUT and (CHECKOUT / "pyproject.toml").is_file()
+    assert all(root == CHECKOUT or root.name == "_data" for root in roots)
 
 
 def test_version_and_ls(tmp_path, monkeypatch, capsys):
