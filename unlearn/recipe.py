@@ -107,6 +107,9 @@ class EvalSpec:
     metrics: list | None = None  # None: the family's default metrics (`unlearn ls metrics FAMILY`)
     reference: str | None = None  # a recipe (relative to this one) or run folder giving the Retrain reference
     original: bool = True  # also score the model before unlearning (keys original_*)
+    # reuse the original model's scores from the toolkit cache when the same model, task, settings and seed were
+    # scored before (generative families; `unlearn.evalcache`)
+    cache: bool = True
     batch_size: int = 256
     # Generative models: how samples are drawn and judged (unlearn.harness.diffusion, unlearn.harness.gan).
     judge: str | None = None  # a classifier folder or "module:function"; None: the digits world's classifier

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -36,6 +37,17 @@ class MetricInfo:
     unit: str = "%"
     requested_by: str | None = None
 
+
+# `eval` settings of what happens around scoring, not of scoring: not part of the original scores' cache key.
+AROUND_SCORING = (
+    "reference",
+    "original",
+    "cache",
+    "attacks",
+    "attack_seeds",
+    "utility_margin",
+    "lora_tolerance",
+)
 
 # Keys every run writes, whatever its family.
 COMMON: dict[str, MetricInfo] = {
@@ -169,6 +181,81 @@ class Harness(ABC):
     def score(self, model: Model, data: UnlearnData, original: bool = False) -> Scores:
         """Score `model` on the task with the recipe's `eval.metrics`; `original`: it is the model before
         unlearning (comparisons of a model with itself are skipped)."""
+
+    # Whether the original model's scores are worth caching (`score_original`): the generative families, whose
+    # scoring generates thousands of images; a classifier's is one pass over its test set.
+    cache_original: ClassVar[bool] = False
+    grid_size: ClassVar[int] = 0  # images per set that the report's sample grids show (and the cache keeps)
+    score_version: ClassVar[int] = 1  # bump when scoring changes outside the files `code_hash` reads
+
+    def score_original(self, model: Model, data: UnlearnData) -> Scores:
+        """`score(model, data, original=True)`, read from the toolkit cache (`unlearn.evalcache`) when the same
+        original model was scored before with the same task, evaluation settings and seed; otherwise scored and
+        stored there. Off with `eval.cache: false`, and for families that do not cache (`cache_original`).
+        Cached, the images are those the sample grids show (`grid_size` per set)."""
+        if not (self.cache_original and self.recipe.eval.cache):
+            return self.score(model, data, original=True)
+        from .. import evalcache
+        from ..errors import OutputError
+        from ..metrics.generation import _owner_module
+
+        judge = getattr(self, "judge", None)
+        if judge is not None and _owner_module(judge) is None:
+            self.log("original scores: not cached (the judge is a plain function, which no key can capture)")
+            return self.score(model, data, original=True)
+
+        material = self.cache_material(model, data)
+        key = evalcache.entry_key(material)
+        path = evalcache.entry_path(self.family, key)
+        if path.exists():
+            found = evalcache.read_entry(path, key, material)
+            if isinstance(found, tuple):
+                self.log(f"original scores: cached ({key[:12]})")
+                return Scores(*found)
+            self.log(f"original scores: ignoring cache entry {path} ({found}); scoring again")
+        scores = self.score(model, data, original=True)
+        grids = {name: images[: self.grid_size] for name, images in scores.images.items()}
+        try:
+            evalcache.write_entry(path, key, material, scores.metrics, grids)
+            self.log(f"original scores: stored in the cache ({key[:12]})")
+        except OutputError as err:  # a read-only or full cache costs later runs time, not this run its result
+            self.log(f"original scores: not cached ({err})")
+        return scores
+
+    def cache_material(self, model: Model, data: UnlearnData) -> dict:
+        """What the original model's scores depend on (the cache key is its hash): the scoring code (its version
+        and source files), the model's weights as scored, the task (the recipe's data section and the prompts or
+        classes built from it), the evaluation settings that change what is generated or measured, the seed,
+        the metrics asked for, the judge's weights and the device. Families add theirs
+        (`super().cache_material(...)`)."""
+        from .. import __version__
+        from ..evalcache import weights_hash
+        from ..metrics.generation import extractor_fingerprint
+
+        ev = dataclasses.asdict(self.recipe.eval)
+        for name in AROUND_SCORING:
+            ev.pop(name, None)
+        judge = getattr(self, "judge", None)
+        device = self.device.type
+        if device == "cuda":
+            device += f" {torch.cuda.get_device_name(self.device)}"
+        return {
+            "harness": f"{type(self).__module__}.{type(self).__qualname__}",
+            "score_version": self.score_version,
+            "code": code_hash(type(self), type(model)),
+            "grid_size": self.grid_size,
+            "toolkit": __version__,
+            "torch": torch.__version__,
+            "device": device,
+            "checkpoint": str(self.recipe.model.checkpoint),
+            "weights": weights_hash(model),
+            "data": dataclasses.asdict(self.recipe.data),
+            "prompts": dataclasses.asdict(data.prompts) if data.prompts is not None else None,
+            "eval": ev,
+            "metrics": list(self.names),
+            "seed": self.recipe.seed,
+            "judge": extractor_fingerprint(judge) if judge is not None else None,
+        }
 
     @classmethod
     def compare(cls, metrics: dict, reference: dict | None) -> dict:
@@ -337,6 +424,21 @@ class Harness(ABC):
         """The `original` and Retrain rows of the bench, from the Retrain run's metrics."""
         original = {k[len("original_") :]: v for k, v in reference.items() if k.startswith("original_")}
         return {**cls.bench_row(original, reference), "RTE_s": 0.0}, cls.bench_row(reference, reference)
+
+
+def code_hash(*classes) -> str:
+    """sha256 of the source files that define `classes` and of the generation metrics: an edit to the scoring,
+    sampling or metric code changes the key of the original scores' cache (a development checkout included)."""
+    import hashlib
+    import inspect
+
+    from ..metrics import generation
+
+    digest = hashlib.sha256()
+    files = {inspect.getsourcefile(c) for c in classes} | {inspect.getsourcefile(generation)}
+    for file in sorted(f for f in files if f):
+        digest.update(Path(file).read_bytes())
+    return digest.hexdigest()
 
 
 def guard_lines(metrics: dict) -> list[str]:

@@ -108,6 +108,27 @@ class DiffusionHarness(Harness):
         "`recipe.yaml`, `metrics.json`, `train.jsonl`, `run.log`."
     )
 
+    cache_original = True  # `Harness.score_original`: the original's generations are read from the cache
+    grid_size = 40  # images per set in the report's sample grids
+
+    def cache_material(self, model, data):
+        """Besides the common key: what sampling reads outside the weights (the scheduler's configuration,
+        the tokenizer's vocabulary), the diffusers version, and the CLIP model of `clip_score`."""
+        import diffusers
+
+        from ..runfolder import checkpoint_fingerprint
+
+        material = super().cache_material(model, data)
+        tokenizer = getattr(model, "tokenizer", None)
+        vocab = tokenizer.get_vocab() if tokenizer is not None else None
+        material.update(
+            diffusers=diffusers.__version__,
+            scheduler=dict(model.scheduler.config),
+            tokenizer=json.dumps(vocab, sort_keys=True) if vocab is not None else None,
+            clip=checkpoint_fingerprint(self.recipe.eval.clip_model) if self.recipe.eval.clip_model else None,
+        )
+        return material
+
     def setup(self):
         from ..models import load_model
 
@@ -176,13 +197,23 @@ class DiffusionHarness(Harness):
             self.log(
                 "no judge to take FID features from: FID needs eval.judge or eval.fid_features: inception"
             )
-        self.fid_cache = None
-        if self.recipe.data.dataset == "digits" and ev.fid_features == "judge":
+        self.fid_cache, self.real = None, None
+        if "fid" in self.names and len(data.retain):
+            from ..evalcache import tensor_hash
             from ..metrics.generation import extractor_fingerprint
             from ..worlds import cache_dir
 
-            judge = extractor_fingerprint(self.judge)
-            name = f"digits-retain-{data.prompts.concept}-{original.conditioning}-judge-{judge}.npz"
+            # FID's real side, computed once per real set and feature extractor, then read from the cache
+            self.real = torch.stack([data.retain[i][0] for i in range(len(data.retain))])
+            features = (
+                "inception"
+                if ev.fid_features == "inception"
+                else f"judge-{extractor_fingerprint(self.judge)}"
+            )
+            if self.recipe.data.dataset == "digits":
+                name = f"digits-retain-{data.prompts.concept}-{original.conditioning}-{features}.npz"
+            else:  # images the original model generated (`dataset: generated`): named by their hash
+                name = f"real-{tensor_hash(self.real)[:24]}-{features}.npz"
             self.fid_cache = cache_dir() / "fid" / name
         self.unet_before = {n: t.detach().cpu().clone() for n, t in original.unet.state_dict().items()}
         self.concept = data.prompts.concept  # named in the edit and LoRA files' metadata
@@ -232,7 +263,7 @@ class DiffusionHarness(Harness):
             images[key] = draw(conditions, offset)
             if metric not in names:
                 return conditions
-            hits = judge_labels(judge, images[key]) == torch.tensor(labels)
+            hits = judge_labels(judge, images[key], ev.batch_size) == torch.tensor(labels)
             results[metric] = share(hits)
             if len(parts) > 1:
                 for concept, start, stop in spans:
@@ -246,19 +277,17 @@ class DiffusionHarness(Harness):
             images["retain"] = draw(retain, 2)
         if "retain_accuracy" in names and labels:
             labels = torch.tensor(labels)
-            correct = judge_labels(judge, images["retain"]) == labels
+            correct = judge_labels(judge, images["retain"], ev.batch_size) == labels
             results["retain_accuracy"] = share(correct)
             if prompts.neighbor_labels:
                 near = torch.isin(labels, torch.tensor(prompts.neighbor_labels))
                 results["neighbor_accuracy"] = share(correct[near])
                 results["unrelated_accuracy"] = share(correct[~near])
         if "fid" in names and retain:
-            cached = (
-                self.fid_cache is not None and Path(self.fid_cache).exists()
-            )  # real statistics computed once
-            real = None if cached else torch.stack([data.retain[i][0] for i in range(len(data.retain))])
             extractor = "inception" if ev.fid_features == "inception" else features_of(judge)
-            results["fid"] = fid(real, images["retain"], extractor, device=model.device, cache=self.fid_cache)
+            results["fid"] = fid(
+                self.real, images["retain"], extractor, device=model.device, cache=self.fid_cache
+            )
         if "clip_score" in names or ev.clip_model:
             if ev.clip_model is None:
                 raise ConfigError("clip_score needs a local CLIP model folder: set eval.clip_model")
@@ -352,7 +381,7 @@ class DiffusionHarness(Harness):
 
         grids = {}
         for name, after in scores.images.items():
-            count = min(len(after), 40)
+            count = min(len(after), self.grid_size)
             grids[name] = {
                 "unlearned": save_grid(after[:count], output / f"samples_{name}.png", nrow=10).name
             }

@@ -75,6 +75,17 @@ class GANHarness(Harness):
         "writes beside them."
     )
 
+    cache_original = True  # `Harness.score_original`: the original's samples and scores come from the cache
+    grid_size = 100  # samples in the report's grids
+
+    def cache_material(self, model, data):
+        """Besides the common key: the real retained images FID compares with (a dataset folder may change)."""
+        from ..evalcache import tensor_hash
+
+        material = super().cache_material(model, data)
+        material["real"] = tensor_hash(self.real) if self.real is not None else None
+        return material
+
     def setup(self):
         from ..models import load_model
 
@@ -125,13 +136,16 @@ class GANHarness(Harness):
         self.real, self.fid_cache = None, None
         if len(data.retain):
             self.real = torch.stack([data.retain[i][0] for i in range(len(data.retain))])
-            if self.recipe.data.dataset == "digits":
-                from ..worlds import cache_dir
+            from ..evalcache import tensor_hash
+            from ..worlds import cache_dir
 
-                judge = extractor_fingerprint(self.judge)
+            judge = extractor_fingerprint(self.judge)
+            if self.recipe.data.dataset == "digits":
                 self.fid_cache = cache_dir() / "fid" / f"digits-retain-{label}-gan-judge-{judge}.npz"
-        draw = original.sample(ev.samples, seed=self.recipe.seed + 1)
-        self.original_retained = draw[judge_labels(self.judge, draw) != label]
+            else:  # FID's real side, computed once per real set and judge: named by the images' hash
+                self.fid_cache = cache_dir() / "fid" / f"real-{tensor_hash(self.real)[:24]}-judge-{judge}.npz"
+        draw = original.sample(ev.samples, seed=self.recipe.seed + 1, batch_size=ev.batch_size)
+        self.original_retained = draw[judge_labels(self.judge, draw, ev.batch_size) != label]
 
     @torch.no_grad()
     def score(self, model, data, original: bool = False) -> Scores:
@@ -194,7 +208,7 @@ class GANHarness(Harness):
         from ..metrics.generation import save_grid
 
         images = scores.images["samples"]
-        count = min(len(images), 100)
+        count = min(len(images), self.grid_size)
         grids = {"unlearned": save_grid(images[:count], output / "samples.png", nrow=10).name}
         if original is not None:
             grids["original"] = save_grid(

@@ -327,7 +327,8 @@ def fid(
             e.g. a judge's `Classifier.features`; the images go to the device of its module.
         device: where Inception runs.
         cache: an .npz file for the real statistics (mu, sigma): read when it exists, otherwise computed
-            and written there. The path is the key: use one path per real set and extractor.
+            and written there (atomically). The path is the key: use one path per real set and extractor. An
+            unreadable file is computed again and replaced when `real_images` are given.
         batch_size: images per feature pass.
 
     Returns:
@@ -347,8 +348,15 @@ def fid(
         return image_features(images, extract, batch_size, device=feature_device)
 
     cache = Path(cache) if cache is not None else None
+    stats = None
     if cache is not None and cache.exists():
-        mu_real, sigma_real = _read_stats(cache)
+        try:
+            stats = _read_stats(cache)
+        except CheckpointError:
+            if real_images is None:
+                raise
+    if stats is not None:
+        mu_real, sigma_real = stats
     else:
         if real_images is None:
             raise ConfigError("FID needs real images (or a cache file that holds their statistics)")
