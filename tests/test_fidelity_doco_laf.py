@@ -104,7 +104,10 @@ def test_doco_adversarial_losses_match_bce_with_logits():
 
 
 class _StepTrainer:
-    """Stands in for the Trainer in `discriminator_step`: backward only, the gradients stay to be read."""
+    """Stands in for the Trainer in `discriminator_step`: backward only, the gradients stay to be read; one
+    process (no accelerator to gather the batch across)."""
+
+    accelerator = None
 
     def step(self, loss, optimizer=None, name="loss"):
         loss.backward()
@@ -202,10 +205,10 @@ def test_doco_model_steps_against_the_previous_discriminator(
 
     real = doco.DoCo.generator_gradients
 
-    def spy(self, adv, pres, params):
+    def spy(self, adv, pres, params, *rest):
         disc, start = created[0]
         seen.append(all(torch.equal(p, s) for p, s in zip(disc.parameters(), start)))
-        return real(self, adv, pres, params)
+        return real(self, adv, pres, params, *rest)
 
     monkeypatch.setattr(doco.PatchDiscriminator, "__init__", recording_init)
     monkeypatch.setattr(doco.DoCo, "generator_gradients", spy)

@@ -158,6 +158,7 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool, stric
     # Checked in every process before anything runs (the Retrain reference included), so that each process of
     # a multi-process launch fails here alike and only the main one says it (`cli.main`).
     processes = PartialState().num_processes
+    check_processes(recipe.build_method(), recipe.model.family, processes)
     batch_size = getattr(recipe.build_method(), "batch_size", None)
     if isinstance(batch_size, int) and processes > 1 and batch_size % processes:
         fit = batch_size - batch_size % processes or processes
@@ -173,10 +174,6 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool, stric
     set_seed(recipe.seed)
     method = recipe.build_method()
     harness = HARNESSES[recipe.model.family](recipe, accelerator.device, log)
-    if accelerator.num_processes > 1 and not harness.multi_process:
-        raise ConfigError(
-            f"{recipe.model.family} runs take a single process for now; launch them without --multi_gpu"
-        )
     with accelerator.main_process_first():  # a world checkpoint is built and cached once
         model, data = harness.setup()
     log(f"{recipe.method} on {recipe.model.checkpoint}: {data.describe()}")
@@ -189,7 +186,7 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool, stric
     if main:
         harness.before(model, data, reference_dir)
         if recipe.eval.original:
-            original = harness.score(model, data, original=True)
+            original = harness.score_original(model, data)  # from the cache when scored before
             metrics.update({f"original_{k}": v for k, v in original.metrics.items()})
 
     if auto_fields(recipe):  # `method.lr: auto`: a budgeted search on held-out training data (unlearn.tune)
@@ -236,6 +233,26 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool, stric
     return metrics
 
 
+def check_processes(method, family: str, processes: int) -> None:
+    """Refuse, in one sentence, a launch on several processes of a method that runs in one only: every method of
+    a family whose harness says `multi_process` (classifiers: `fit()` shards their batches) runs on several, and
+    a generative method when it says so itself (`Method.multi_process`)."""
+    if processes <= 1 or HARNESSES[family].multi_process or method.multi_process:
+        return
+    from .methods import METHODS
+
+    name = method.registered_as or type(method).__name__
+    able = sorted(
+        registered
+        for registered, variants in METHODS.items()
+        if any(family in variant.families and variant.multi_process for variant in variants)
+    )
+    raise ConfigError(
+        f"method {name!r} on {family} models runs in a single process for now; launch it without --multi_gpu "
+        f"(the {family} methods that run on several processes: {', '.join(able) or 'none yet'})"
+    )
+
+
 def _share_failure(accelerator, failure: UnlearnError | None) -> None:
     """Raise the main process's user error (`failure`, met while it alone scored and wrote the outputs) in
     every process: the others, waiting for it, would otherwise meet a broken process group when it exits."""
@@ -271,16 +288,14 @@ def evaluate_run(target: str | Path, log=print) -> dict:
     original, data = harness.setup()
     if not path.is_dir():
         harness.before(original, data, None)
-        return harness.score(original, data, original=True).metrics
+        return harness.score_original(original, data).metrics
     if (path / "pruned").exists():  # the run unlearned (and scored as original) the pruned model
         original = harness.load_output(path / "pruned", data)
     reference_dir, reference = reference_folder(recipe, path)
     harness.before(original, data, reference_dir)
     metrics: dict = {}
     if recipe.eval.original:
-        metrics = {
-            f"original_{k}": v for k, v in harness.score(original, data, original=True).metrics.items()
-        }
+        metrics = {f"original_{k}": v for k, v in harness.score_original(original, data).metrics.items()}
     scores = harness.score(harness.load_output(path / "model", data), data)
     metrics = {**scores.metrics, **({"RTE_s": recorded["RTE_s"]} if "RTE_s" in recorded else {}), **metrics}
     metrics.update(harness.compare(metrics, reference))

@@ -745,7 +745,9 @@ def train_diffusion(
         warmup_steps: steps of linear learning-rate warmup.
         log_every: steps between progress lines.
         accelerator: with a `project_dir`, the loop also writes `train.jsonl` and checkpoints, and resumes
-            (RetrainDiffusion); None for the worlds. fp32 and one process either way.
+            (RetrainDiffusion); None for the worlds. fp32. Several processes: the UNet trains under DDP, every
+            process draws each step's global batch, dropped conditions, noise and timesteps alike and trains on
+            its share (`shard`), so the result is the one-process one.
         stage: the stage's name in the log and checkpoints.
 
     Returns:
@@ -768,8 +770,9 @@ def train_diffusion(
     if accelerator is not None:
         optimizer = accelerator.prepare(optimizer)  # (fp16 loss scaling; the model still runs in fp32)
     batches = Batches(dataset, batch_size, torch.Generator().manual_seed(seed), _collate_conditions)
+    net = data_parallel(model, accelerator)
     trainer = Trainer(
-        model,
+        net,
         optimizer,
         accelerator,
         stage=stage,
@@ -783,11 +786,11 @@ def train_diffusion(
     )
     losses: list[float] = []
     started = time.perf_counter()
-    model.train()
+    net.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for step in trainer.loop():
-            loss = model.loss(next(batches), uncond_prob=uncond_prob)
+            loss = diffusion_loss(model, next(batches), uncond_prob, net, accelerator)
             if not torch.isfinite(loss):
                 raise TrainingError(f"diffusion training diverged at step {step}: loss {loss.item()}")
             trainer.step(loss)
@@ -798,8 +801,25 @@ def train_diffusion(
                     f"step {step + 1}/{steps}  loss {sum(recent) / len(recent):.4f}  "
                     f"{time.perf_counter() - started:.0f} s"
                 )
-    model.eval()
+    net.eval()
+    if net is not model:
+        accelerator.unwrap_model(net, keep_fp32_wrapper=False)  # (the model trained in place)
     return losses
+
+
+def diffusion_loss(model, batch, uncond_prob: float = 0.0, net=None, accelerator=None) -> torch.Tensor:
+    """`model.loss(batch, uncond_prob)`, the ordinary diffusion loss. On several processes (`net` the model as
+    `data_parallel` wrapped it): `batch` is the global batch, its random draws are those of `model.loss` in the
+    same order (dropped conditions, noise, timesteps) for the whole of it, and the UNet pass, through `net`, runs
+    on this process's share."""
+    if net is None or net is model:
+        return model.loss(batch, uncond_prob=uncond_prob)
+    images, conditions = batch
+    x0 = model.to_latents(images)
+    conditions = model.drop_conditions(conditions, uncond_prob) if conditions is not None else None
+    x_t, noise, t = model.noised(x0)
+    x_t, noise, t, conditions = shard(accelerator, x_t, noise, t, conditions)
+    return torch.nn.functional.mse_loss(net(x_t, t, model.encode(conditions)).float(), noise.float())
 
 
 def train_steps(
@@ -826,8 +846,12 @@ def train_steps(
     (autocast; fp16 loss scaling through the prepared optimizer), gradient accumulation (`loss_fn(step)` is
     called once per micro-batch), gradient masks and pinned weights (`mask` and the model's `pruning_mask`, as in
     `fit`), clipping (`clip_before_mask`: the full gradient, then the mask, as `Trainer`), NaN detection,
-    `train.jsonl` logging and checkpoints every `train.checkpoint_every_steps`. Single process: the model is not
-    wrapped for data parallelism. `settings`: the method's settings that a checkpoint must match.
+    `train.jsonl` logging and checkpoints every `train.checkpoint_every_steps`. `settings`: the method's settings
+    that a checkpoint must match.
+
+    Several processes: pass the model as `data_parallel` wrapped it, and let `loss_fn` draw the global batch alike
+    in every process and compute its loss on this process's `shard` of it (the `Method.multi_process` methods);
+    the returned model is unwrapped.
     """
     optimizer = accelerator.prepare(optimizer)
     trainer = Trainer(
@@ -846,11 +870,63 @@ def train_steps(
     model.train()
     for step in trainer.loop():
         for _ in range(accelerator.gradient_accumulation_steps):
-            with accelerator.autocast():
-                loss = loss_fn(step + 1)
-            trainer.step(loss)
+            # accumulate() around the forward pass too: DDP skips the all-reduce of micro-batches but the last
+            with trainer.accumulate():
+                with accelerator.autocast():
+                    loss = loss_fn(step + 1)
+                trainer.step(loss)
     model.eval()
-    return model
+    return accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+
+
+def data_parallel(model: nn.Module, accelerator) -> nn.Module:
+    """`model` wrapped for data parallelism (DDP, through `accelerator.prepare`) under a multi-process launch, else
+    `model` itself. Call the wrapped model for the forward passes whose gradient trains (DDP averages it over
+    the processes in the backward pass), the model itself for the rest (its other primitives, passes without
+    gradient). Freeze what does not train first: only parameters that require a gradient are synchronized."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return model
+    return accelerator.prepare(model)
+
+
+def shard(accelerator, *values):
+    """This process's share of a global batch: each of `values` (tensors, lists; None passes) cut along its first
+    dimension into `num_processes` equal parts, in process order.
+
+    The generative methods draw each step's global batch (examples, conditions, noise, timesteps) alike in every
+    process, from the same seeded RNG, and each process trains on its share: the global batch, and so the
+    result, does not depend on the number of processes. Returns the one value, or a tuple of them.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return values[0] if len(values) == 1 else values
+    count, index = accelerator.num_processes, accelerator.process_index
+    parts = []
+    for value in values:
+        if value is None:
+            parts.append(None)
+            continue
+        if len(value) % count:
+            raise ConfigError(
+                f"a batch of {len(value)} cannot be split evenly across {count} processes; use a batch size that "
+                f"is a multiple of {count}"
+            )
+        size = len(value) // count
+        parts.append(value[index * size : (index + 1) * size])
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def broadcast_tensors(accelerator, tensors) -> None:
+    """Give every process the main process's values of `tensors` (in place), e.g. what a closed-form edit or a
+    saliency pass computed: the processes then hold exactly the same model whatever their kernels did."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast
+
+    for tensor in tensors:
+        sent = tensor.detach().to(accelerator.device)
+        sent = broadcast(sent.to(torch.uint8) if sent.dtype == torch.bool else sent.clone(), from_process=0)
+        with torch.no_grad():
+            tensor.copy_(sent.to(tensor.device, tensor.dtype))
 
 
 def _rng_types(accelerator) -> list[str]:

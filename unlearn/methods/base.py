@@ -143,6 +143,12 @@ class Method(ABC):
     text_params: ClassVar[tuple[str, ...]] = ("xattn", "kv")
     # a diffusion method that trains on images of the concept (False: prompts alone, a `ConceptPrompts`, do)
     needs_images: ClassVar[bool] = True
+    # the method runs under a multi-process launch (`accelerate launch --num_processes N`) with the result of one
+    # process for the same global batch: its trained model wrapped for data parallelism (`train.data_parallel`),
+    # each step's global batch drawn alike everywhere and sharded (`train.shard`), a closed-form edit broadcast.
+    # Every classifier method runs so (the family's `fit()` does it for them: `Harness.multi_process`); a
+    # generative method that does not say so is refused on several processes (`pipeline.check_processes`).
+    multi_process: ClassVar[bool] = False
     # set by the registry (`unlearn.methods.METHODS`): the name this method is registered as, and its variants
     # for every family (this class among them)
     registered_as: ClassVar[str | None] = None

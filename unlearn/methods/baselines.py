@@ -15,7 +15,17 @@ import torch.nn.functional as F
 from ..data import UnlearnData
 from ..errors import ConfigError
 from ..models.base import Model
-from ..train import Phase, endless, fit, make_loader, make_optimizer, train_diffusion, train_steps
+from ..train import (
+    Phase,
+    data_parallel,
+    diffusion_loss,
+    endless,
+    fit,
+    make_loader,
+    make_optimizer,
+    train_diffusion,
+    train_steps,
+)
 from .base import Method, hyperparameter
 
 
@@ -202,12 +212,14 @@ class RetrainDiffusion(Method):
     2. Train with the ordinary diffusion loss on D_r for `steps` steps with the loop that trains the digits
        world (`unlearn.train.train_diffusion`: AdamW, `warmup_steps` of linear warmup then cosine decay,
        gradients clipped at norm 1, the condition dropped with probability `uncond_prob` for classifier-free
-       guidance), seeded by the run's seed. fp32, single process.
+       guidance), seeded by the run's seed. fp32; on several processes with the one-process result for the same
+       global batch (`multi_process`: DDP, the global batch drawn alike and sharded).
 
     The defaults are the digits DDPM world's training recipe, so Retrain is the original minus the class.
     """
 
     families = ("diffusion",)
+    multi_process = True
     accumulates = False  # the digits world's loop (`train_diffusion`)
     steps: int = hyperparameter(1500, "optimizer steps of training from scratch (the digits DDPM world's)")
     lr: float = hyperparameter(2e-3, "AdamW peak learning rate (the digits DDPM world's)")
@@ -257,9 +269,13 @@ class GradAscentDiffusion(Method):
     never dropped (the reference's forward drops it with probability 0.1); timesteps are uniform (the
     reference's are antithetic); and `retain_weight` defaults to 0, plain gradient ascent as the baseline the
     papers compare against (the reference's `--alpha` defaults to 1).
+
+    Several processes (`multi_process`): the UNet trains under DDP on each process's share of the global batches,
+    drawn alike in every process (`unlearn.train.diffusion_loss`), so the run is the one-process run.
     """
 
     families = ("diffusion",)
+    multi_process = True
     steps: int = hyperparameter(100, "optimizer steps of ascent, each on one forget (and one retain) batch")
     lr: float = hyperparameter(1e-5, "Adam learning rate; keep it small, nothing bounds the ascent")
     batch_size: int = hyperparameter(64, "images per forget batch and per retain batch")
@@ -276,13 +292,18 @@ class GradAscentDiffusion(Method):
         chosen = model.train_only(self.params)
         forget, retain = endless(data.forget, self.batch_size), endless(data.retain, self.batch_size)
         optimizer = torch.optim.Adam(chosen.values(), lr=self.lr)
+        net = data_parallel(model, accelerator)  # the UNet's trained passes, under DDP on several processes
 
         def loss_fn(step: int) -> torch.Tensor:
-            loss = -model.loss(next(forget))
-            return loss + self.retain_weight * model.loss(next(retain)) if self.retain_weight else loss
+            loss = -diffusion_loss(model, next(forget), net=net, accelerator=accelerator)
+            if not self.retain_weight:
+                return loss
+            return loss + self.retain_weight * diffusion_loss(
+                model, next(retain), net=net, accelerator=accelerator
+            )
 
         return train_steps(
-            model,
+            net,
             loss_fn,
             optimizer,
             accelerator,

@@ -14,7 +14,7 @@ from torch import nn
 from ..data import UnlearnData
 from ..errors import ConfigError
 from ..models.base import Model
-from ..train import Trainer
+from ..train import Trainer, shard
 from .base import Method, hyperparameter
 
 CPG_MODES = ("reference", "projection", "none")
@@ -90,7 +90,13 @@ class DoCo(Method):
       more, kept so that `warm_up` means what it says.
     - The reference converts ε to x̂0 through a patched diffusers DDPM scheduler; we use `predict_x0`, the same
       formula, batched.
-    - The reference runs accelerate's multi-GPU loop; this loop is single process.
+    - The reference runs accelerate's multi-GPU loop; so does this one (`multi_process`), with the result of one
+      process for the same global batch: every process draws each iteration's anchor images, flips, noise and
+      timesteps for the whole batch alike and runs the UNet on its share (`unlearn.train.shard`); the UNet's two
+      gradients (taken with `torch.autograd.grad` for the CPG, which DDP does not see) are averaged over the
+      processes before clipping and CPG. The discriminator, small but with BatchNorm (batch statistics: a share
+      would see other ones, and SyncBatchNorm runs on GPUs only), judges the whole gathered x̂0 batch in every
+      process alike, so it needs no DDP; the teacher is each process's own unwrapped copy.
 
     Defaults follow the reference README's commands (1 GPU): batch 8, lr 6e-6 × 8 (`--scale_lr`) = 4.8e-5,
     2000 iterations with 1000 of warm-up, λ 1, `max_grad_norm` 1, AdamW weight decay 1e-2, dlr (`disc_lr`) 1e-4 (objects,
@@ -98,6 +104,7 @@ class DoCo(Method):
     """
 
     families = ("diffusion",)
+    multi_process = True
     needs_images = False  # prompts alone: a ConceptPrompts is a whole task
     accumulates = False  # two optimizers per iteration
     text_params = ("xattn", "kv", "noxattn", "all_but_xattn")
@@ -186,10 +193,6 @@ class DoCo(Method):
             raise ConfigError("doco's loop has no fp16 loss scaling; use train.mixed_precision bf16 or no")
 
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
-        if accelerator.num_processes > 1:
-            raise ConfigError(
-                "doco runs in a single process (its two-optimizer loop); launch it without --multi_gpu"
-            )
         if accelerator.mixed_precision == "fp16":
             raise ConfigError("doco's loop has no fp16 loss scaling; use train.mixed_precision bf16 or no")
         if accelerator.gradient_accumulation_steps > 1:
@@ -237,8 +240,9 @@ class DoCo(Method):
         for position in trainer.loop():
             train_model = position >= self.warm_up
             # -- x̂0 of the target prompt (trained model) and of the anchor prompt (teacher) on the same x_t
-            x0, targets, anchors = draw()
+            x0, targets, anchors = draw()  # the global batch, drawn alike in every process
             x_t, _, t = model.noised(x0)
+            x_t, t, targets, anchors = shard(accelerator, x_t, t, targets, anchors)
             with accelerator.autocast():
                 with torch.no_grad():
                     eps_anchor = teacher(x_t, t, teacher.encode(anchors))
@@ -252,15 +256,18 @@ class DoCo(Method):
                 self.discriminator_step(trainer, disc, d_opt, x0_anchor, x0_concept, after_model_step=False)
             # -- the model: fool the discriminator while the anchor keeps its ordinary diffusion loss
             if train_model:
-                adv_loss = _bce(disc(x0_concept), 0.0)
+                adv_loss, adv_term = self.adversarial_loss(disc, x0_concept, accelerator)
                 prior_x0, _, prior_prompts = draw()
                 prior_x_t, prior_noise, prior_t = model.noised(prior_x0)
+                prior_x_t, prior_noise, prior_t, prior_prompts = shard(
+                    accelerator, prior_x_t, prior_noise, prior_t, prior_prompts
+                )
                 with accelerator.autocast():
                     with torch.no_grad():
                         prior_cond = model.encode(prior_prompts)
                     prior_eps = model(prior_x_t, prior_t, prior_cond)
                 pres_loss = F.mse_loss(prior_eps.float(), prior_noise.float())
-                grads = self.generator_gradients(adv_loss, pres_loss, params)
+                grads = self.generator_gradients(adv_term, pres_loss, params, accelerator)
                 for param, grad in zip(params, grads):
                     param.grad = grad.to(param.dtype)
                 trainer.update()
@@ -271,30 +278,58 @@ class DoCo(Method):
         model.eval()
         return model
 
+    def adversarial_loss(self, disc: nn.Module, x0_concept, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_adv = BCE(D(x̂0_concept), 0) of the global batch, and the term whose gradient trains the UNet.
+
+        One process: both are L_adv. Several: the discriminator judges the gathered global batch (its BatchNorm
+        sees the one-process batch statistics), and the term is ⟨x̂0 share, N ∂L_adv/∂(that share)⟩, whose
+        gradient, averaged over the N processes (`generator_gradients`), is the one-process ∇L_adv."""
+        if accelerator is None or accelerator.num_processes == 1:
+            loss = _bce(disc(x0_concept), 0.0)
+            return loss, loss
+        whole = accelerator.gather(x0_concept.detach().contiguous()).requires_grad_()
+        loss = _bce(disc(whole), 0.0)
+        (grad,) = torch.autograd.grad(loss, whole)
+        term = (x0_concept * shard(accelerator, grad)).sum() * accelerator.num_processes
+        return loss.detach(), term
+
     def discriminator_step(
         self, trainer: Trainer, disc: nn.Module, d_opt, x0_anchor, x0_concept, after_model_step: bool
     ) -> None:
         """One Adam step of the discriminator: anchor outputs are "real" (0), the target's "fake" (1), as the
         reference; after a model step of `generator_first` with `disc_adversarial_term`, plus the model's
         adversarial loss BCE(D(x̂0_concept), 0), whose gradient the reference leaves in the discriminator."""
-        real, fake = disc(x0_anchor), disc(x0_concept.detach())
+        real, fake = (
+            disc(_gathered(x0_anchor, trainer.accelerator)),
+            disc(_gathered(x0_concept, trainer.accelerator)),
+        )
         d_loss = _bce(real, 0.0) + _bce(fake, 1.0)
         if after_model_step and self.disc_adversarial_term:
             d_loss = d_loss + _bce(fake, 0.0)
         trainer.step(d_loss, optimizer=d_opt, name="discriminator")
 
     def generator_gradients(
-        self, adv_loss: torch.Tensor, pres_loss: torch.Tensor, params: Sequence[torch.Tensor]
+        self,
+        adv_loss: torch.Tensor,
+        pres_loss: torch.Tensor,
+        params: Sequence[torch.Tensor],
+        accelerator=None,
     ) -> list[torch.Tensor]:
-        """The model's update direction from the adversarial and preservation losses, by `cpg`."""
+        """The model's update direction from the adversarial and preservation losses, by `cpg`. On several
+        processes each gradient is averaged over them first: the gradient of the global batch's mean loss."""
         if self.cpg == "none":
             grads = torch.autograd.grad(adv_loss + self.prior_weight * pres_loss, params, allow_unused=True)
-            return clip_gradients(_zeros_for_none(grads, params), self.max_grad_norm)
+            grads = _mean_over_processes(_zeros_for_none(grads, params), accelerator)
+            return clip_gradients(grads, self.max_grad_norm)
         # The reference computes the preservation gradient first, then the adversarial one; each is clipped.
         g_pres = torch.autograd.grad(pres_loss, params, retain_graph=True, allow_unused=True)
-        g_pres = clip_gradients(_zeros_for_none(g_pres, params), self.max_grad_norm)
+        g_pres = clip_gradients(
+            _mean_over_processes(_zeros_for_none(g_pres, params), accelerator), self.max_grad_norm
+        )
         g_adv = torch.autograd.grad(adv_loss, params, allow_unused=True)
-        g_adv = clip_gradients(_zeros_for_none(g_adv, params), self.max_grad_norm)
+        g_adv = clip_gradients(
+            _mean_over_processes(_zeros_for_none(g_adv, params), accelerator), self.max_grad_norm
+        )
         if self.cpg == "reference":
             g_adv = cpg_reference(g_adv, g_pres, self.cpg_lambda)
         else:
@@ -318,6 +353,21 @@ class DoCo(Method):
             batch_size=self.generate_batch_size,
         )
         return images, which
+
+
+def _gathered(x: torch.Tensor, accelerator) -> torch.Tensor:
+    """The global batch of which `x` is this process's share, in process order, without gradient."""
+    x = x.detach()
+    if accelerator is None or accelerator.num_processes == 1:
+        return x
+    return accelerator.gather(x.contiguous())
+
+
+def _mean_over_processes(grads: list[torch.Tensor], accelerator) -> list[torch.Tensor]:
+    """Each gradient averaged over the processes (what DDP does for a `backward`, done here for `autograd.grad`)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return grads
+    return accelerator.reduce(grads, reduction="mean")
 
 
 def random_hflip(images: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..data import UnlearnData
 from ..errors import ConfigError
 from ..models.base import Model
-from ..train import train_steps
+from ..train import data_parallel, shard, train_steps
 from .base import Method, hyperparameter
 
 
@@ -46,9 +46,15 @@ class ESD(Method):
     its sampling. Its `esd-u` set (every Linear / Conv2d outside `attn2`: norms frozen, time embedding and
     `conv_out` trained) is not offered; `noxattn` is the paper code's. The digits recipes use larger batches
     and fewer steps.
+
+    Several processes (`multi_process`): the edited UNet trains under DDP, the frozen θ* is each process's own
+    unwrapped copy (one UNet; the text encoder is shared). Every process draws each step's prompts, k, t and
+    the trajectory's starting noise for the whole batch alike, then samples, scores and trains its share of it
+    (`unlearn.train.shard`), so the run is the one-process run.
     """
 
     families = ("diffusion",)
+    multi_process = True
     needs_images = False  # prompts alone: a ConceptPrompts is a whole task
     text_params = ("xattn", "kv", "noxattn", "all_but_xattn")
     steps: int = hyperparameter(1000, "optimizer steps")
@@ -85,13 +91,19 @@ class ESD(Method):
         if self.timestep not in ("bin", "step"):
             raise ConfigError(f"esd timestep must be 'bin' or 'step', not {self.timestep!r}")
 
-    def noisy_point(self, sampler_model: Model, cond, uncond, sampler, k: int, rng: random.Random):
-        """x_t and t for sampling step k (step 2a above), without gradient."""
-        if self.timestep == "step":
-            (x_t,) = sampler_model.trajectory(cond, sampler, [k], self.start_guidance, uncond)
+    def noisy_point(
+        self, sampler_model: Model, cond, uncond, sampler, k: int, rng: random.Random, accelerator=None
+    ):
+        """x_t and t for sampling step k (step 2a above), without gradient. The starting noise is drawn for the
+        global batch (`cond`, `uncond`); x_t is this process's share of it (`unlearn.train.shard`)."""
+        noise = torch.randn(sampler_model.latent_shape(len(cond)), device=sampler_model.device)
+        noise, cond, uncond = shard(accelerator, noise, cond, uncond)
+        if self.timestep == "step":  # the model's trajectory, up to the latent before step k
+            x_t = sampler_model.denoise(
+                noise * sampler.init_noise_sigma, cond, sampler, 0, k, self.start_guidance, uncond
+            )
             return x_t, sampler.timesteps[k]
         steps, total = self.ddim_steps, sampler_model.num_train_timesteps
-        noise = torch.randn(sampler_model.latent_shape(len(cond)), device=sampler_model.device)
         stop = min(steps, steps + 1 - k)
         x_t = sampler_model.denoise(
             noise * sampler.init_noise_sigma, cond, sampler, 1, stop, self.start_guidance, uncond
@@ -110,7 +122,8 @@ class ESD(Method):
         prompts = data.prompts
         pairs = list(zip(prompts.forget, prompts.anchor))
         sampler = model.sampler(self.ddim_steps)
-        rng = random.Random(torch.initial_seed())
+        rng = random.Random(torch.initial_seed())  # the same stream in every process: the global batch
+        net = data_parallel(model, accelerator)  # the trained UNet pass, under DDP on several processes
 
         def loss_fn(step: int) -> torch.Tensor:
             batch = [rng.choice(pairs) for _ in range(self.batch_size)]
@@ -124,15 +137,16 @@ class ESD(Method):
             with torch.no_grad():
                 cond, uncond = model.encode(conditions), model.encode(model.null_conditions(len(batch)))
                 sampler_model = model if self.sample_with == "model" else teacher
-                x_t, t = self.noisy_point(sampler_model, cond, uncond, sampler, k, rng)
+                x_t, t = self.noisy_point(sampler_model, cond, uncond, sampler, k, rng, accelerator)
+                cond, references = shard(accelerator, cond, references)
                 e_0 = teacher(x_t, t, teacher.encode(references))
                 e_c = teacher(x_t, t, cond)
                 target = e_0 - self.negative_guidance * (e_c - e_0)
-            return F.mse_loss(model(x_t, t, cond).float(), target.float())
+            return F.mse_loss(net(x_t, t, cond).float(), target.float())
 
         optimizer = torch.optim.Adam(chosen.values(), lr=self.lr)
         return train_steps(
-            model,
+            net,
             loss_fn,
             optimizer,
             accelerator,

@@ -14,7 +14,18 @@ from ..data import UnlearnData
 from ..errors import ConfigError
 from ..models.base import Model
 from ..params import ParamMask, saliency_mask
-from ..train import AUGMENTATIONS, Phase, endless, fit, make_loader, make_optimizer, train_steps
+from ..train import (
+    AUGMENTATIONS,
+    Phase,
+    broadcast_tensors,
+    data_parallel,
+    endless,
+    fit,
+    make_loader,
+    make_optimizer,
+    shard,
+    train_steps,
+)
 from .base import Method, hyperparameter
 
 
@@ -357,6 +368,10 @@ class SalUnDiffusion(Method):
        Clip the full gradient to `max_grad_norm`, then mask it (`clip_before_mask`); Adam.
     3. Weights outside the mask never move (values and optimizer state restored after every step).
 
+    Several processes (`multi_process`): the UNet trains under DDP; every process computes the same mask (the main
+    process's is broadcast) and draws each step's global batches, noise, timesteps and dropped conditions alike,
+    then trains on its share of them (`unlearn.train.shard`), so the run is the one-process run.
+
     Defaults are the DDPM reference's (Adam lr 1e-4, batch 128, clip 1, retain weight 1e-3 per the authors'
     answer in issue #19: 0 collapses every class); the SD recipes carry lr 1e-5, retain weight 0.5
     (Imagenette) or 0.1 (nudity) with `retain_reduction: mean`, batch 8 and `mask_guidance` 8.5. Not followed:
@@ -365,6 +380,7 @@ class SalUnDiffusion(Method):
     """
 
     families = ("diffusion",)
+    multi_process = True
     steps: int = hyperparameter(1000, "optimizer steps, each on one forget batch and one retain batch")
     lr: float = hyperparameter(1e-4, "Adam learning rate (DDPM reference 1e-4; Stable Diffusion 1e-5)")
     batch_size: int = hyperparameter(128, "images per forget batch and per retain batch (DDPM 128, SD 8)")
@@ -432,15 +448,15 @@ class SalUnDiffusion(Method):
         prompts = data.prompts
         pseudo = dict(zip(map(_key, prompts.forget), prompts.anchor))
         forget, retain = endless(data.forget, self.batch_size), endless(data.retain, self.batch_size)
+        net = data_parallel(model, accelerator)  # the trained UNet passes, under DDP on several processes
 
         def loss_fn(step: int) -> torch.Tensor:
-            return self.forget_loss(model, next(forget), pseudo) + self.retain_weight * self.retain_loss(
-                model, next(retain)
-            )
+            forget_loss = self.forget_loss(model, next(forget), pseudo, net, accelerator)
+            return forget_loss + self.retain_weight * self.retain_loss(model, next(retain), net, accelerator)
 
         optimizer = torch.optim.Adam(chosen.values(), lr=self.lr, weight_decay=self.weight_decay)
         return train_steps(
-            model,
+            net,
             loss_fn,
             optimizer,
             accelerator,
@@ -453,25 +469,34 @@ class SalUnDiffusion(Method):
             settings={"method": self, "data": data},
         )
 
-    def forget_loss(self, model: Model, batch, pseudo: dict) -> torch.Tensor:
-        """MSE(ε_θ(x_t | c_f), sg[ε_θ(x_t | c')]) on a forget batch; `pseudo` maps a condition to its anchor c'."""
+    def forget_loss(self, model: Model, batch, pseudo: dict, net=None, accelerator=None) -> torch.Tensor:
+        """MSE(ε_θ(x_t | c_f), sg[ε_θ(x_t | c')]) on a forget batch; `pseudo` maps a condition to its anchor c'.
+
+        `batch` is the global batch: its noise, timesteps and dropped conditions are drawn for all of it, and the
+        loss is this process's share of it (`shard`), with the trained forward pass through `net` (DDP)."""
+        net = model if net is None else net
         images, conditions = batch
         x_t, _, t = model.noised(model.to_latents(images), antithetic=self.antithetic_timesteps)
         anchors = model.as_conditions(pseudo[_key(c)] for c in conditions)
-        forget_cond = model.encode(model.drop_conditions(conditions, self.condition_dropout))
-        pseudo_cond = model.encode(model.drop_conditions(anchors, self.condition_dropout))  # drawn apart
-        forget_out = model(x_t, t, forget_cond)
-        pseudo_out = model(x_t, t, pseudo_cond).detach()
+        forget_cond = model.drop_conditions(conditions, self.condition_dropout)
+        pseudo_cond = model.drop_conditions(anchors, self.condition_dropout)  # drawn apart
+        x_t, t, forget_cond, pseudo_cond = shard(accelerator, x_t, t, forget_cond, pseudo_cond)
+        forget_out = net(x_t, t, model.encode(forget_cond))
+        with torch.no_grad():  # the target: the current model under c', detached
+            pseudo_out = model(x_t, t, model.encode(pseudo_cond))
         return F.mse_loss(forget_out.float(), pseudo_out.float())
 
-    def retain_loss(self, model: Model, batch) -> torch.Tensor:
+    def retain_loss(self, model: Model, batch, net=None, accelerator=None) -> torch.Tensor:
         """The diffusion loss on a retain batch: per image the sum of squared errors, averaged over the batch
-        (`retain_reduction: sum`), or the mean over all entries (`mean`)."""
+        (`retain_reduction: sum`), or the mean over all entries (`mean`); this process's share of the global
+        `batch`, as `forget_loss`."""
+        net = model if net is None else net
         images, conditions = batch
         x0 = model.to_latents(images)
-        cond = model.encode(model.drop_conditions(conditions, self.condition_dropout))
+        cond = model.drop_conditions(conditions, self.condition_dropout)
         x_t, noise, t = model.noised(x0, antithetic=self.antithetic_timesteps)
-        errors = (model(x_t, t, cond).float() - noise.float()).square()
+        x_t, noise, t, cond = shard(accelerator, x_t, noise, t, cond)
+        errors = (net(x_t, t, model.encode(cond)).float() - noise.float()).square()
         return errors.flatten(1).sum(1).mean() if self.retain_reduction == "sum" else errors.mean()
 
     def mask(self, model: Model, data: UnlearnData, accelerator) -> ParamMask:
@@ -490,6 +515,9 @@ class SalUnDiffusion(Method):
         batches = iter(make_loader(forget, self.batch_size, shuffle=False))
         with accelerator.autocast():
             mask = saliency_mask(model, forgetting_loss, batches, self.sparsity, self.max_grad_norm)
+        broadcast_tensors(
+            accelerator, mask.masks.values()
+        )  # computed by every process: all take the main one's
         if accelerator.project_dir and accelerator.is_main_process:
             mask.save(Path(accelerator.project_dir) / "saliency_mask.safetensors")
         return mask

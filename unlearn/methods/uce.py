@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..data import UnlearnData
 from ..errors import ConfigError
 from ..models.base import Model
+from ..train import broadcast_tensors
 from .base import Method, hyperparameter
 from .closed_form import concept_keys, edit_cross_attention, preserved_keys
 
@@ -36,9 +37,13 @@ class UCE(Method):
     `trainscripts/uce_sd_erase.py` uses one state per prompt (its last word token) instead of the span, no
     empty-prompt preservation and `preserve_scale` 1: `positions: last_word, preserve_unconditional: false,
     preserve_scale: 1.0` reproduces it (same λ = 0.5).
+
+    Several processes (`multi_process`): every process solves the same edit (a few small solves), then all take
+    the main process's edited weights, so every process holds the one-process result exactly.
     """
 
     families = ("diffusion",)
+    multi_process = True
     needs_images = False  # prompts alone: a ConceptPrompts is a whole task
     needs_text = True
     erase_scale: float = hyperparameter(
@@ -97,6 +102,8 @@ class UCE(Method):
             preserve_scale=scale,
             ridge=self.ridge,
         )
+        weights = dict(model.unet.named_parameters())
+        broadcast_tensors(accelerator, [weights[name] for name in edited])
         accelerator.print(
             f"uce: edited {len(edited)} projections with {len(keys)} concept states and "
             f"{len(preserve_keys)} preserved states in {time.perf_counter() - started:.2f}s"

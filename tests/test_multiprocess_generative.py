@@ -1,0 +1,226 @@
+"""Diffusion erasure on two CPU processes (gloo) gives the one-process run: the same losses step by step, the same
+weights and the same metrics, for the same global batch.
+
+Each run goes through the whole pipeline (`unlearn erase`) in a script that logs every training step (the
+methods log every 50 by default); the two-process run is launched as tests/test_multiprocess.py launches its own:
+`accelerate launch --multi_gpu --num_processes 2` with no GPU visible, the pipeline switches to gloo itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tiny_diffusion import tiny_ddpm_pipeline, tiny_sd_pipeline
+
+from unlearn.errors import ConfigError
+
+# `unlearn erase RECIPE -o OUT` with a log line per training step, and the batch size of every UNet pass that
+# trains (train mode, with gradient) in this process written to OUT/trained_batches_rank<R>.json.
+ERASE_SCRIPT = """
+import functools, json, os, sys
+import torch
+import unlearn.methods.baselines, unlearn.methods.esd, unlearn.methods.salun
+from unlearn.cli import main
+from unlearn.models.diffusion import Diffusion
+from unlearn.train import train_diffusion, train_steps
+
+for module in (unlearn.methods.baselines, unlearn.methods.esd, unlearn.methods.salun):
+    module.train_steps = functools.partial(train_steps, log_every=1)
+unlearn.methods.baselines.train_diffusion = functools.partial(train_diffusion, log_every=1)
+sizes, forward = [], Diffusion.forward
+
+def recording(self, x_t, t, cond):
+    if self.training and torch.is_grad_enabled():
+        sizes.append(len(x_t))
+    return forward(self, x_t, t, cond)
+
+Diffusion.forward = recording
+status = main(["erase", sys.argv[1], "-o", sys.argv[2]])
+with open(os.path.join(sys.argv[2], f"trained_batches_rank{os.environ.get('RANK', '0')}.json"), "w") as handle:
+    json.dump(sizes, handle)
+sys.exit(status)
+"""
+# What may differ between the runs: the run time and where it ran.
+NOT_COMPARED = {"RTE_s", "device", "num_processes"}
+
+
+def launch(script: Path, args: list[str], processes: int, cwd: Path) -> None:
+    command = [sys.executable, str(script), *args]
+    if processes > 1:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
+            *command[1:],
+        ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (
+        f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {
+        "ddpm": tiny_ddpm_pipeline(root / "ddpm", num_classes=10),
+        "t2i": tiny_sd_pipeline(root / "t2i", vae=False),
+    }
+
+
+THREE = {"dataset": "digits", "concept": "three"}  # the digits captions; judged by the digits classifier
+CASES = {
+    # SalUn on a class-conditional DDPM erasing digit 3 (judged by the digits world's classifier): global batch 8
+    "salun_ddpm": ("ddpm", {"name": "salun", "steps": 4, "batch_size": 8}, {"forget_class": [3]}),
+    # ESD-x on a text-to-image model: prompts, k, t and the trajectories' noise of a global batch of 4
+    "esd_t2i": ("t2i", {"name": "esd", "steps": 4, "batch_size": 4, "ddim_steps": 4, "lr": 1e-3}, THREE),
+    "uce_t2i": (
+        "t2i",
+        {"name": "uce"},
+        THREE,
+    ),  # closed form: solved alike, the main process's weights broadcast
+    # Retrain from scratch on the retain set (the Retrain reference of every diffusion recipe)
+    "retrain_ddpm": (
+        "ddpm",
+        {"name": "retrain", "steps": 3, "batch_size": 8, "warmup_steps": 1},
+        {"forget_class": [3]},
+    ),
+    "grad_ascent_ddpm": (
+        "ddpm",
+        {"name": "grad_ascent", "steps": 3, "batch_size": 8, "retain_weight": 0.5, "lr": 1e-4},
+        {"forget_class": [3]},
+    ),
+    "salun_t2i": ("t2i", {"name": "salun", "steps": 3, "batch_size": 8}, THREE),
+    # DoCo: its anchor images, flips, noise and timesteps drawn for the global batch, the UNet's gradients
+    # averaged before the CPG, the discriminator on the gathered batch (one warm-up step, then both train)
+    "doco_t2i": (
+        "t2i",
+        {
+            "name": "doco",
+            "steps": 4,
+            "warm_up": 1,
+            "lr": 1e-3,
+            "disc_lr": 1e-2,
+            "batch_size": 4,
+            "num_anchor_images": 8,
+            "anchor_steps": 2,
+            "hflip": True,
+            "log_every": 1,
+        },  # fmt: skip
+        THREE,
+    ),
+}
+# Weights agree to float round-off (1e-6), DoCo's to 1e-4: its adversarial gradient passes x̂0 = (x_t - √(1-ᾱ)ε)/√ᾱ
+# (x 1/√ᾱ, up to 15 near t = T) and the discriminator's BatchNorm over 4 images, which amplify the round-off of
+# a UNet run on 2 images instead of 4 (measured: up to 5e-5 of a gradient's largest entry, 2e-5 on the weights
+# after 3 model steps at lr 1e-3; an unaveraged or locally normalized gradient moves them by about lr).
+# Retrain's to 5e-5: its self-attention key biases have a gradient of 0 up to round-off (softmax ignores a shift
+# common to all keys), which Adam's normalized step g/(|g| + 1e-8) turns into steps of up to 1e-5 at lr 2e-3.
+WEIGHT_ATOL = {"doco_t2i": 1e-4, "retrain_ddpm": 5e-5}
+# train.jsonl keys that are not losses
+NOT_LOSSES = {"stage", "epoch", "step", "phase", "lr", "elapsed_s"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_match_one(case, pipelines, digits_world, tmp_path):
+    from safetensors.torch import load_file
+
+    checkpoint, method, data = CASES[case]
+    recipe = {
+        "method": method,
+        "model": {"family": "diffusion", "checkpoint": str(pipelines[checkpoint])},
+        "data": data,
+        "eval": {"samples": 4, "steps": 2},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    script = tmp_path / "erase.py"
+    script.write_text(ERASE_SCRIPT)
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        launch(script, [str(tmp_path / "recipe.yaml"), str(out)], processes, tmp_path)
+        lines = (out / "train.jsonl").read_text().splitlines() if (out / "train.jsonl").exists() else []
+        runs[processes] = {
+            "losses": [
+                (r["step"], k, v) for r in map(json.loads, lines) for k, v in r.items() if k not in NOT_LOSSES
+            ],
+            "metrics": json.loads((out / "metrics.json").read_text()),
+            "unet": load_file(str(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")),
+        }
+    one, two = runs[1], runs[2]
+    assert two["metrics"]["num_processes"] == 2 and one["metrics"]["num_processes"] == 1
+    if method["name"] != "uce":
+        # each process trains on its half of the global batch (SalUn: a forget and a retain pass per step)
+        half = [method["batch_size"] // 2] * len(_trained_batches(tmp_path / "p1"))
+        assert _trained_batches(tmp_path / "p1") == [2 * n for n in half] and half
+        assert _trained_batches(tmp_path / "p2", 0) == _trained_batches(tmp_path / "p2", 1) == half
+        assert sorted({s for s, *_ in one["losses"]}) == list(range(1, method["steps"] + 1)), "a log per step"
+        assert [s[:2] for s in two["losses"]] == [s[:2] for s in one["losses"]]
+        for (step, name, a), (*_, b) in zip(one["losses"], two["losses"]):
+            assert b == pytest.approx(a, rel=1e-4, abs=1e-6), f"step {step} {name}: one process {a}, two {b}"
+    else:
+        assert not one["losses"] and not two["losses"]
+    original = load_file(str(pipelines[checkpoint] / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(w, original[n]) for n, w in one["unet"].items()), "the UNet must be edited"
+    for name, weight in one["unet"].items():
+        torch.testing.assert_close(
+            two["unet"][name],
+            weight,
+            rtol=1e-4,
+            atol=WEIGHT_ATOL.get(case, 1e-6),
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
+    # The same metrics: counts and rates exactly, scores computed from generated images (FID) to float round-off.
+    metrics = {k: v for k, v in one["metrics"].items() if k not in NOT_COMPARED}
+    assert {k: v for k, v in two["metrics"].items() if k not in NOT_COMPARED}.keys() == metrics.keys()
+    for key, value in metrics.items():
+        assert two["metrics"][key] == pytest.approx(value, rel=1e-6), key
+    differences = [abs(a[2] - b[2]) for a, b in zip(one["losses"], two["losses"])]
+    print(
+        json.dumps(
+            {
+                "case": case,
+                "loss_max_abs_diff": max(differences, default=None),
+                "metrics_equal_exactly": [k for k, v in metrics.items() if two["metrics"][k] == v],
+                "metrics_equal_to_1e-6": [k for k, v in metrics.items() if two["metrics"][k] != v],
+            }
+        )
+    )
+
+
+def _trained_batches(out: Path, rank: int = 0) -> list[int]:
+    return json.loads((out / f"trained_batches_rank{rank}.json").read_text())
+
+
+# -- the refusal (default suite) ------------------------------------------------------------------------------
+
+
+def test_a_method_not_made_multi_process_is_refused_in_one_sentence():
+    from unlearn.methods import get_method
+    from unlearn.pipeline import check_processes
+
+    ant = get_method("ant", family="diffusion")()
+    with pytest.raises(ConfigError) as refused:
+        check_processes(ant, "diffusion", 2)
+    said = str(refused.value)
+    assert (
+        "'ant'" in said and "single process" in said and "doco, esd, grad_ascent, retrain, salun, uce" in said
+    )
+    assert "\n" not in said
+    check_processes(ant, "diffusion", 1)  # one process: anything runs
+    check_processes(get_method("esd", family="diffusion")(), "diffusion", 2)
+    check_processes(get_method("salun", family="diffusion")(), "diffusion", 2)
+    random_label = get_method("random_label", family="classifier")()
+    check_processes(random_label, "classifier", 4)  # every classifier method: fit() shards their batches
+    gan = get_method("adapt_then_unlearn", family="gan")()
+    with pytest.raises(ConfigError, match="'adapt_then_unlearn' on gan models runs in a single process"):
+        check_processes(gan, "gan", 2)
