@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from tiny_diffusion import TINY_DDPM, TINY_T2I, TINY_TEXT
 
 from unlearn.datasets import CaptionedDataset, load_dataset
 from unlearn.errors import ConfigError, DataError
@@ -72,37 +73,6 @@ def test_captioned_dataset_is_deterministic():
     assert len({a[i][1] for i in range(100)}) > 20  # the captions of a class are all used
     with pytest.raises(DataError, match="no captions"):
         CaptionedDataset(images, {0: ["zero"]})
-
-
-TINY_DDPM = {
-    "sample_size": 8,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": (8, 16),
-    "layers_per_block": 1,
-    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-    "norm_num_groups": 4,
-    "attention_head_dim": 4,
-    "num_class_embeds": 11,
-}
-TINY_T2I = {
-    **{
-        k: v
-        for k, v in TINY_DDPM.items()
-        if k not in ("num_class_embeds", "down_block_types", "up_block_types")
-    },
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "cross_attention_dim": 16,
-}
-TINY_TEXT = {
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "max_position_embeddings": 16,
-}
 
 
 @pytest.fixture

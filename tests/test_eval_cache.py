@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_diffusion import TINY_T2I, TINY_TEXT
 
 from unlearn import evalcache
 
@@ -44,28 +45,9 @@ def tiny_t2i(tmp_path_factory):
     """The digits world's text-to-image model built from tiny configs (untrained: scoring only has to run)."""
     from unlearn.worlds import digits_diffusion
 
-    tiny = {
-        "sample_size": 8,
-        "in_channels": 1,
-        "out_channels": 1,
-        "block_out_channels": (8, 16),
-        "layers_per_block": 1,
-        "norm_num_groups": 4,
-        "attention_head_dim": 4,
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-        "cross_attention_dim": 16,
-    }
-    text = {
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "max_position_embeddings": 16,
-    }
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(digits_diffusion, "T2I_UNET_CONFIG", tiny)
-        patch.setattr(digits_diffusion, "TEXT_ENCODER_CONFIG", text)
+        patch.setattr(digits_diffusion, "T2I_UNET_CONFIG", TINY_T2I)
+        patch.setattr(digits_diffusion, "TEXT_ENCODER_CONFIG", TINY_TEXT)
         model = digits_diffusion.build_t2i(0)
     model.text_encoder.requires_grad_(False)
     folder = tmp_path_factory.mktemp("tiny-t2i") / "t2i"
@@ -81,7 +63,7 @@ def scores_cache(tmp_path, monkeypatch):
     return folder
 
 
-def _entry(tmp_path) -> tuple[Path, str, dict]:
+def _entry(tmp_path) -> tuple[Path, str, dict, dict]:
     material = {"weights": "abc", "seed": 0}
     key = evalcache.entry_key(material)
     path = tmp_path / f"diffusion-{key[:32]}.safetensors"

@@ -9,6 +9,38 @@ from pathlib import Path
 WORDS = ["a", "photo", "of", "the", "cat", "dog", "tree", "house", "painting", "style", "nude", "person"]
 
 
+# The digits world's model configs at tiny size (the same code paths, milliseconds per step).
+TINY_DDPM = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 4,
+    "attention_head_dim": 4,
+    "num_class_embeds": 11,
+}
+TINY_T2I = {
+    **{
+        k: v
+        for k, v in TINY_DDPM.items()
+        if k not in ("num_class_embeds", "down_block_types", "up_block_types")
+    },
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 16,
+}
+TINY_TEXT = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 16,
+}
+
+
 def write_tokenizer(folder: Path) -> Path:
     """A CLIP tokenizer (vocab.json + merges.txt) whose every word in WORDS is one BPE token, built the way the
     digits world builds its shipped tokenizer."""
