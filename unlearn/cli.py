@@ -169,7 +169,7 @@ def _push(recipe, output: str | None, repo_id: str) -> None:
 def _eval(args) -> int:
 
     from .paths import existing_path
-    from .pipeline import evaluate_run
+    from .pipeline import evaluate_run, shutdown
     from .runfolder import finished_run, read_metrics
 
     target = existing_path(args.target, "run folder or recipe")
@@ -181,6 +181,10 @@ def _eval(args) -> int:
         if (target / "metrics.json").exists() or (target / "metrics.json").is_symlink():
             recorded = read_metrics(target / "metrics.json", f"run folder {args.target!r}")
     metrics = evaluate_run(args.target, log=lambda message: print(message, file=sys.stderr))
+    main = _is_main_process()
+    shutdown()
+    if not main:  # a multi-process launch scored together; the main process prints
+        return 0
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0

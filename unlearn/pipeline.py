@@ -18,6 +18,7 @@ from .harness import HARNESSES
 from .paths import existing_path, make_folder, open_own_file, output_error, shown
 from .recipe import Recipe, load_recipe, resolve_reference
 from .runfolder import RunFolder, finished_run, read_metrics, reference_folder
+from .spread import spread_over
 from .train import end_trackers, reset_accelerate_state
 from .tune import auto_fields, tune_method
 
@@ -183,7 +184,7 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool, stric
     if recipe.model.prune is not None:
         metrics["pruned_sparsity"] = _prune_first(model, recipe, data, accelerator, output, log)
     original = None
-    if main:
+    with spread_over(accelerator.state):  # every process generates, judges and measures its share of the batches
         harness.before(model, data, reference_dir)
         if recipe.eval.original:
             original = harness.score_original(model, data)  # from the cache when scored before
@@ -196,10 +197,11 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool, stric
     model, seconds = _timed_unlearn(method, model, data, accelerator, recipe.seed)
     model = accelerator.unwrap_model(model)
 
+    with spread_over(accelerator.state):
+        scores = harness.score(model, data)
     failure = None
     if main:
         try:
-            scores = harness.score(model, data)
             metrics = {**scores.metrics, "RTE_s": earlier + seconds, **metrics}
             metrics.update(harness.compare(metrics, reference))
             metrics.update(harness.utility_guard(metrics))  # utility_warning: RA / TA fell past the margin
@@ -271,7 +273,11 @@ def evaluate_run(target: str | Path, log=print) -> dict:
 
     A run folder is scored as its run scored it (the same task, seeds and references: the original model and
     the Retrain reference it names), so the result equals the run's own `metrics.json` on the keys it scores.
+    Under a multi-process launch, generation, judging and FID features are spread over the processes
+    (`unlearn.spread`) with the metrics of one process; the attacks run on the main process. Every process
+    returns the metrics.
     """
+    from accelerate import PartialState
     from accelerate.utils import set_seed
 
     path = existing_path(target, "run folder or recipe")
@@ -282,27 +288,36 @@ def evaluate_run(target: str | Path, log=print) -> dict:
     if path.is_dir() and (path / "metrics.json").exists():  # checked before anything loads
         recorded = read_metrics(path / "metrics.json", f"run folder {str(path)!r}")
     recipe = load_recipe(recipe_path)
-    cuda = torch.cuda.is_available() and not recipe.train.cpu
-    harness = HARNESSES[recipe.model.family](recipe, "cuda" if cuda else "cpu", log)
+    reset_accelerate_state(recipe.train.mixed_precision, use_cpu(recipe))
+    state = PartialState(cpu=use_cpu(recipe))
+    log = log if state.is_main_process else (lambda message: None)
+    harness = HARNESSES[recipe.model.family](recipe, state.device, log)
     set_seed(recipe.seed)
-    original, data = harness.setup()
-    if not path.is_dir():
-        harness.before(original, data, None)
-        return harness.score_original(original, data).metrics
-    if (path / "pruned").exists():  # the run unlearned (and scored as original) the pruned model
-        original = harness.load_output(path / "pruned", data)
-    reference_dir, reference = reference_folder(recipe, path)
-    harness.before(original, data, reference_dir)
-    metrics: dict = {}
-    if recipe.eval.original:
-        metrics = {f"original_{k}": v for k, v in harness.score_original(original, data).metrics.items()}
-    scores = harness.score(harness.load_output(path / "model", data), data)
+    with state.main_process_first():  # a world checkpoint is built and cached once
+        original, data = harness.setup()
+    with spread_over(state):
+        if not path.is_dir():
+            harness.before(original, data, None)
+            return harness.score_original(original, data).metrics
+        if (path / "pruned").exists():  # the run unlearned (and scored as original) the pruned model
+            original = harness.load_output(path / "pruned", data)
+        reference_dir, reference = reference_folder(recipe, path)
+        harness.before(original, data, reference_dir)
+        metrics: dict = {}
+        if recipe.eval.original:
+            metrics = {f"original_{k}": v for k, v in harness.score_original(original, data).metrics.items()}
+        scores = harness.score(harness.load_output(path / "model", data), data)
     metrics = {**scores.metrics, **({"RTE_s": recorded["RTE_s"]} if "RTE_s" in recorded else {}), **metrics}
     metrics.update(harness.compare(metrics, reference))
     if recipe.eval.attacks:
+        from accelerate.utils import broadcast_object_list
+
         from .attacks.run import attack_run
 
-        metrics.update(attack_run(path, log=log)[0])
+        found = attack_run(path, log=log)[0] if state.is_main_process else None
+        if state.num_processes > 1:
+            found = broadcast_object_list([found], from_process=0)[0]
+        metrics.update(found)
     return metrics
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..errors import ConfigError
+from ..spread import everywhere, is_main_process
 
 if TYPE_CHECKING:
     from ..data import UnlearnData
@@ -207,13 +208,15 @@ class Harness(ABC):
         material = self.cache_material(model, data)
         key = evalcache.entry_key(material)
         path = evalcache.entry_path(self.family, key)
-        if path.exists():
-            found = evalcache.read_entry(path, key, material)
-            if isinstance(found, tuple):
-                self.log(f"original scores: cached ({key[:12]})")
-                return Scores(*found)
+        found = evalcache.read_entry(path, key, material) if path.exists() else None
+        if everywhere(isinstance(found, tuple)):  # (several processes score together, or read alike)
+            self.log(f"original scores: cached ({key[:12]})")
+            return Scores(*found)
+        if found is not None and not isinstance(found, tuple):
             self.log(f"original scores: ignoring cache entry {path} ({found}); scoring again")
         scores = self.score(model, data, original=True)
+        if not is_main_process():  # scored with the others (`unlearn.spread`), stored by the main process
+            return scores
         grids = {name: images[: self.grid_size] for name, images in scores.images.items()}
         try:
             evalcache.write_entry(path, key, material, scores.metrics, grids)

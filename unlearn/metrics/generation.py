@@ -27,6 +27,7 @@ from torch import nn
 from ..checkpoints import atomic_path, refuse_custom_code
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, DataError
 from ..progress import progress
+from ..spread import map_batches
 
 # Where clean-fid (non-Windows) looks for, and otherwise downloads, its TorchScript Inception weights.
 INCEPTION_WEIGHTS = Path("/tmp/inception-2015-12-05.pt")
@@ -115,12 +116,17 @@ def judge_logits(judge: Extractor, images: torch.Tensor, batch_size: int = 256) 
     _check_images(images)
     module = _owner_module(judge)
     device = _module_device(module)
-    out = []
+    bar = progress(desc="judging", total=len(images), unit="img")
+
+    def batch(items: slice) -> torch.Tensor:
+        logits = judge(images[items].to(device))
+        logits = logits.logits if hasattr(logits, "logits") else logits
+        bar.update(len(logits))
+        return logits.float().cpu()
+
     with _eval_mode(module), torch.no_grad():
-        for start in progress(range(0, len(images), batch_size), "judging", unit="batch"):
-            logits = judge(images[start : start + batch_size].to(device))
-            logits = logits.logits if hasattr(logits, "logits") else logits
-            out.append(logits.float().cpu())
+        out = map_batches(len(images), batch_size, batch)  # spread over the processes in scoring
+    bar.close()
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
@@ -264,14 +270,19 @@ def image_features(
     """
     module = _owner_module(extractor)
     device = torch.device(device) if device is not None else _module_device(module)
-    chunks = []
+    bar = progress(desc="image features", total=len(images), unit="img")
+
+    def batch(items: slice) -> torch.Tensor:
+        feats = extractor(images[items].to(device))
+        bar.update(len(feats))
+        return feats.detach().flatten(1).cpu().double()
+
     with _eval_mode(module), torch.no_grad():
-        for start in progress(range(0, len(images), batch_size), "image features", unit="batch"):
-            feats = extractor(images[start : start + batch_size].to(device))
-            chunks.append(feats.detach().flatten(1).cpu().double().numpy())
+        chunks = map_batches(len(images), batch_size, batch)  # spread over the processes in scoring
+    bar.close()
     if not chunks:
         raise DataError("no images to compute features of")
-    return np.concatenate(chunks)
+    return torch.cat(chunks).numpy()
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from ..checkpoints import (
 )
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from ..progress import progress
+from ..spread import map_batches
 from .base import Model
 
 # Where attention lives in a diffusers UNet: the cross-attention projections ESD-x, UCE, DoCo and ANT's LoRA
@@ -442,7 +443,8 @@ class Diffusion(Model):
             guidance: classifier-free guidance scale (1 = plain conditional sampling).
             seed: the initial noise of image i depends only on (seed, i), so the same seed gives the same
                 starting noise before and after unlearning (sample grids compare like with like).
-            batch_size: images per UNet batch.
+            batch_size: images per UNet batch. Inside `unlearn.spread.spread_over`, the batches are spread over
+                the processes of a launch (each process returns all the images).
         """
         if conditions is None:
             if n is None:
@@ -453,18 +455,20 @@ class Diffusion(Model):
         noise = torch.randn(self.latent_shape(total), generator=generator)
         was_training = self.training
         self.eval()
-        images = []
         bar = progress(desc="generating", total=total, unit="img")
-        for start in range(0, total, batch_size):
-            chunk = conditions[start : start + batch_size]
-            latents = noise[start : start + len(chunk)].to(self.device, self.unet.dtype)
+
+        def batch(items: slice) -> torch.Tensor:
+            chunk = conditions[items]
+            latents = noise[items].to(self.device, self.unet.dtype)
             cond = self.encode(chunk) if self.conditioning != "none" else None
             uncond = self.encode(self.null_conditions(len(chunk))) if self.conditioning != "none" else None
             sampler = self.sampler(steps)
             latents = latents * sampler.init_noise_sigma
             latents = self.denoise(latents, cond, sampler, guidance=guidance, uncond=uncond)
-            images.append(self.decode(latents).cpu())
             bar.update(len(chunk))
+            return self.decode(latents).cpu()
+
+        images = map_batches(total, batch_size, batch)  # spread over the processes in scoring
         bar.close()
         self.train(was_training)
         return torch.cat(images)

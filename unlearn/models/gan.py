@@ -41,6 +41,7 @@ from ..checkpoints import (
 )
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from ..progress import progress
+from ..spread import map_batches
 from .base import Model
 
 CONFIG_NAME = "gan_config.json"
@@ -234,12 +235,19 @@ class GAN(Model):
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, batch_size: int = 1024) -> torch.Tensor:
-        """n images in [0, 1] on the CPU, deterministic per seed, with the generator in eval mode."""
+        """n images in [0, 1] on the CPU, deterministic per seed, with the generator in eval mode; inside
+        `unlearn.spread.spread_over`, the batches are spread over the processes of a launch."""
         was_training = self.generator.training
         self.generator.eval()
         z = self.latents(n, seed)
-        batches = progress(range(0, n, batch_size), "generating", unit="batch")
-        images = [self.generate(z[start : start + batch_size]).cpu() for start in batches]
+        bar = progress(desc="generating", total=n, unit="img")
+
+        def batch(items: slice) -> torch.Tensor:
+            bar.update(len(z[items]))
+            return self.generate(z[items]).cpu()
+
+        images = map_batches(n, batch_size, batch)  # spread over the processes in scoring
+        bar.close()
         self.generator.train(was_training)
         return torch.cat(images) if images else torch.zeros(0)
 
