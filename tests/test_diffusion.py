@@ -62,6 +62,34 @@ def test_generate_is_seeded_per_image_and_in_range(pipelines, one_thread):
     assert not torch.allclose(a, model.generate([0, 1, 2], steps=3, guidance=2.0, seed=6))
 
 
+def test_generation_precision_bf16_is_close_and_auto_is_fp32_without_a_gpu(pipelines, one_thread):
+    from unlearn.harness.diffusion import DiffusionHarness
+    from unlearn.recipe import from_dict
+
+    model = _load(pipelines["sd"])  # text encoder, UNet and VAE all run under the autocast
+    prompts = ["a cat", "a dog", "a photo of the tree"]
+    full = model.generate(prompts, steps=3, guidance=2.0, seed=1)
+    half = model.generate(prompts, steps=3, guidance=2.0, seed=1, dtype=torch.bfloat16)
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    difference = (half - full).abs().max().item()
+    assert 0 < difference < 0.1, difference  # bf16 computed (not fp32), to about bf16's 3 significant digits
+
+    def harness(**settings):
+        recipe = from_dict(
+            {
+                "method": "esd",
+                "model": {"family": "diffusion", "checkpoint": str(pipelines["sd"])},
+                "data": {"dataset": "generated", "concept": "cat"},
+                "eval": {"judge": None, **settings},
+            }
+        )
+        return DiffusionHarness(recipe, "cpu")
+
+    assert harness().generation_dtype is None  # auto: bf16 on a GPU that has it, fp32 here
+    assert harness(precision="bf16").generation_dtype == torch.bfloat16
+    assert harness(precision="fp32").generation_dtype is None
+
+
 def test_predict_x0_inverts_add_noise_and_denoise_composes(pipelines, one_thread):
     model = _load(pipelines["sd_pixels"])
     x0, noise = torch.rand(2, 1, 8, 8) * 2 - 1, torch.randn(2, 1, 8, 8)

@@ -118,13 +118,16 @@ CASES = {
         THREE,
     ),
 }
+# The run's accumulation (train section) where a case sets it: Retrain accumulating 2 batches of 8 per step.
+TRAIN = {"retrain_ddpm_accumulate": {"gradient_accumulation_steps": 2}}
+CASES["retrain_ddpm_accumulate"] = CASES["retrain_ddpm"]
 # Weights agree to float round-off (1e-6), DoCo's to 1e-4: its adversarial gradient passes x̂0 = (x_t - √(1-ᾱ)ε)/√ᾱ
 # (x 1/√ᾱ, up to 15 near t = T) and the discriminator's BatchNorm over 4 images, which amplify the round-off of
 # a UNet run on 2 images instead of 4 (measured: up to 5e-5 of a gradient's largest entry, 2e-5 on the weights
 # after 3 model steps at lr 1e-3; an unaveraged or locally normalized gradient moves them by about lr).
 # Retrain's to 5e-5: its self-attention key biases have a gradient of 0 up to round-off (softmax ignores a shift
 # common to all keys), which Adam's normalized step g/(|g| + 1e-8) turns into steps of up to 1e-5 at lr 2e-3.
-WEIGHT_ATOL = {"doco_t2i": 1e-4, "retrain_ddpm": 5e-5}
+WEIGHT_ATOL = {"doco_t2i": 1e-4, "retrain_ddpm": 5e-5, "retrain_ddpm_accumulate": 5e-5}
 # train.jsonl keys that are not losses
 NOT_LOSSES = {"stage", "epoch", "step", "phase", "lr", "elapsed_s"}
 
@@ -132,30 +135,15 @@ NOT_LOSSES = {"stage", "epoch", "step", "phase", "lr", "elapsed_s"}
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_match_one(case, pipelines, digits_world, tmp_path):
-    from safetensors.torch import load_file
-
     checkpoint, method, data = CASES[case]
     recipe = {
         "method": method,
         "model": {"family": "diffusion", "checkpoint": str(pipelines[checkpoint])},
         "data": data,
         "eval": {"samples": 4, "steps": 2},
+        "train": TRAIN.get(case, {}),
     }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    script = tmp_path / "erase.py"
-    script.write_text(ERASE_SCRIPT)
-    runs = {}
-    for processes in (1, 2):
-        out = tmp_path / f"p{processes}"
-        launch(script, [str(tmp_path / "recipe.yaml"), str(out)], processes, tmp_path)
-        lines = (out / "train.jsonl").read_text().splitlines() if (out / "train.jsonl").exists() else []
-        runs[processes] = {
-            "losses": [
-                (r["step"], k, v) for r in map(json.loads, lines) for k, v in r.items() if k not in NOT_LOSSES
-            ],
-            "metrics": json.loads((out / "metrics.json").read_text()),
-            "unet": load_file(str(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")),
-        }
+    runs = {processes: _erase(recipe, processes, tmp_path / f"p{processes}") for processes in (1, 2)}
     one, two = runs[1], runs[2]
     assert two["metrics"]["num_processes"] == 2 and one["metrics"]["num_processes"] == 1
     if method["name"] != "uce":
@@ -169,6 +157,8 @@ def test_two_processes_match_one(case, pipelines, digits_world, tmp_path):
             assert b == pytest.approx(a, rel=1e-4, abs=1e-6), f"step {step} {name}: one process {a}, two {b}"
     else:
         assert not one["losses"] and not two["losses"]
+    from safetensors.torch import load_file
+
     original = load_file(str(pipelines[checkpoint] / "unet" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(w, original[n]) for n, w in one["unet"].items()), "the UNet must be edited"
     for name, weight in one["unet"].items():
@@ -195,6 +185,50 @@ def test_two_processes_match_one(case, pipelines, digits_world, tmp_path):
             }
         )
     )
+
+
+@pytest.mark.slow
+def test_bf16_on_two_processes_differs_from_one_only_by_bf16_round_off(pipelines, digits_world, tmp_path):
+    """Retrain on the DDPM under bf16 autocast: two processes run the UNet on batches of 4 instead of 8, whose bf16
+    matmuls round otherwise, so the runs agree to bf16's round-off, not fp32's. The bound is measured in the same
+    test: one process in bf16 against one in fp32 (how far bf16 moves a run); two processes in bf16 must stay
+    within twice that of one process in bf16 (a wrong share of the batch moves the loss by tens of percent)."""
+    recipe = {
+        "method": {"name": "retrain", "steps": 3, "batch_size": 8, "warmup_steps": 1},
+        "model": {"family": "diffusion", "checkpoint": str(pipelines["ddpm"])},
+        "data": {"forget_class": [3]},
+        "eval": {"samples": 4, "steps": 2},
+    }
+    fp32 = _erase(recipe, 1, tmp_path / "fp32")
+    recipe["train"] = {"mixed_precision": "bf16"}
+    one, two = _erase(recipe, 1, tmp_path / "p1"), _erase(recipe, 2, tmp_path / "p2")
+    assert [s[:2] for s in two["losses"]] == [s[:2] for s in one["losses"]] == [s[:2] for s in fp32["losses"]]
+    bf16_moves = max(abs(a[2] - b[2]) for a, b in zip(fp32["losses"], one["losses"]))
+    processes_move = max(abs(a[2] - b[2]) for a, b in zip(one["losses"], two["losses"]))
+    print(json.dumps({"bf16_vs_fp32_loss": bf16_moves, "two_vs_one_process_bf16_loss": processes_move}))
+    assert 0 < bf16_moves, "bf16 autocast must change the losses (it ran in fp32)"
+    assert processes_move <= 2 * bf16_moves
+    assert _trained_batches(tmp_path / "p2", 0) == _trained_batches(tmp_path / "p2", 1) == [4, 4, 4]
+
+
+def _erase(recipe: dict, processes: int, out: Path) -> dict:
+    """`unlearn erase` of `recipe` into `out` on `processes` processes, a log line per step; the losses logged,
+    the metrics and the UNet's weights."""
+    from safetensors.torch import load_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(recipe))
+    script = out.parent / "erase.py"
+    script.write_text(ERASE_SCRIPT)
+    launch(script, [str(out.parent / f"{out.name}.yaml"), str(out)], processes, out.parent)
+    lines = (out / "train.jsonl").read_text().splitlines() if (out / "train.jsonl").exists() else []
+    return {
+        "losses": [
+            (r["step"], k, v) for r in map(json.loads, lines) for k, v in r.items() if k not in NOT_LOSSES
+        ],
+        "metrics": json.loads((out / "metrics.json").read_text()),
+        "unet": load_file(str(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")),
+    }
 
 
 def _trained_batches(out: Path, rank: int = 0) -> list[int]:

@@ -69,7 +69,10 @@ def test_batches_are_spread_and_every_process_gets_all_of_them(tmp_path):
         assert got["outside"] == local(3, 2)
     assert [r["main"] for r in ranks] == [True, False]
     # each batch of a spread call computed by one process: batch k by process k mod 2 (outside: all of them)
-    spread_starts = {0: [(0, 3), (6, 9), (0, 2), (0, 1), (2, 3), (4, 5)], 1: [(3, 6), (9, 10), (1, 2), (3, 4)]}
+    spread_starts = {
+        0: [(0, 3), (6, 9), (0, 2), (0, 1), (2, 3), (4, 5)],
+        1: [(3, 6), (9, 10), (1, 2), (3, 4)],
+    }
     for rank, got in enumerate(ranks):
         assert [tuple(c) for c in got["computed"]] == spread_starts[rank] + [(0, 2), (2, 3)]
 
@@ -88,7 +91,9 @@ def _unlearn(args: list[str], processes: int, cwd, port: int = 29551) -> subproc
         ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
     return result
 
 
@@ -120,7 +125,8 @@ def test_unlearn_eval_and_erase_on_two_processes_give_the_metrics_of_one(digits_
     }
     assert "fid" in erased[1] and "retain_accuracy" in erased[1] and "original_fid" in erased[1]
     evaluated = {
-        n: json.loads(_unlearn(["eval", str(tmp_path / "run1"), "--json"], n, tmp_path).stdout) for n in (1, 2)
+        n: json.loads(_unlearn(["eval", str(tmp_path / "run1"), "--json"], n, tmp_path).stdout)
+        for n in (1, 2)
     }
     assert evaluated[2] == evaluated[1]  # exactly, every metric
     assert {k: v for k, v in evaluated[1].items()} == {

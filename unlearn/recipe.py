@@ -112,6 +112,8 @@ class EvalSpec:
     cache: bool = True
     batch_size: int = 256
     # Generative models: how samples are drawn and judged (unlearn.harness.diffusion, unlearn.harness.gan).
+    # the generators' compute precision while scoring: auto = bf16 autocast on a GPU that has it, else fp32
+    precision: str = "auto"
     judge: str | None = None  # a classifier folder or "module:function"; None: the digits world's classifier
     # the judge that scores what attacks found searching on `judge`; None: the digits world's MLP (digits)
     second_judge: str | None = None
@@ -325,6 +327,8 @@ def validate(recipe: Recipe) -> None:
         recipe.build_attacks()
     if not isinstance(ev.attack_seeds, int) or ev.attack_seeds < 1:
         raise ConfigError(f"eval.attack_seeds must be a positive integer, got {ev.attack_seeds!r}")
+    if ev.precision not in ("auto", "fp32", "bf16"):
+        _unknown("eval.precision", ev.precision, ("auto", "fp32", "bf16"))
     if ev.fid_features not in ("judge", "inception"):
         _unknown("eval.fid_features", ev.fid_features, ("judge", "inception"))
     if not isinstance(ev.lora_tolerance, (int, float)) or not 0 <= ev.lora_tolerance < 1:

@@ -9,6 +9,7 @@ on it and `train_steps()` the step loop of the generative methods; loops with tw
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -745,9 +746,11 @@ def train_diffusion(
         warmup_steps: steps of linear learning-rate warmup.
         log_every: steps between progress lines.
         accelerator: with a `project_dir`, the loop also writes `train.jsonl` and checkpoints, and resumes
-            (RetrainDiffusion); None for the worlds. fp32. Several processes: the UNet trains under DDP, every
-            process draws each step's global batch, dropped conditions, noise and timesteps alike and trains on
-            its share (`shard`), so the result is the one-process one.
+            (RetrainDiffusion); None for the worlds (fp32, one process). Its mixed precision (autocast; fp16
+            loss scaling through the prepared optimizer) and gradient accumulation (each step averages
+            `gradient_accumulation_steps` batches of `batch_size`) apply. Several processes: the UNet trains
+            under DDP, every process draws each batch, its dropped conditions, noise and timesteps alike and
+            trains on its share (`shard`), so the result is the one-process one.
         stage: the stage's name in the log and checkpoints.
 
     Returns:
@@ -755,10 +758,6 @@ def train_diffusion(
     """
     if len(dataset) == 0:
         raise DataError("cannot train a diffusion model on an empty dataset")
-    if accelerator is not None and accelerator.gradient_accumulation_steps > 1:
-        raise ConfigError(
-            "diffusion training (Retrain) does not accumulate gradients; use a larger batch_size"
-        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
@@ -787,13 +786,18 @@ def train_diffusion(
     losses: list[float] = []
     started = time.perf_counter()
     net.train()
+    micro_batches = accelerator.gradient_accumulation_steps if accelerator is not None else 1
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for step in trainer.loop():
-            loss = diffusion_loss(model, next(batches), uncond_prob, net, accelerator)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"diffusion training diverged at step {step}: loss {loss.item()}")
-            trainer.step(loss)
+            for _ in range(micro_batches):
+                with trainer.accumulate() if accelerator is not None else contextlib.nullcontext():
+                    with autocast():
+                        loss = diffusion_loss(model, next(batches), uncond_prob, net, accelerator)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"diffusion training diverged at step {step}: loss {loss.item()}")
+                    trainer.step(loss)
             losses.append(loss.item())
             if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
                 recent = losses[-log_every:]

@@ -130,6 +130,12 @@ class Harness(ABC):
         self.device = torch.device(device)
         self.log = log
         self.names = list(recipe.eval.metrics)
+        # the generators' autocast dtype while scoring (`eval.precision`): bf16 asked, or auto on a GPU with bf16
+        precision = recipe.eval.precision
+        if precision == "auto":
+            cuda = self.device.type == "cuda" and torch.cuda.is_available()
+            precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        self.generation_dtype = torch.bfloat16 if precision == "bf16" else None
 
     # ---------------------------------------------------------------------------------------------- catalogue
 

@@ -244,7 +244,12 @@ class DiffusionHarness(Harness):
             conditions = model.as_conditions(conditions)
             seed = self.recipe.seed + offset
             return model.generate(
-                conditions, steps=ev.steps, guidance=ev.guidance, seed=seed, batch_size=ev.batch_size
+                conditions,
+                steps=ev.steps,
+                guidance=ev.guidance,
+                seed=seed,
+                batch_size=ev.batch_size,
+                dtype=self.generation_dtype,
             )
 
         def erasure(key: str, kind: str, offset: int) -> list:
@@ -323,6 +328,7 @@ class DiffusionHarness(Harness):
                 guidance=ev.guidance if guidance is None else guidance,
                 seed=seed,
                 batch_size=ev.batch_size,
+                dtype=self.generation_dtype,
             )
         if labels is None:
             labels = data.prompts.split()[0].concept_label

@@ -144,7 +144,9 @@ class GANHarness(Harness):
                 self.fid_cache = cache_dir() / "fid" / f"digits-retain-{label}-gan-judge-{judge}.npz"
             else:  # FID's real side, computed once per real set and judge: named by the images' hash
                 self.fid_cache = cache_dir() / "fid" / f"real-{tensor_hash(self.real)[:24]}-judge-{judge}.npz"
-        draw = original.sample(ev.samples, seed=self.recipe.seed + 1, batch_size=ev.batch_size)
+        draw = original.sample(
+            ev.samples, seed=self.recipe.seed + 1, batch_size=ev.batch_size, dtype=self.generation_dtype
+        )
         self.original_retained = draw[judge_labels(self.judge, draw, ev.batch_size) != label]
 
     @torch.no_grad()
@@ -153,7 +155,9 @@ class GANHarness(Harness):
         from ..metrics.generation import fid, judge_logits
 
         ev, names, label = self.recipe.eval, self.names, data.prompts.concept_label
-        images = model.sample(ev.samples, seed=self.recipe.seed, batch_size=ev.batch_size)
+        images = model.sample(
+            ev.samples, seed=self.recipe.seed, batch_size=ev.batch_size, dtype=self.generation_dtype
+        )
         probs = torch.softmax(judge_logits(self.judge, images, ev.batch_size), dim=1)
         labels = probs.argmax(1)
         results: dict[str, float] = {}
@@ -182,7 +186,9 @@ class GANHarness(Harness):
 
         ev = self.recipe.eval
         if images is None:
-            images = model.sample(samples or ev.samples, seed=seed, batch_size=ev.batch_size)
+            images = model.sample(
+                samples or ev.samples, seed=seed, batch_size=ev.batch_size, dtype=self.generation_dtype
+            )
         label = torch.as_tensor(data.prompts.concept_label if labels is None else labels).expand(len(images))
         first = judge_labels(self.judge, images, ev.batch_size) == label
         second = judge_labels(self.second_judge, images, ev.batch_size) == label

@@ -212,15 +212,15 @@ class RetrainDiffusion(Method):
     2. Train with the ordinary diffusion loss on D_r for `steps` steps with the loop that trains the digits
        world (`unlearn.train.train_diffusion`: AdamW, `warmup_steps` of linear warmup then cosine decay,
        gradients clipped at norm 1, the condition dropped with probability `uncond_prob` for classifier-free
-       guidance), seeded by the run's seed. fp32; on several processes with the one-process result for the same
-       global batch (`multi_process`: DDP, the global batch drawn alike and sharded).
+       guidance), seeded by the run's seed; under the run's mixed precision and gradient accumulation; on
+       several processes with the one-process result for the same global batch (`multi_process`: DDP, the
+       global batch drawn alike and sharded).
 
     The defaults are the digits DDPM world's training recipe, so Retrain is the original minus the class.
     """
 
     families = ("diffusion",)
     multi_process = True
-    accumulates = False  # the digits world's loop (`train_diffusion`)
     steps: int = hyperparameter(1500, "optimizer steps of training from scratch (the digits DDPM world's)")
     lr: float = hyperparameter(2e-3, "AdamW peak learning rate (the digits DDPM world's)")
     batch_size: int = hyperparameter(128, "retain images per step")

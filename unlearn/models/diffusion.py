@@ -433,6 +433,7 @@ class Diffusion(Model):
         guidance: float = 3.0,
         seed: int = 0,
         batch_size: int = 256,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Sample images in [0, 1] with DDIM and classifier-free guidance.
 
@@ -445,6 +446,8 @@ class Diffusion(Model):
                 starting noise before and after unlearning (sample grids compare like with like).
             batch_size: images per UNet batch. Inside `unlearn.spread.spread_over`, the batches are spread over
                 the processes of a launch (each process returns all the images).
+            dtype: the text encoder, UNet and VAE run under autocast to it (bf16 on a GPU: about twice the
+                images per second); None: in their weights' dtype. The images come back as fp32.
         """
         if conditions is None:
             if n is None:
@@ -460,13 +463,15 @@ class Diffusion(Model):
         def batch(items: slice) -> torch.Tensor:
             chunk = conditions[items]
             latents = noise[items].to(self.device, self.unet.dtype)
-            cond = self.encode(chunk) if self.conditioning != "none" else None
-            uncond = self.encode(self.null_conditions(len(chunk))) if self.conditioning != "none" else None
-            sampler = self.sampler(steps)
-            latents = latents * sampler.init_noise_sigma
-            latents = self.denoise(latents, cond, sampler, guidance=guidance, uncond=uncond)
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                cond = self.encode(chunk) if self.conditioning != "none" else None
+                uncond = self.encode(self.null_conditions(len(chunk))) if self.conditioning != "none" else None
+                sampler = self.sampler(steps)
+                latents = latents * sampler.init_noise_sigma
+                latents = self.denoise(latents, cond, sampler, guidance=guidance, uncond=uncond)
+                images = self.decode(latents)
             bar.update(len(chunk))
-            return self.decode(latents).cpu()
+            return images.float().cpu()
 
         images = map_batches(total, batch_size, batch)  # spread over the processes in scoring
         bar.close()

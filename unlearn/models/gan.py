@@ -234,9 +234,12 @@ class GAN(Model):
         return self.discriminator(images * 2.0 - 1.0).reshape(len(images), -1)[:, 0].float()
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int = 0, batch_size: int = 1024) -> torch.Tensor:
-        """n images in [0, 1] on the CPU, deterministic per seed, with the generator in eval mode; inside
-        `unlearn.spread.spread_over`, the batches are spread over the processes of a launch."""
+    def sample(
+        self, n: int, seed: int = 0, batch_size: int = 1024, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """n images in [0, 1] (fp32) on the CPU, deterministic per seed, with the generator in eval mode, under
+        autocast to `dtype` when given (bf16 on a GPU); inside `unlearn.spread.spread_over`, the batches are
+        spread over the processes of a launch."""
         was_training = self.generator.training
         self.generator.eval()
         z = self.latents(n, seed)
@@ -244,7 +247,8 @@ class GAN(Model):
 
         def batch(items: slice) -> torch.Tensor:
             bar.update(len(z[items]))
-            return self.generate(z[items]).cpu()
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                return self.generate(z[items]).float().cpu()
 
         images = map_batches(n, batch_size, batch)  # spread over the processes in scoring
         bar.close()
