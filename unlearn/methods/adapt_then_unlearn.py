@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..data import UnlearnData
 from ..errors import CheckpointNotFoundError, ConfigError, DataError
 from ..models.base import Model
-from ..train import Trainer, endless
+from ..train import Trainer, _raw, data_parallel, endless, shard
 from .base import Method, hyperparameter
 
 REPULSIONS = ("inverse", "negative", "exponential", "none")
@@ -88,6 +90,23 @@ class AdaptThenUnlearn(Method):
     Parity with the reference's `calc_difference_param_new` (the `mean` distance and the three repulsion
     losses), `estimate_fisher` and `ewc_loss` is tested in tests/test_fidelity_gan_sparse_ant.py.
 
+    Several processes (`multi_process`, `accelerate launch --num_processes N`), with the result of one process for
+    the same global batch: the feedback samples, the Fisher information and the repulsion are computed alike in
+    every process (the same seeded draws, no communication). In both stages every process draws each step's real
+    batch and latents for the whole batch alike. The discriminator step runs on the whole global batch in every
+    process (no DDP: batch statistics, if a discriminator has any, are the whole batch's, and real batches need
+    not split evenly), and its gradients are averaged over the processes so that the copies stay equal where
+    kernels are not deterministic. The generator step runs the generator under DDP (`unlearn.train.data_parallel`)
+    on this process's share of the latents (`unlearn.train.shard`); the discriminator judges the gathered batch
+    alike in every process, and the gradient it sends back reaches each share (`generator_loss_on_shards`). A
+    generator with batch statistics (BatchNorm, as the `dcgan` architecture's) would see its share's statistics
+    there: it runs on the whole batch in every process instead (still under DDP, which keeps the copies equal),
+    which gives the one-process result but splits no work. What passes between the processes: the generated
+    images, the discriminator's gradients and DDP's; the anchors θ* and θ_N are plain tensors, one set per
+    process, and nothing frozen is wrapped. Mixed precision runs both networks under autocast (bf16 is checked
+    against one process on CPUs; fp16 goes through the prepared optimizers' loss scaling); gradient
+    accumulation is refused (`accumulates`: a discriminator and a generator step per step).
+
     Reference defaults (MNIST, README): stage 1 2,000 iterations, λ 5e8, 32 Fisher samples, batch 16; stage 2
     3,000 iterations on positives from 5,000 draws, batch 16, lr 0.002, NL2 with γ 1.2. Our defaults suit the
     digits world (fewer steps at batch 64, the world's Adam settings, EL2 with γ 0.05 and a factor 1,000 for
@@ -96,6 +115,7 @@ class AdaptThenUnlearn(Method):
     """
 
     families = ("gan",)
+    multi_process = True
     accumulates = False  # a discriminator and a generator step per step
     # Feedback
     feedback: str | None = hyperparameter(
@@ -284,6 +304,8 @@ class AdaptThenUnlearn(Method):
                 "train.gradient_accumulation_steps to 1"
             )
         model.requires_grad_(True)
+        # the generator's trained pass: under DDP on several processes
+        net = parallel_generator(model, accelerator)
         betas = (self.beta1, self.beta2)
         gen_opt = accelerator.prepare(torch.optim.Adam(model.generator.parameters(), lr=lr, betas=betas))
         dis_lr = self.disc_lr if self.disc_lr is not None else lr
@@ -314,14 +336,18 @@ class AdaptThenUnlearn(Method):
         for step in trainer.loop():
             (real,) = next(batches)
             real = real.to(model.device)
+            # the discriminator step: the whole global batch in every process (see "Several processes")
             with accelerator.autocast():
-                fake = model.generate(model.random_latents(len(real)))
+                with torch.no_grad():  # (its loss detaches the fakes)
+                    fake = model.generate(model.random_latents(len(real)))
                 d_loss = model.discriminator_loss(real, fake)
                 if self.r1_gamma and step % self.r1_every == 0:
                     d_loss = d_loss + self.r1_every * model.r1_penalty(real, self.r1_gamma)
-            trainer.step(d_loss, optimizer=dis_opt, name="discriminator")
+            discriminator_step(trainer, d_loss, dis_opt, model.discriminator)
+            # the generator step: the global batch's latents, the generator on this process's share
             with accelerator.autocast():
-                g_loss = model.generator_loss(model.generate(model.random_latents(self.batch_size)))
+                z = model.random_latents(self.batch_size)
+                g_loss = generator_loss_on_shards(model, net, z, accelerator)
                 loss = g_loss if extra is None else g_loss + extra()
             trainer.step(loss, name="generator")
             if after is not None:
@@ -329,6 +355,8 @@ class AdaptThenUnlearn(Method):
             if ema is not None:
                 update_ema()
         model.eval()
+        if net is not model.generator:  # (it trained in place) drop the autocast wrapper prepare() gave it
+            accelerator.unwrap_model(net, keep_fp32_wrapper=False)
         if ema is not None and steps:
             with torch.no_grad():
                 for average, param in zip(ema, model.generator.parameters()):
@@ -359,6 +387,76 @@ class AdaptThenUnlearn(Method):
 
 # ------------------------------------------------------------------------------------------------------------
 # The parts, as functions (tests check each)
+
+
+def has_batch_statistics(module: nn.Module) -> bool:
+    """Whether `module` normalizes with batch statistics in training (BatchNorm and its variants)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def parallel_generator(model, accelerator) -> nn.Module:
+    """The module that runs the generator's trained pass: under a multi-process launch `model.generator` wrapped
+    by DDP (`unlearn.train.data_parallel`; every generator weight trains, so DDP synchronizes all of them), else
+    the generator itself. It trains in place: the wrapper shares `model.generator`'s weights."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return model.generator
+    return data_parallel(model.generator, accelerator)
+
+
+@contextmanager
+def generating_through(model, net: nn.Module):
+    """`model.generate` runs `net` (the DDP wrapper of `model.generator`) while inside: the adapter's own mapping
+    to images, with the gradient synchronized by DDP. The adapter's modules are restored on leaving."""
+    original = model._modules["generator"]
+    model._modules["generator"] = net
+    try:
+        yield
+    finally:
+        model._modules["generator"] = original
+
+
+def generator_loss_on_shards(model, net: nn.Module, z: torch.Tensor, accelerator) -> torch.Tensor:
+    """The non-saturating generator loss of the global batch of latents `z` (drawn alike in every process).
+
+    One process: `model.generator_loss(model.generate(z))`. Several (`net` from `parallel_generator`): the
+    generator runs on this process's share of `z` under DDP; the discriminator judges the gathered global batch
+    alike in every process (no DDP, so batch statistics, if it has any, are the whole batch's), and the
+    gradient of the global loss with respect to the generated images is sent back to each share. The returned
+    tensor's value is the global batch's loss; its gradient is N·(∂L/∂fake_share)·∂fake_share/∂θ, which DDP's
+    mean over the N processes makes the gradient of the global loss (as in DoCo's adversarial term). A
+    generator with batch statistics runs on the whole batch in every process instead (its share's statistics
+    would differ from the whole batch's); DDP then averages equal gradients."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return model.generator_loss(model.generate(z))
+    if has_batch_statistics(model.generator):
+        with generating_through(model, net):
+            return model.generator_loss(model.generate(z))
+    count = accelerator.num_processes
+    with generating_through(model, net):
+        fake = model.generate(shard(accelerator, z))
+    whole = accelerator.gather(fake.detach().contiguous()).requires_grad_(True)
+    loss = model.generator_loss(whole)
+    (grad,) = torch.autograd.grad(loss, whole)
+    term = (fake * shard(accelerator, grad)).sum() * count
+    return loss.detach() + (term - term.detach())  # the global loss's value, the share's gradient
+
+
+def discriminator_step(trainer: Trainer, loss: torch.Tensor, optimizer, discriminator: nn.Module) -> None:
+    """A step of the discriminator's optimizer on `loss` (`trainer.step`). Under a multi-process launch the loss
+    is the same global batch's in every process, and its gradients are averaged over the processes before the
+    step: equal on a CPU, they keep the copies equal where GPU kernels are not deterministic."""
+    accelerator = trainer.accelerator
+    if accelerator is None or accelerator.num_processes == 1:
+        trainer.step(loss, optimizer=optimizer, name="discriminator")
+        return
+    trainer.record("discriminator", loss)
+    _raw(optimizer).zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    grads = [p.grad for p in discriminator.parameters() if p.grad is not None]
+    with torch.no_grad():
+        for grad, mean in zip(grads, accelerator.reduce(grads, reduction="mean")):
+            grad.copy_(mean)
+    trainer.update(optimizer)
 
 
 def forget_label(data: UnlearnData) -> int:
@@ -501,8 +599,10 @@ def load_adapted(path: str | Path, model) -> list[dict[str, torch.Tensor]]:
 __all__ = [
     "AdaptThenUnlearn",
     "collect",
+    "discriminator_step",
     "ewc_penalty",
     "fisher_information",
+    "generator_loss_on_shards",
     "parameter_distance",
     "repulsion",
 ]

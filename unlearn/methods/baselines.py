@@ -326,14 +326,23 @@ class RetrainGAN(Method):
     2. Train them with the digits GAN world's own loop (`unlearn.worlds.digits_gan.train_gan`: logistic
        discriminator loss with lazy R1, non-saturating generator loss, Adam betas (0.5, 0.99), the generator
        ending as its exponential moving average) on the real images of every class but the erased one, seeded
-       by the run's seed. fp32, single process, no checkpoints (the world's loop has none).
+       by the run's seed. fp32 (whatever `train.mixed_precision`), with the run's `train.jsonl`, checkpoints and
+       resume.
 
     The defaults are the digits GAN world's training recipe, so Retrain is the original minus the class: the
     control of the attacks (a generator that never saw the class). It needs the task's real retained images
     (`data.dataset: digits`); a GAN task without a dataset (`generated`) has none and is refused.
+
+    Several processes (`multi_process`): the result of one process for the same global batch. Every process
+    draws each step's real batch and latents alike; the discriminator steps on the whole global batch in every
+    process (its gradients averaged over them), and the generator trains under DDP on this process's share of
+    the latents, judged on the gathered batch (`train_gan`, as in Adapt-then-Unlearn's loop). Gradient
+    accumulation is refused (a discriminator and a generator step per step).
     """
 
     families = ("gan",)
+    multi_process = True
+    accumulates = False  # the world's loop (`train_gan`)
     steps: int = hyperparameter(3500, "alternating discriminator / generator steps (the digits GAN world's)")
     lr: float = hyperparameter(2e-4, "Adam learning rate of both networks (the digits GAN world's)")
     batch_size: int = hyperparameter(64, "real retained images (and as many samples) per step (the world's)")

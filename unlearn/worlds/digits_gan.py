@@ -24,7 +24,7 @@ import torch
 
 from ..checkpoints import write_json
 from ..datasets import load_dataset
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from ..train import Batches, Trainer
 
 SEED = 0
@@ -70,16 +70,49 @@ def train_gan(
     Alternating steps: the discriminator on a real batch and a fake one (+ lazy R1 every `R1_EVERY` steps),
     then the generator with the non-saturating loss. The generator's weights end as their exponential moving
     average (decay `ema_decay`); `callback(step, ema_generator)` is called at every log point. Batches come from a `torch.Generator` seeded with `seed`; latents from the
-    global RNG seeded with `seed` inside a fork, so the caller's RNG state is left as it was. `accelerator`
-    (a run's, as RetrainGAN passes it) receives the losses at every log point when it has trackers
-    (`train.log_with`); the loop itself runs as without it.
+    global RNG seeded with `seed` inside a fork, so the caller's RNG state is left as it was. fp32 always.
+
+    `accelerator`: None for the world (no log file, no checkpoint). A run's (RetrainGAN's): the loop also writes
+    `train.jsonl` (and accelerate's trackers, `train.log_with`) every `log_every` steps and checkpoints every
+    `train.checkpoint_every_steps`, and resumes; gradient accumulation is refused. On several processes the
+    result is the one-process one for the same global batch, as in Adapt-then-Unlearn's loop: every process
+    draws each step's real batch and latents alike; the discriminator step runs on the whole global batch in
+    every process (its gradients averaged over them), the generator step runs the generator under DDP on this
+    process's share of the latents, judged by the discriminator on the gathered batch
+    (`unlearn.methods.adapt_then_unlearn.generator_loss_on_shards`).
     """
+    if accelerator is not None and accelerator.gradient_accumulation_steps > 1:
+        raise ConfigError(
+            "GAN training (Retrain) steps a discriminator and a generator per step and does not accumulate "
+            "gradients; set train.gradient_accumulation_steps to 1"
+        )
+    several = accelerator is not None and accelerator.num_processes > 1
     gen_opt = torch.optim.Adam(model.generator.parameters(), lr=lr, betas=BETAS)
     dis_opt = torch.optim.Adam(model.discriminator.parameters(), lr=lr, betas=BETAS)
     ema = copy.deepcopy(model.generator).requires_grad_(False)
     reals = Batches(images, batch_size, torch.Generator().manual_seed(seed), torch.stack)
-    trainer = Trainer(model, gen_opt, None, stage="train_gan", total=steps)
-    tracked = accelerator is not None and bool(accelerator.trackers) and accelerator.is_main_process
+    net = model.generator
+    if several:  # the loop of Adapt-then-Unlearn's, whose parts these are
+        from ..methods.adapt_then_unlearn import (
+            discriminator_step,
+            generator_loss_on_shards,
+            parallel_generator,
+        )
+
+        net = parallel_generator(model, accelerator)
+        # fp32 as on one process whatever train.mixed_precision: drop the autocast wrapper prepare() gave it
+        accelerator.unwrap_model(net, keep_fp32_wrapper=False)
+    trainer = Trainer(
+        model,
+        gen_opt,
+        accelerator,
+        stage="train_gan",
+        total=steps,
+        state={"discriminator_optimizer": dis_opt, "reals": reals, "ema": ema},
+        settings={"batch": batch_size, "lr": lr, "r1": r1_gamma, "ema": ema_decay, "seed": seed},
+        log_every=log_every,
+        log=log if accelerator is None else None,
+    )
     started = time.perf_counter()
     model.train()
     with torch.random.fork_rng(devices=[]):
@@ -90,8 +123,13 @@ def train_gan(
             d_loss = model.discriminator_loss(real, fake)
             if r1_gamma and step % R1_EVERY == 0:
                 d_loss = d_loss + R1_EVERY * model.r1_penalty(real, r1_gamma)
-            trainer.step(d_loss, optimizer=dis_opt, name="discriminator")
-            g_loss = model.generator_loss(model.generate(model.random_latents(batch_size)))
+            if several:  # the whole global batch in every process, the gradients averaged over them
+                discriminator_step(trainer, d_loss, dis_opt, model.discriminator)
+                z = model.random_latents(batch_size)
+                g_loss = generator_loss_on_shards(model, net, z, accelerator)  # the generator on its share
+            else:
+                trainer.step(d_loss, optimizer=dis_opt, name="discriminator")
+                g_loss = model.generator_loss(model.generate(model.random_latents(batch_size)))
             trainer.step(g_loss, name="generator")
             if not (torch.isfinite(d_loss) and torch.isfinite(g_loss)):
                 raise TrainingError(f"GAN training diverged at step {step}")
@@ -99,9 +137,6 @@ def train_gan(
                 for target, source in zip(ema.parameters(), model.generator.parameters()):
                     target.lerp_(source, 1.0 - ema_decay)
             at_log_point = (step + 1) % log_every == 0 or step + 1 == steps
-            if at_log_point and tracked:
-                losses = {"train_gan/discriminator": d_loss.item(), "train_gan/generator": g_loss.item()}
-                accelerator.log(losses, step=step + 1)
             if log is not None and at_log_point:
                 log(
                     f"step {step + 1}/{steps}  D {d_loss.item():.3f}  G {g_loss.item():.3f}  "
