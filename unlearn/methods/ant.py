@@ -15,7 +15,7 @@ from ..data import ConceptPrompts, UnlearnData
 from ..errors import ConfigError
 from ..models.base import Model
 from ..params import ParamMask
-from ..train import train_steps
+from ..train import broadcast_tensors, data_parallel, shard, train_steps
 from .base import Method, hyperparameter
 
 MODES = ("auto", "saliency", "lora")
@@ -147,6 +147,16 @@ class ANT(Method):
       outputs would move unrelated prompts. And its ridge must be positive (the reference's `lamb` is 0):
       with few preserved states the system is otherwise singular.
 
+    Several processes (`multi_process`): the trained UNet (saliency mode) or the concept's LoRA (lora mode) trains
+    under DDP; the teacher θ* is each process's own unwrapped copy. Every process draws each step's prompts, the
+    indices k_e and k_l and the trajectories' starting noise for the whole batch alike, then runs the trajectory,
+    the teacher and the trained passes on its share of it (`unlearn.train.shard`): `batch_size` must be a
+    multiple of the number of processes. The saliency maps are independent (each from its own seed), so they are
+    spread over the processes (map i on process i mod N) and the intersection is taken across them, which is the
+    intersection of all maps exactly. The LoRA fusion is solved alike on every process, then all take the main
+    process's fused weights. So the run is the one-process run. Mixed precision and gradient accumulation work as
+    in one process (each micro-batch is a fresh global batch).
+
     Defaults follow the reference code of each mode: the settings that differ between the two codes (`steps`,
     `batch_size`, `split_step`, `start_guidance`, `early_weight`, `uncond_weight`) default to null and take
     the mode's value (`MODE_DEFAULTS`): saliency, the single-concept code's `Single/configs/ant_train.yaml`
@@ -159,6 +169,7 @@ class ANT(Method):
     """
 
     families = ("diffusion",)
+    multi_process = True
     needs_images = False  # prompts alone: a ConceptPrompts is a whole task
     mode: str = hyperparameter(
         "auto", "saliency (one concept), lora (several), or auto: by the number of concepts"
@@ -269,6 +280,12 @@ class ANT(Method):
         concepts = data.prompts.split()
         mode = self.mode if self.mode != "auto" else ("saliency" if len(concepts) == 1 else "lora")
         method = dataclasses.replace(self, mode=mode)  # the null settings take this mode's reference values
+        processes = accelerator.num_processes
+        if method.batch_size % processes:  # refused now, not after the saliency maps
+            raise ConfigError(
+                f"ant batch_size {method.batch_size} cannot be split evenly across {processes} processes; set "
+                f"method.batch_size to a multiple of {processes}"
+            )
         if mode == "lora":
             return method._lora(model, data.prompts, concepts, accelerator)
         return method._saliency(model, data.prompts, accelerator)
@@ -276,20 +293,38 @@ class ANT(Method):
     # -- the objective, shared by both modes ---------------------------------------------------------------
 
     def objective(
-        self, model: Model, teacher: Model, sampler, conditions, rng: random.Random
+        self,
+        model: Model,
+        teacher: Model,
+        sampler,
+        conditions,
+        rng: random.Random,
+        net=None,
+        accelerator=None,
     ) -> torch.Tensor:
-        """The ANT loss on one batch of forget conditions (step 1 of the class docstring)."""
+        """The ANT loss on one batch of forget conditions (step 1 of the class docstring).
+
+        `conditions` is the global batch: the indices and the trajectory's starting noise are drawn for all of
+        it, and the loss is this process's share of it (`shard`), with the trained pass through `net` (the model
+        as `data_parallel` wrapped it; default `model`)."""
         if any(getattr(self, name) is None for name in MODE_DEFAULTS["saliency"]):
             raise ConfigError(
                 "ant mode auto has no settings until the mode is known: set mode saliency or lora"
             )
+        net = model if net is None else net
         n = len(conditions)
         k_early, k_late = draw_indices(rng, self.split_step, self.ddim_steps)
         t_early, t_late = sampler.timesteps[k_early], sampler.timesteps[k_late]
         with torch.no_grad():
             cond, uncond = model.encode(conditions), model.encode(model.null_conditions(n))
+            # the starting noise of the whole batch (as `Diffusion.trajectory` draws it), then this process's share
+            noise = torch.randn(model.latent_shape(n), device=model.device) * sampler.init_noise_sigma
+            noise, cond, uncond = shard(accelerator, noise, cond, uncond)
+            n = len(noise)
             # one trajectory of the current model: noise -> x_early -> x_late (k_early < k_late)
-            x_early, x_late = model.trajectory(cond, sampler, [k_early, k_late], self.start_guidance, uncond)
+            guidance = self.start_guidance
+            x_early = model.denoise(noise, cond, sampler, 0, k_early, guidance, uncond)
+            x_late = model.denoise(x_early, cond, sampler, k_early, k_late, guidance, uncond)
             x = torch.cat([x_early, x_late])
             t = torch.cat([t_early.expand(n), t_late.expand(n)]).to(model.device)
             both = teacher(torch.cat([x, x]), torch.cat([t, t]), _cat(uncond, uncond, cond, cond))
@@ -298,19 +333,28 @@ class ANT(Method):
             keep_target, reverse_target = (e_u + direction).chunk(2)[0], (e_u - direction).chunk(2)[1]
             e_u_early, e_u_late = e_u.chunk(2)
         # the trained model, conditional and unconditional, at both points, in one call with gradient
-        out = model(torch.cat([x, x]), torch.cat([t, t]), _cat(cond, cond, uncond, uncond)).float()
+        out = net(torch.cat([x, x]), torch.cat([t, t]), _cat(cond, cond, uncond, uncond)).float()
         c_early, c_late, u_early, u_late = out.chunk(4)
         late = F.mse_loss(c_late, reverse_target) + self.uncond_weight * F.mse_loss(u_late, e_u_late)
         early = F.mse_loss(c_early, keep_target) + self.uncond_weight * F.mse_loss(u_early, e_u_early)
         return late + self.early_weight * early
 
-    def _loss_fn(self, model: Model, teacher: Model, prompts: ConceptPrompts, rng: random.Random):
-        """A `train_steps` loss: each step a batch of the concept's forget prompts, drawn with `rng`."""
+    def _loss_fn(
+        self,
+        model: Model,
+        teacher: Model,
+        prompts: ConceptPrompts,
+        rng: random.Random,
+        net=None,
+        accelerator=None,
+    ):
+        """A `train_steps` loss: each step a global batch of the concept's forget prompts, drawn with `rng` (the
+        same stream in every process), this process's share of it trained through `net`."""
         sampler = model.sampler(self.ddim_steps)
 
         def loss_fn(step: int) -> torch.Tensor:
             batch = model.as_conditions(rng.choice(prompts.forget) for _ in range(self.batch_size))
-            return self.objective(model, teacher, sampler, batch, rng)
+            return self.objective(model, teacher, sampler, batch, rng, net, accelerator)
 
         return loss_fn
 
@@ -321,10 +365,11 @@ class ANT(Method):
         teacher = model.frozen_copy()
         mask = self.mask(model, teacher, prompts, accelerator)
         optimizer = torch.optim.Adam(chosen.values(), lr=self.lr)
-        rng = random.Random(torch.initial_seed())
+        rng = random.Random(torch.initial_seed())  # the same stream in every process: the global batch
+        net = data_parallel(model, accelerator)  # the trained UNet pass, under DDP on several processes
         return train_steps(
-            model,
-            self._loss_fn(model, teacher, prompts, rng),
+            net,
+            self._loss_fn(model, teacher, prompts, rng, net, accelerator),
             optimizer,
             accelerator,
             self.steps,
@@ -337,7 +382,11 @@ class ANT(Method):
 
     def mask(self, model: Model, teacher: Model, prompts: ConceptPrompts, accelerator) -> ParamMask:
         """M*: loaded from `mask_path`, or the intersection of the gradient maps over prompt variants × seeds
-        at the original weights (nothing is stepped), saved to the run folder."""
+        at the original weights (nothing is stepped), saved to the run folder.
+
+        Several processes: each map depends on its prompt and seed alone, so process i computes maps i, i + N,
+        ... and the processes intersect their partial masks (`intersect_across`): every process holds the
+        intersection of all maps, the one-process mask exactly."""
         if self.mask_path:
             return ParamMask.load(self.mask_path)
         variants = list(self.mask_prompts) if self.mask_prompts else list(prompts.forget)
@@ -346,26 +395,30 @@ class ANT(Method):
         devices = [model.device] if model.device.type == "cuda" else []
         was_training = model.training
         model.eval()
+        pairs = [(prompt, int(seed)) for prompt in variants for seed in self.mask_seeds]
         maps = []
-        for prompt in variants:
-            for seed in self.mask_seeds:
-                summed = {n: torch.zeros_like(p) for n, p in params.items()}
-                # the same seed gives the same noise and timesteps for every prompt variant
-                with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(int(seed))
-                    rng = random.Random(int(seed))
-                    for _ in range(self.mask_iterations):
-                        model.zero_grad(set_to_none=True)
-                        with accelerator.autocast():
-                            loss = self.objective(model, teacher, sampler, model.as_conditions([prompt]), rng)
-                        loss.backward()
-                        for name, param in params.items():
-                            if param.grad is not None:
-                                summed[name] += param.grad
-                maps.append(summed)  # |Σ grad| over the iterations: the reference's map
+        for prompt, seed in pairs[accelerator.process_index :: accelerator.num_processes]:
+            summed = {n: torch.zeros_like(p) for n, p in params.items()}
+            # the same seed gives the same noise and timesteps for every prompt variant
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                rng = random.Random(seed)
+                for _ in range(self.mask_iterations):
+                    model.zero_grad(set_to_none=True)
+                    with accelerator.autocast():
+                        loss = self.objective(model, teacher, sampler, model.as_conditions([prompt]), rng)
+                    loss.backward()
+                    for name, param in params.items():
+                        if param.grad is not None:
+                            summed[name] += param.grad
+            maps.append(summed)  # |Σ grad| over the iterations: the reference's map
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-        mask = saliency_intersection(maps, self.sparsity, self.mask_scope)
+        if maps:
+            mask = saliency_intersection(maps, self.sparsity, self.mask_scope)
+        else:  # more processes than maps: this one adds nothing to the intersection
+            mask = ParamMask({n: torch.ones(p.shape, dtype=torch.bool) for n, p in params.items()})
+        mask = intersect_across(accelerator, mask)
         if accelerator.project_dir and accelerator.is_main_process:
             mask.save(Path(accelerator.project_dir) / "saliency_mask.safetensors")
         return mask
@@ -392,10 +445,11 @@ class ANT(Method):
             adapter = f"ant_{index}"
             factors = add_lora(model.unet, targeted, self.lora_rank, self.lora_alpha, adapter)
             optimizer = torch.optim.AdamW(factors, lr=self.lr)
-            rng = random.Random(torch.initial_seed())
+            rng = random.Random(torch.initial_seed())  # the same stream in every process: the global batch
+            net = data_parallel(model, accelerator)  # this concept's LoRA (all that trains), under DDP
             train_steps(
-                model,
-                self._loss_fn(model, teacher, concept, rng),
+                net,
+                self._loss_fn(model, teacher, concept, rng, net, accelerator),
                 optimizer,
                 accelerator,
                 self.steps,
@@ -410,9 +464,24 @@ class ANT(Method):
             remove_lora(model.unet, merge=False)  # back to the plain layers with their original weights
         model.unet.requires_grad_(True)
         preserve, _ = preserved_keys(model, merged.retain, unconditional=False, scale=self.preserve_scale)
-        fuse_loras(model, trained, self.fuse_scale, preserve, self.preserve_scale, self.ridge)
+        fused = fuse_loras(model, trained, self.fuse_scale, preserve, self.preserve_scale, self.ridge)
+        weights = dict(model.unet.named_parameters())  # solved alike everywhere: take the main one's
+        broadcast_tensors(accelerator, [weights[name] for name in fused])
         model.eval()
         return model
+
+
+def intersect_across(accelerator, mask: ParamMask) -> ParamMask:
+    """The intersection of every process's `mask` (the same parameters in each), held by every process; `mask`
+    itself on one process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return mask
+    masks = {}
+    for name, keep in mask.masks.items():
+        # an entry is kept by every process iff the sum of the processes' 0/1 votes is the number of processes
+        votes = accelerator.reduce(keep.to(accelerator.device, torch.int32), reduction="sum")
+        masks[name] = (votes == accelerator.num_processes).cpu()
+    return ParamMask(masks)
 
 
 def _cat(*conditions):

@@ -21,7 +21,7 @@ from ..data import UnlearnData
 from ..errors import ConfigError, DataError
 from ..lora import add_lora, remove_lora
 from ..models.base import Model
-from ..train import endless, train_steps
+from ..train import broadcast_tensors, data_parallel, endless, shard, share_weight, train_steps
 from .base import Method, hyperparameter
 from .closed_form import concept_keys, concept_starts, edit_cross_attention, preserved_keys
 
@@ -76,9 +76,20 @@ class RealEra(Method):
       loss; RealEra's abstract speaks of noise-prediction alignment, which we implement.
     - `lora_modules` default to all four attention projections of attn2 (to_q, to_k, to_v, to_out.0): the
       closed form already moved to_k / to_v; the LoRA may also reshape the queries and the output.
+
+    Several processes (`multi_process`): the closed form (mining from the seeded generator, the solves) runs alike
+    on every process, then all take the main process's edited weights. In the LoRA stage the LoRA trains under
+    DDP and the original model ε_orig is each process's own unwrapped copy; every process draws each step's
+    global batch alike (forget and retain images, noise, timesteps, which rows take a neighbour, the mined
+    neighbours and beyond-concept samples, from the same seeded RNGs), then runs ε_orig and the trained passes on
+    its share of it (`unlearn.train.shard`): `lora_batch_size` must be a multiple of the number of processes; the
+    short batch that ends each pass over the forget or retain images splits unevenly if it must, each share's
+    loss scaled by its size (`unlearn.train.share_weight`). So the run is the one-process run. Mixed precision and gradient accumulation work as in
+    one process (each micro-batch is a fresh global batch).
     """
 
     families = ("diffusion",)
+    multi_process = True
     needs_text = True
     # neighbour-concept mining (step 2)
     num_neighbors: int = hyperparameter(8, "neighbours mined per concept state", ge=0)
@@ -150,6 +161,12 @@ class RealEra(Method):
     def unlearn(self, model: Model, data: UnlearnData, accelerator) -> Model:
         if model.conditioning != "text":
             raise ConfigError("realera edits cross-attention: it needs a text-to-image model")
+        processes = accelerator.num_processes if accelerator is not None else 1
+        if self.lora_steps and self.lora_batch_size % processes:
+            raise ConfigError(
+                f"realera lora_batch_size {self.lora_batch_size} cannot be split evenly across {processes} "
+                f"processes; set method.lora_batch_size to a multiple of {processes}"
+            )
         generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
         teacher = model.frozen_copy() if self.lora_steps else None  # ε_orig: the model before any edit
         if self.closed_form:
@@ -164,7 +181,8 @@ class RealEra(Method):
         self, model: Model, data: UnlearnData, generator: torch.Generator, accelerator=None
     ) -> list[str]:
         """The closed-form stage: concept keys, mined neighbours and beyond-concept samples, one solve per
-        cross-attention projection. Returns the names of the edited tensors."""
+        cross-attention projection. Returns the names of the edited tensors. Several processes: each solves the
+        same edit from the same generator, then all take the main process's edited weights."""
         started = time.perf_counter()
         prompts = data.prompts
         keys, anchor_keys = concept_keys(model, prompts.forget, prompts.anchor)
@@ -189,6 +207,8 @@ class RealEra(Method):
             preserve_scale=scale,
             ridge=self.ridge,
         )
+        weights = dict(model.unet.named_parameters())
+        broadcast_tensors(accelerator, [weights[name] for name in edited])
         if accelerator is not None:
             accelerator.print(
                 f"realera: edited {len(edited)} projections with {len(keys)} concept states, {len(neighbors)} "
@@ -203,7 +223,8 @@ class RealEra(Method):
         self, model: Model, teacher: Model, data: UnlearnData, generator: torch.Generator, accelerator
     ) -> Model:
         """Train a LoRA on the cross-attention so that the concept and its mined neighbours predict the
-        original model's noise for the anchor, then merge it into the weights and remove it."""
+        original model's noise for the anchor, then merge it into the weights and remove it. Each step draws
+        the global batch alike in every process and trains on this process's share of it (`shard`)."""
         prompts = data.prompts
         anchor_of = dict(zip(prompts.forget, prompts.anchor))
         targets = lora_targets(model.unet, self.lora_modules)
@@ -212,7 +233,8 @@ class RealEra(Method):
         retain = (
             endless(data.retain, self.lora_batch_size) if self.preserve_weight and len(data.retain) else None
         )
-        rng = random.Random(torch.initial_seed())
+        rng = random.Random(torch.initial_seed())  # the same stream in every process: the global batch
+        net = data_parallel(model, accelerator)  # the LoRA (all that trains), under DDP on several processes
 
         def loss_fn(step: int) -> torch.Tensor:
             images, conditions = next(forget)
@@ -225,8 +247,11 @@ class RealEra(Method):
                 cond = model.encode(conditions)
                 use = [rng.random() < self.neighbor_share for _ in conditions]
                 cond = self.perturb(model, conditions, cond, use, generator, beyond=False)
-                target = teacher(x_t, t, teacher.encode([anchor_of[c] for c in conditions]))
-            loss = F.mse_loss(model(x_t, t, cond).float(), target.float())
+                anchors = teacher.encode([anchor_of[c] for c in conditions])
+                x_t, t, cond, anchors = shard(accelerator, x_t, t, cond, anchors, uneven=True)
+                target = teacher(x_t, t, anchors)
+            weight = share_weight(accelerator, len(images))  # (a pass's short last batch may split unevenly)
+            loss = F.mse_loss(net(x_t, t, cond).float(), target.float()) * weight
             if not self.preserve_weight:
                 return loss
             # beyond-concept regularization: what lies outside the band keeps the original prediction
@@ -234,10 +259,16 @@ class RealEra(Method):
             if self.num_beyond:
                 with torch.no_grad():
                     far = self.perturb(
-                        model, conditions, model.encode(conditions), [True] * len(x_t), generator, beyond=True
+                        model,
+                        conditions,
+                        model.encode(conditions),
+                        [True] * len(conditions),
+                        generator,
+                        beyond=True,
                     )
+                    far = shard(accelerator, far, uneven=True)
                     far_target = teacher(x_t, t, far)
-                keep.append(F.mse_loss(model(x_t, t, far).float(), far_target.float()))
+                keep.append(F.mse_loss(net(x_t, t, far).float(), far_target.float()) * weight)
             if retain is not None:
                 r_images, r_conditions = next(retain)
                 r0 = model.to_latents(r_images)
@@ -245,13 +276,15 @@ class RealEra(Method):
                 r_x, _, r_t = model.noised(r0, model.sample_timesteps(len(r0)))
                 with torch.no_grad():
                     r_cond = model.encode(list(r_conditions))
+                    r_x, r_t, r_cond = shard(accelerator, r_x, r_t, r_cond, uneven=True)
                     r_target = teacher(r_x, r_t, r_cond)
-                keep.append(F.mse_loss(model(r_x, r_t, r_cond).float(), r_target.float()))
+                r_weight = share_weight(accelerator, len(r_images))
+                keep.append(F.mse_loss(net(r_x, r_t, r_cond).float(), r_target.float()) * r_weight)
             return loss + self.preserve_weight * sum(keep)
 
         optimizer = torch.optim.AdamW(factors, lr=self.lora_lr)
         train_steps(
-            model,
+            net,
             loss_fn,
             optimizer,
             accelerator,
