@@ -235,26 +235,82 @@ def _trained_batches(out: Path, rank: int = 0) -> list[int]:
     return json.loads((out / f"trained_batches_rank{rank}.json").read_text())
 
 
+# -- a pass's short last batch (default suite) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_an_uneven_short_batch_gives_the_gradient_of_the_whole_batch(pipelines, processes):
+    """The last batch of a pass (`train.endless`) may not split evenly: 3 retain images on 2 processes (shares of
+    2 and 1) or on 4 (one process with a stand-in image at weight 0). Each process's SalUn retain loss, drawn from
+    the same seed and scaled by `share_weight`, averaged over the processes as DDP averages gradients, gives the
+    one-process loss and gradient of the whole batch (to float round-off)."""
+    from types import SimpleNamespace
+
+    from tiny_diffusion import load_pipeline
+
+    from unlearn.methods.salun import SalUnDiffusion
+    from unlearn.train import shard
+
+    model = load_pipeline(pipelines["ddpm"])
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    batch = (torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 4, 7]))
+    salun = SalUnDiffusion(condition_dropout=0.5)  # its dropped conditions are drawn for the whole batch too
+
+    def loss_and_gradient(accelerator):
+        torch.manual_seed(3)  # every process draws the global batch's noise, timesteps and dropout alike
+        loss = salun.retain_loss(model, batch, accelerator=accelerator)
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    whole_loss, whole_gradient = loss_and_gradient(None)
+    shares = [
+        loss_and_gradient(SimpleNamespace(num_processes=processes, process_index=i)) for i in range(processes)
+    ]
+    assert sum(loss for loss, _ in shares) / processes == pytest.approx(whole_loss.item(), rel=1e-5)
+    # round-off: up to 3e-6 of the largest gradient entry (measured); key biases' gradients are 0 up to round-off
+    scale = max(whole.abs().max().item() for whole in whole_gradient)
+    for k, whole in enumerate(whole_gradient):
+        averaged = sum(g[k] for _, g in shares) / processes
+        torch.testing.assert_close(averaged, whole, rtol=1e-4, atol=1e-5 * scale)
+    parts = [
+        shard(SimpleNamespace(num_processes=processes, process_index=i), batch[1], uneven=True)
+        for i in range(processes)
+    ]
+    assert [p.tolist() for p in parts] == ([[1, 4], [7]] if processes == 2 else [[1], [4], [7], [1]])
+    with pytest.raises(ConfigError, match="a batch of 3 cannot be split evenly across 2 processes"):
+        shard(SimpleNamespace(num_processes=2, process_index=0), batch[1])  # equal shares unless told so
+
+
 # -- the refusal (default suite) ------------------------------------------------------------------------------
 
 
 def test_a_method_not_made_multi_process_is_refused_in_one_sentence():
-    from unlearn.methods import get_method
+    """Every built-in method runs on several processes; a method of one's own that does not say `multi_process`
+    (its loop knows nothing of sharding) is refused on several, in one sentence naming the family's methods that
+    run there."""
+    from dataclasses import dataclass
+
+    from unlearn.methods import METHODS, get_method
+    from unlearn.methods.base import Method
     from unlearn.pipeline import check_processes
 
-    ant = get_method("ant", family="diffusion")()
-    with pytest.raises(ConfigError) as refused:
-        check_processes(ant, "diffusion", 2)
-    said = str(refused.value)
-    assert (
-        "'ant'" in said and "single process" in said and "doco, esd, grad_ascent, retrain, salun, uce" in said
-    )
-    assert "\n" not in said
-    check_processes(ant, "diffusion", 1)  # one process: anything runs
-    check_processes(get_method("esd", family="diffusion")(), "diffusion", 2)
-    check_processes(get_method("salun", family="diffusion")(), "diffusion", 2)
-    random_label = get_method("random_label", family="classifier")()
-    check_processes(random_label, "classifier", 4)  # every classifier method: fit() shards their batches
-    gan = get_method("adapt_then_unlearn", family="gan")()
-    with pytest.raises(ConfigError, match="'adapt_then_unlearn' on gan models runs in a single process"):
-        check_processes(gan, "gan", 2)
+    for variants in METHODS.values():
+        for variant in variants:
+            for family in variant.families:
+                check_processes(variant(), family, 4)  # no built-in method is refused
+
+    @dataclass
+    class OwnLoop(Method):
+        families = ("diffusion", "gan")
+
+        def unlearn(self, model, data, accelerator):
+            return model
+
+    for family in ("diffusion", "gan"):
+        with pytest.raises(ConfigError) as refused:
+            check_processes(OwnLoop(), family, 2)
+        said = str(refused.value)
+        able = sorted(n for n, vs in METHODS.items() if any(family in v.families for v in vs))
+        assert f"'OwnLoop' on {family} models runs in a single process" in said and "\n" not in said
+        assert ", ".join(able) in said, said
+        check_processes(OwnLoop(), family, 1)  # one process: anything runs
+    check_processes(get_method("random_label", family="classifier")(), "classifier", 4)  # fit() shards them

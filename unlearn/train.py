@@ -822,8 +822,9 @@ def diffusion_loss(model, batch, uncond_prob: float = 0.0, net=None, accelerator
     x0 = model.to_latents(images)
     conditions = model.drop_conditions(conditions, uncond_prob) if conditions is not None else None
     x_t, noise, t = model.noised(x0)
-    x_t, noise, t, conditions = shard(accelerator, x_t, noise, t, conditions)
-    return torch.nn.functional.mse_loss(net(x_t, t, model.encode(conditions)).float(), noise.float())
+    x_t, noise, t, conditions = shard(accelerator, x_t, noise, t, conditions, uneven=True)
+    loss = torch.nn.functional.mse_loss(net(x_t, t, model.encode(conditions)).float(), noise.float())
+    return loss * share_weight(accelerator, len(images))
 
 
 def train_steps(
@@ -893,13 +894,18 @@ def data_parallel(model: nn.Module, accelerator) -> nn.Module:
     return accelerator.prepare(model)
 
 
-def shard(accelerator, *values):
+def shard(accelerator, *values, uneven: bool = False):
     """This process's share of a global batch: each of `values` (tensors, lists; None passes) cut along its first
-    dimension into `num_processes` equal parts, in process order.
+    dimension into `num_processes` parts, in process order.
 
     The generative methods draw each step's global batch (examples, conditions, noise, timesteps) alike in every
     process, from the same seeded RNG, and each process trains on its share: the global batch, and so the
     result, does not depend on the number of processes. Returns the one value, or a tuple of them.
+
+    The parts are equal, or with `uneven` (batches drawn pass after pass, `endless`, whose last batch of a pass
+    may be short) they may differ by one example: the first `len % N` processes take one more, and a process
+    left with none takes the batch's first example as a stand-in. The caller then scales its mean loss over the
+    share by `share_weight`, so that DDP's mean over the processes is the global batch's mean.
     """
     if accelerator is None or accelerator.num_processes == 1:
         return values[0] if len(values) == 1 else values
@@ -909,14 +915,32 @@ def shard(accelerator, *values):
         if value is None:
             parts.append(None)
             continue
-        if len(value) % count:
+        if len(value) % count and not uneven:
             raise ConfigError(
                 f"a batch of {len(value)} cannot be split evenly across {count} processes; use a batch size that "
                 f"is a multiple of {count}"
             )
-        size = len(value) // count
-        parts.append(value[index * size : (index + 1) * size])
+        start, stop = _share_bounds(len(value), count, index)
+        parts.append(value[start:stop] if stop > start else value[:1])
     return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def share_weight(accelerator, total: int) -> float:
+    """The factor of this process's mean loss over its `shard(..., uneven=True)` of a global batch of `total`
+    examples: its share's size times N over `total` (1 for equal shares, 0 for a stand-in example), so that the
+    mean over the processes of the scaled losses, and of their gradients (DDP), is the global batch's mean."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return 1.0
+    count = accelerator.num_processes
+    start, stop = _share_bounds(total, count, accelerator.process_index)
+    return (stop - start) * count / total
+
+
+def _share_bounds(total: int, count: int, index: int) -> tuple[int, int]:
+    """Where process `index` of `count` cuts its share of `total` examples: sizes differ by at most one."""
+    size, extra = divmod(total, count)
+    start = index * size + min(index, extra)
+    return start, start + size + (index < extra)
 
 
 def broadcast_tensors(accelerator, tensors) -> None:

@@ -24,6 +24,7 @@ from ..train import (
     make_loader,
     make_optimizer,
     shard,
+    share_weight,
     train_steps,
 )
 from .base import Method, hyperparameter
@@ -473,18 +474,19 @@ class SalUnDiffusion(Method):
         """MSE(ε_θ(x_t | c_f), sg[ε_θ(x_t | c')]) on a forget batch; `pseudo` maps a condition to its anchor c'.
 
         `batch` is the global batch: its noise, timesteps and dropped conditions are drawn for all of it, and the
-        loss is this process's share of it (`shard`), with the trained forward pass through `net` (DDP)."""
+        loss is this process's share of it (`shard`; a pass's short last batch may split unevenly, the loss
+        scaled by `share_weight`), with the trained forward pass through `net` (DDP)."""
         net = model if net is None else net
         images, conditions = batch
         x_t, _, t = model.noised(model.to_latents(images), antithetic=self.antithetic_timesteps)
         anchors = model.as_conditions(pseudo[_key(c)] for c in conditions)
         forget_cond = model.drop_conditions(conditions, self.condition_dropout)
         pseudo_cond = model.drop_conditions(anchors, self.condition_dropout)  # drawn apart
-        x_t, t, forget_cond, pseudo_cond = shard(accelerator, x_t, t, forget_cond, pseudo_cond)
+        x_t, t, forget_cond, pseudo_cond = shard(accelerator, x_t, t, forget_cond, pseudo_cond, uneven=True)
         forget_out = net(x_t, t, model.encode(forget_cond))
         with torch.no_grad():  # the target: the current model under c', detached
             pseudo_out = model(x_t, t, model.encode(pseudo_cond))
-        return F.mse_loss(forget_out.float(), pseudo_out.float())
+        return F.mse_loss(forget_out.float(), pseudo_out.float()) * share_weight(accelerator, len(images))
 
     def retain_loss(self, model: Model, batch, net=None, accelerator=None) -> torch.Tensor:
         """The diffusion loss on a retain batch: per image the sum of squared errors, averaged over the batch
@@ -495,9 +497,10 @@ class SalUnDiffusion(Method):
         x0 = model.to_latents(images)
         cond = model.drop_conditions(conditions, self.condition_dropout)
         x_t, noise, t = model.noised(x0, antithetic=self.antithetic_timesteps)
-        x_t, noise, t, cond = shard(accelerator, x_t, noise, t, cond)
+        x_t, noise, t, cond = shard(accelerator, x_t, noise, t, cond, uneven=True)
         errors = (net(x_t, t, model.encode(cond)).float() - noise.float()).square()
-        return errors.flatten(1).sum(1).mean() if self.retain_reduction == "sum" else errors.mean()
+        loss = errors.flatten(1).sum(1).mean() if self.retain_reduction == "sum" else errors.mean()
+        return loss * share_weight(accelerator, len(images))
 
     def mask(self, model: Model, data: UnlearnData, accelerator) -> ParamMask:
         """The saliency mask over the trained UNet parameters: loaded, or computed on D_f and saved."""
