@@ -1,6 +1,6 @@
 """Generation throughput of the evaluation: images per second by batch size, precision and processes, side by side.
 
-    python benchmarks/generation_throughput.py [--model world:digits_t2i] [--images 128]
+    python benchmarks/generation_throughput.py [--model world:digits/t2i] [--images 128]
         [--batch-sizes 1 16 128] [--precisions fp32 bf16] [--processes 1 2] [--out FILE]
 
 Draws `--images` images the way the diffusion harness scores a model (`Diffusion.generate`, DDIM with
@@ -91,7 +91,7 @@ def launched(args, processes: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="world:digits_t2i")
+    parser.add_argument("--model", default="world:digits/t2i")
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
@@ -114,8 +114,8 @@ def main() -> None:
     from unlearn.worlds.digits import load_digits_classifier
 
     torch.set_num_threads(args.threads)
-    if args.model.startswith("world:digits"):
-        prepare("digits", verbose=False, families=(args.model.removeprefix("world:digits_"),))
+    if args.model.startswith("world:digits/"):  # built once in the real cache
+        prepare("digits", verbose=False, families=(args.model.removeprefix("world:digits/"),))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.model, family="diffusion").to(device)
     prompts = conditions(model, args.images)
