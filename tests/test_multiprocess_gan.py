@@ -230,11 +230,12 @@ if __name__ == "__main__":
     from safetensors.torch import save_file
     import unlearn.methods.adapt_then_unlearn as atu
     from unlearn.models.gan import build_gan
+    from unlearn.train import has_batch_statistics
 
     atu.Trainer = functools.partial(atu.Trainer, log_every=1)
     torch.manual_seed(0)
     model = build_gan("dcgan", latent_dim=16, channels=1, width=8, image_size=16)
-    assert atu.has_batch_statistics(model.generator)
+    assert has_batch_statistics(model.generator)
     accelerator = Accelerator(cpu=True, project_dir=sys.argv[1])
     method = atu.AdaptThenUnlearn(
         feedback="bn_case:judge", negatives=16, positives=200, adapt_steps=4, steps=4, batch_size=8,

@@ -51,12 +51,13 @@ sys.exit(status)
 NOT_COMPARED = {"RTE_s", "device", "num_processes"}
 
 
-def launch(script: Path, args: list[str], processes: int, cwd: Path) -> None:
+def launch(script: Path, args: list[str], processes: int, cwd: Path, config: Path | None = None) -> None:
     command = [sys.executable, str(script), *args]
     if processes > 1:
+        how = ["--config_file", str(config)] if config else ["--multi_gpu"]
         command = [
             sys.executable, "-m", "accelerate.commands.launch",
-            "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            *how, "--num_processes", str(processes), "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
             *command[1:],
         ]  # fmt: skip
@@ -211,16 +212,67 @@ def test_bf16_on_two_processes_differs_from_one_only_by_bf16_round_off(pipelines
     assert _trained_batches(tmp_path / "p2", 0) == _trained_batches(tmp_path / "p2", 1) == [4, 4, 4]
 
 
-def _erase(recipe: dict, processes: int, out: Path) -> dict:
+# ERASE_SCRIPT with accelerate's state set to FSDP when the launch asks for it: accelerate turns FSDP on for GPU
+# devices only and runs plain DDP under gloo, while torch's FSDP2 itself runs on gloo (as benchmarks/scaling.py).
+FSDP_ON_CPU = """
+import os
+import unlearn.pipeline
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+make_accelerator = unlearn.pipeline.make_accelerator
+
+def sharding(*args, **kwargs):
+    accelerator = make_accelerator(*args, **kwargs)
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    return accelerator
+
+unlearn.pipeline.make_accelerator = sharding
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["esd_t2i", "salun_t2i"])
+def test_fsdp_on_two_processes_matches_one(case, pipelines, digits_world, tmp_path):
+    """ESD and SalUn under `recipes/accelerate/fsdp_sd.yml` (FSDP2: the UNet's transformer and ResNet blocks
+    sharded in place, every pass through it gathering them) on two gloo processes give the one-process run."""
+    checkpoint, method, data = CASES[case]
+    recipe = {
+        "method": method,
+        "model": {"family": "diffusion", "checkpoint": str(pipelines[checkpoint])},
+        "data": data,
+        "eval": {"samples": 4, "steps": 2},
+    }
+    config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp_sd.yml"
+    one = _erase(recipe, 1, tmp_path / "p1")
+    two = _erase(recipe, 2, tmp_path / "p2", config=config, preamble=FSDP_ON_CPU)
+    assert two["metrics"]["num_processes"] == 2
+    assert [s[:2] for s in two["losses"]] == [s[:2] for s in one["losses"]] and one["losses"]
+    for (step, name, a), (*_, b) in zip(one["losses"], two["losses"]):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6), f"step {step} {name}: one process {a}, two {b}"
+    for name, weight in one["unet"].items():
+        torch.testing.assert_close(
+            two["unet"][name], weight, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    assert _trained_batches(tmp_path / "p2", 0) == _trained_batches(tmp_path / "p2", 1)
+    for key, value in one["metrics"].items():
+        if key not in NOT_COMPARED:
+            assert two["metrics"][key] == pytest.approx(value, rel=1e-6), key
+
+
+def _erase(recipe: dict, processes: int, out: Path, config: Path | None = None, preamble: str = "") -> dict:
     """`unlearn erase` of `recipe` into `out` on `processes` processes, a log line per step; the losses logged,
     the metrics and the UNet's weights."""
     from safetensors.torch import load_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(recipe))
-    script = out.parent / "erase.py"
-    script.write_text(ERASE_SCRIPT)
-    launch(script, [str(out.parent / f"{out.name}.yaml"), str(out)], processes, out.parent)
+    script = out.parent / f"erase_{out.name}.py"
+    script.write_text(preamble + ERASE_SCRIPT)
+    launch(script, [str(out.parent / f"{out.name}.yaml"), str(out)], processes, out.parent, config)
     lines = (out / "train.jsonl").read_text().splitlines() if (out / "train.jsonl").exists() else []
     return {
         "losses": [

@@ -172,6 +172,7 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool, stric
     if recipe.eval.reference:
         reference, reference_dir = _reference(recipe, output, log, strict)
     accelerator = make_accelerator(recipe, output, log)
+    check_sharding(recipe.build_method(), accelerator)
     set_seed(recipe.seed)
     method = recipe.build_method()
     harness = HARNESSES[recipe.model.family](recipe, accelerator.device, log)
@@ -184,7 +185,9 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool, stric
     if recipe.model.prune is not None:
         metrics["pruned_sparsity"] = _prune_first(model, recipe, data, accelerator, output, log)
     original = None
-    with spread_over(accelerator.state):  # every process generates, judges and measures its share of the batches
+    with spread_over(
+        accelerator.state
+    ):  # every process generates, judges and measures its share of the batches
         harness.before(model, data, reference_dir)
         if recipe.eval.original:
             original = harness.score_original(model, data)  # from the cache when scored before
@@ -253,6 +256,29 @@ def check_processes(method, family: str, processes: int) -> None:
         f"method {name!r} on {family} models runs in a single process for now; launch it without --multi_gpu "
         f"(the {family} methods that run on several processes: {', '.join(able) or 'none yet'})"
     )
+
+
+def check_sharding(method, accelerator) -> None:
+    """Refuse, in one sentence, an FSDP launch (`accelerate launch --config_file recipes/accelerate/fsdp_*.yml`)
+    that would not shard: on a machine without a GPU (accelerate runs it as plain DDP), or of a method whose loop
+    does not shard its model (`Method.shards_model`)."""
+    from accelerate.utils import DistributedType
+
+    from .methods import METHODS
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and accelerator.distributed_type != DistributedType.FSDP:
+        raise ConfigError(
+            "an FSDP launch config needs GPUs (accelerate runs it as plain DDP on "
+            f"{accelerator.distributed_type.value}); launch with recipes/accelerate/ddp.yml or --multi_gpu"
+        )
+    if accelerator.distributed_type == DistributedType.FSDP and not method.shards_model:
+        able = sorted(name for name, variants in METHODS.items() if any(v.shards_model for v in variants))
+        name = method.registered_as or type(method).__name__
+        raise ConfigError(
+            f"method {name!r} does not shard its model under FSDP yet; launch it with recipes/accelerate/ddp.yml "
+            f"(the methods that shard: {', '.join(able)})"
+        )
 
 
 def _share_failure(accelerator, failure: UnlearnError | None) -> None:

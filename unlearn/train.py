@@ -565,6 +565,10 @@ def _describe(value, digest) -> None:
 
 def _weights_digest(state: dict[str, torch.Tensor]) -> bytes:
     """A cheap digest of tensor values: per tensor its name, shape and two sums (computed where it lives)."""
+    from torch.distributed.tensor import DTensor
+
+    # an FSDP2-sharded tensor: the whole tensor's sums (a collective: every process computes the digest)
+    state = {k: t.full_tensor() if isinstance(t, DTensor) else t for k, t in state.items()}
     sums = [torch.stack([t.detach().double().sum(), t.detach().double().abs().sum()]) for t in state.values()]
     values = torch.stack(sums).cpu().numpy().tobytes() if sums else b""
     names = repr([(name, tuple(t.shape)) for name, t in state.items()]).encode()
@@ -858,7 +862,12 @@ def train_steps(
     in every process and compute its loss on this process's `shard` of it (the `Method.multi_process` methods);
     the returned model is unwrapped.
     """
-    optimizer = accelerator.prepare(optimizer)
+    if is_fsdp(accelerator):
+        # FSDP2 shards the trained module in place (every pass through it, the adapter's sampling and encoding
+        # included, gathers its weights) and its optimizer must be prepared in the same call.
+        _, optimizer = accelerator.prepare(model.trainable, optimizer)
+    else:
+        optimizer = accelerator.prepare(optimizer)
     trainer = Trainer(
         model,
         optimizer,
@@ -881,7 +890,34 @@ def train_steps(
                     loss = loss_fn(step + 1)
                 trainer.step(loss)
     model.eval()
+    if is_fsdp(accelerator):
+        return unshard(model, accelerator)
     return accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+
+
+def is_fsdp(accelerator) -> bool:
+    """Whether the launch shards models (accelerate's FSDP; `recipes/accelerate/fsdp_*.yaml`)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
+
+
+def unshard(model, accelerator):
+    """Put a plain copy of the FSDP2-sharded trained module, with its full weights, back on the adapter (in every
+    process: the full state dict is a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = model.trainable
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    base = next(c for c in type(sharded).__mro__[1:] if not issubclass(c, FSDPModule))
+    plain = base.from_config(sharded.config)  # a diffusers model (the UNet); other families need their own
+    plain.load_state_dict(full)
+    grads = {name: p.requires_grad for name, p in sharded.named_parameters()}
+    for name, p in plain.named_parameters():
+        p.requires_grad_(grads[name])
+    model.unet = plain.to(accelerator.device).eval()
+    return model
 
 
 def data_parallel(model: nn.Module, accelerator) -> nn.Module:
@@ -889,8 +925,8 @@ def data_parallel(model: nn.Module, accelerator) -> nn.Module:
     `model` itself. Call the wrapped model for the forward passes whose gradient trains (DDP averages it over
     the processes in the backward pass), the model itself for the rest (its other primitives, passes without
     gradient). Freeze what does not train first: only parameters that require a gradient are synchronized."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return model
+    if accelerator is None or accelerator.num_processes == 1 or is_fsdp(accelerator):
+        return model  # FSDP: train_steps shards model.trainable in place, with its optimizer
     return accelerator.prepare(model)
 
 
@@ -941,6 +977,79 @@ def _share_bounds(total: int, count: int, index: int) -> tuple[int, int]:
     size, extra = divmod(total, count)
     start = index * size + min(index, extra)
     return start, start + size + (index < extra)
+
+
+# -- a GAN's two steps on several processes (Adapt-then-Unlearn, Retrain's `train_gan`) ----------------------
+
+
+def has_batch_statistics(module: nn.Module) -> bool:
+    """Whether `module` normalizes with batch statistics in training (BatchNorm and its variants)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def parallel_generator(model, accelerator) -> nn.Module:
+    """The module that runs the generator's trained pass: under a multi-process launch `model.generator` wrapped
+    by DDP (`data_parallel`; every generator weight trains, so DDP synchronizes all of them), else
+    the generator itself. It trains in place: the wrapper shares `model.generator`'s weights."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return model.generator
+    return data_parallel(model.generator, accelerator)
+
+
+@contextmanager
+def generating_through(model, net: nn.Module):
+    """`model.generate` runs `net` (the DDP wrapper of `model.generator`) while inside: the adapter's own mapping
+    to images, with the gradient synchronized by DDP. The adapter's modules are restored on leaving."""
+    original = model._modules["generator"]
+    model._modules["generator"] = net
+    try:
+        yield
+    finally:
+        model._modules["generator"] = original
+
+
+def generator_loss_on_shards(model, net: nn.Module, z: torch.Tensor, accelerator) -> torch.Tensor:
+    """The non-saturating generator loss of the global batch of latents `z` (drawn alike in every process).
+
+    One process: `model.generator_loss(model.generate(z))`. Several (`net` from `parallel_generator`): the
+    generator runs on this process's share of `z` under DDP; the discriminator judges the gathered global batch
+    alike in every process (no DDP, so batch statistics, if it has any, are the whole batch's), and the
+    gradient of the global loss with respect to the generated images is sent back to each share. The returned
+    tensor's value is the global batch's loss; its gradient is N·(∂L/∂fake_share)·∂fake_share/∂θ, which DDP's
+    mean over the N processes makes the gradient of the global loss (as in DoCo's adversarial term). A
+    generator with batch statistics runs on the whole batch in every process instead (its share's statistics
+    would differ from the whole batch's); DDP then averages equal gradients."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return model.generator_loss(model.generate(z))
+    if has_batch_statistics(model.generator):
+        with generating_through(model, net):
+            return model.generator_loss(model.generate(z))
+    count = accelerator.num_processes
+    with generating_through(model, net):
+        fake = model.generate(shard(accelerator, z))
+    whole = accelerator.gather(fake.detach().contiguous()).requires_grad_(True)
+    loss = model.generator_loss(whole)
+    (grad,) = torch.autograd.grad(loss, whole)
+    term = (fake * shard(accelerator, grad)).sum() * count
+    return loss.detach() + (term - term.detach())  # the global loss's value, the share's gradient
+
+
+def discriminator_step(trainer: Trainer, loss: torch.Tensor, optimizer, discriminator: nn.Module) -> None:
+    """A step of the discriminator's optimizer on `loss` (`trainer.step`). Under a multi-process launch the loss
+    is the same global batch's in every process, and its gradients are averaged over the processes before the
+    step: equal on a CPU, they keep the copies equal where GPU kernels are not deterministic."""
+    accelerator = trainer.accelerator
+    if accelerator is None or accelerator.num_processes == 1:
+        trainer.step(loss, optimizer=optimizer, name="discriminator")
+        return
+    trainer.record("discriminator", loss)
+    _raw(optimizer).zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    grads = [p.grad for p in discriminator.parameters() if p.grad is not None]
+    with torch.no_grad():
+        for grad, mean in zip(grads, accelerator.reduce(grads, reduction="mean")):
+            grad.copy_(mean)
+    trainer.update(optimizer)
 
 
 def broadcast_tensors(accelerator, tensors) -> None:
@@ -1046,9 +1155,19 @@ def pinned_params(model: nn.Module, mask: ParamMask | None):
     mask.check(trainable)
     params = dict(trainable.named_parameters())
     return [
-        (params[name], keep.to(params[name].device, params[name].dtype), params[name].detach().clone())
+        (params[name], _keep_like(keep, params[name]), params[name].detach().clone())
         for name, keep in mask.masks.items()
     ]
+
+
+def _keep_like(keep: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A keep-mask on `param`'s device and dtype, sharded as `param` is (FSDP2: a DTensor, Shard(0))."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    keep = keep.to(param.device, param.dtype)
+    if isinstance(param, DTensor):
+        keep = distribute_tensor(keep, param.device_mesh, param.placements)
+    return keep
 
 
 def pruned_params(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
@@ -1057,10 +1176,7 @@ def pruned_params(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
     if pruning is None:
         return []
     params = dict(getattr(model, "trainable", model).named_parameters())
-    return [
-        (params[name], keep.to(params[name].device, params[name].dtype))
-        for name, keep in pruning.masks.items()
-    ]
+    return [(params[name], _keep_like(keep, params[name])) for name, keep in pruning.masks.items()]
 
 
 def _mask_gradients(pinned) -> None:

@@ -204,10 +204,10 @@ class Harness(ABC):
             return self.score(model, data, original=True)
         from .. import evalcache
         from ..errors import OutputError
-        from ..metrics.generation import _owner_module
+        from ..metrics.generation import owner_module
 
         judge = getattr(self, "judge", None)
-        if judge is not None and _owner_module(judge) is None:
+        if judge is not None and owner_module(judge) is None:
             self.log("original scores: not cached (the judge is a plain function, which no key can capture)")
             return self.score(model, data, original=True)
 

@@ -4,17 +4,15 @@
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..data import UnlearnData
 from ..errors import CheckpointNotFoundError, ConfigError, DataError
 from ..models.base import Model
-from ..train import Trainer, _raw, data_parallel, endless, shard
+from ..train import Trainer, discriminator_step, endless, generator_loss_on_shards, parallel_generator
 from .base import Method, hyperparameter
 
 REPULSIONS = ("inverse", "negative", "exponential", "none")
@@ -389,76 +387,6 @@ class AdaptThenUnlearn(Method):
 # The parts, as functions (tests check each)
 
 
-def has_batch_statistics(module: nn.Module) -> bool:
-    """Whether `module` normalizes with batch statistics in training (BatchNorm and its variants)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-def parallel_generator(model, accelerator) -> nn.Module:
-    """The module that runs the generator's trained pass: under a multi-process launch `model.generator` wrapped
-    by DDP (`unlearn.train.data_parallel`; every generator weight trains, so DDP synchronizes all of them), else
-    the generator itself. It trains in place: the wrapper shares `model.generator`'s weights."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return model.generator
-    return data_parallel(model.generator, accelerator)
-
-
-@contextmanager
-def generating_through(model, net: nn.Module):
-    """`model.generate` runs `net` (the DDP wrapper of `model.generator`) while inside: the adapter's own mapping
-    to images, with the gradient synchronized by DDP. The adapter's modules are restored on leaving."""
-    original = model._modules["generator"]
-    model._modules["generator"] = net
-    try:
-        yield
-    finally:
-        model._modules["generator"] = original
-
-
-def generator_loss_on_shards(model, net: nn.Module, z: torch.Tensor, accelerator) -> torch.Tensor:
-    """The non-saturating generator loss of the global batch of latents `z` (drawn alike in every process).
-
-    One process: `model.generator_loss(model.generate(z))`. Several (`net` from `parallel_generator`): the
-    generator runs on this process's share of `z` under DDP; the discriminator judges the gathered global batch
-    alike in every process (no DDP, so batch statistics, if it has any, are the whole batch's), and the
-    gradient of the global loss with respect to the generated images is sent back to each share. The returned
-    tensor's value is the global batch's loss; its gradient is N·(∂L/∂fake_share)·∂fake_share/∂θ, which DDP's
-    mean over the N processes makes the gradient of the global loss (as in DoCo's adversarial term). A
-    generator with batch statistics runs on the whole batch in every process instead (its share's statistics
-    would differ from the whole batch's); DDP then averages equal gradients."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return model.generator_loss(model.generate(z))
-    if has_batch_statistics(model.generator):
-        with generating_through(model, net):
-            return model.generator_loss(model.generate(z))
-    count = accelerator.num_processes
-    with generating_through(model, net):
-        fake = model.generate(shard(accelerator, z))
-    whole = accelerator.gather(fake.detach().contiguous()).requires_grad_(True)
-    loss = model.generator_loss(whole)
-    (grad,) = torch.autograd.grad(loss, whole)
-    term = (fake * shard(accelerator, grad)).sum() * count
-    return loss.detach() + (term - term.detach())  # the global loss's value, the share's gradient
-
-
-def discriminator_step(trainer: Trainer, loss: torch.Tensor, optimizer, discriminator: nn.Module) -> None:
-    """A step of the discriminator's optimizer on `loss` (`trainer.step`). Under a multi-process launch the loss
-    is the same global batch's in every process, and its gradients are averaged over the processes before the
-    step: equal on a CPU, they keep the copies equal where GPU kernels are not deterministic."""
-    accelerator = trainer.accelerator
-    if accelerator is None or accelerator.num_processes == 1:
-        trainer.step(loss, optimizer=optimizer, name="discriminator")
-        return
-    trainer.record("discriminator", loss)
-    _raw(optimizer).zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    grads = [p.grad for p in discriminator.parameters() if p.grad is not None]
-    with torch.no_grad():
-        for grad, mean in zip(grads, accelerator.reduce(grads, reduction="mean")):
-            grad.copy_(mean)
-    trainer.update(optimizer)
-
-
 def forget_label(data: UnlearnData) -> int:
     """The feedback classifier's label of what is erased."""
     if data.prompts is not None and data.prompts.concept_label is not None:
@@ -473,10 +401,10 @@ def _flags(
 ) -> torch.Tensor:
     """Per image: 1 = flagged (a negative), 0 = a positive, -1 = neither (unflagged, but the erased class's
     probability is at least `positive_max_prob`)."""
-    from ..metrics.generation import _module_device, _owner_module
+    from ..metrics.generation import _module_device, owner_module
 
     with torch.no_grad():
-        out = judge(images.to(_module_device(_owner_module(judge))))
+        out = judge(images.to(_module_device(owner_module(judge))))
     out = out.logits if hasattr(out, "logits") else out
     if out.dtype == torch.bool:
         return out.flatten().long().cpu()
@@ -599,10 +527,8 @@ def load_adapted(path: str | Path, model) -> list[dict[str, torch.Tensor]]:
 __all__ = [
     "AdaptThenUnlearn",
     "collect",
-    "discriminator_step",
     "ewc_penalty",
     "fisher_information",
-    "generator_loss_on_shards",
     "parameter_distance",
     "repulsion",
 ]

@@ -149,6 +149,9 @@ class Method(ABC):
     # Every classifier method runs so (the family's `fit()` does it for them: `Harness.multi_process`); a
     # generative method that does not say so is refused on several processes (`pipeline.check_processes`).
     multi_process: ClassVar[bool] = False
+    # the method trains through `train.train_steps`, which shards its trained UNet in place under an FSDP launch
+    # (`recipes/accelerate/fsdp_*.yml`); another method under FSDP is refused (`pipeline.check_sharding`)
+    shards_model: ClassVar[bool] = False
     # set by the registry (`unlearn.methods.METHODS`): the name this method is registered as, and its variants
     # for every family (this class among them)
     registered_as: ClassVar[str | None] = None

@@ -55,6 +55,7 @@ class ESD(Method):
 
     families = ("diffusion",)
     multi_process = True
+    shards_model = True  # FSDP: `train_steps` shards the trained UNet
     needs_images = False  # prompts alone: a ConceptPrompts is a whole task
     text_params = ("xattn", "kv", "noxattn", "all_but_xattn")
     steps: int = hyperparameter(1000, "optimizer steps")

@@ -382,6 +382,7 @@ class SalUnDiffusion(Method):
 
     families = ("diffusion",)
     multi_process = True
+    shards_model = True  # FSDP: `train_steps` shards the trained UNet
     steps: int = hyperparameter(1000, "optimizer steps, each on one forget batch and one retain batch")
     lr: float = hyperparameter(1e-4, "Adam learning rate (DDPM reference 1e-4; Stable Diffusion 1e-5)")
     batch_size: int = hyperparameter(128, "images per forget batch and per retain batch (DDPM 128, SD 8)")

@@ -45,7 +45,7 @@ Extractor = Callable[[torch.Tensor], torch.Tensor]
 # Judge
 
 
-def _owner_module(fn) -> nn.Module | None:
+def owner_module(fn) -> nn.Module | None:
     """The `nn.Module` behind a callable: the module itself, or the owner of a bound method."""
     if isinstance(fn, nn.Module):
         return fn
@@ -69,7 +69,7 @@ def extractor_fingerprint(extractor: Extractor) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    module = _owner_module(extractor)
+    module = owner_module(extractor)
     if module is None:
         digest.update(
             f"{getattr(extractor, '__module__', '')}.{getattr(extractor, '__qualname__', '')}".encode()
@@ -114,7 +114,7 @@ def judge_logits(judge: Extractor, images: torch.Tensor, batch_size: int = 256) 
         Float tensor (N, K) on the CPU.
     """
     _check_images(images)
-    module = _owner_module(judge)
+    module = owner_module(judge)
     device = _module_device(module)
     bar = progress(desc="judging", total=len(images), unit="img")
 
@@ -268,7 +268,7 @@ def image_features(
     Returns:
         float64 array (N, D).
     """
-    module = _owner_module(extractor)
+    module = owner_module(extractor)
     device = torch.device(device) if device is not None else _module_device(module)
     bar = progress(desc="image features", total=len(images), unit="img")
 

@@ -25,7 +25,7 @@ import torch
 from ..checkpoints import write_json
 from ..datasets import load_dataset
 from ..errors import ConfigError, TrainingError
-from ..train import Batches, Trainer
+from ..train import Batches, Trainer, discriminator_step, generator_loss_on_shards, parallel_generator
 
 SEED = 0
 ARCH = "dcgan_digits"
@@ -79,7 +79,7 @@ def train_gan(
     draws each step's real batch and latents alike; the discriminator step runs on the whole global batch in
     every process (its gradients averaged over them), the generator step runs the generator under DDP on this
     process's share of the latents, judged by the discriminator on the gathered batch
-    (`unlearn.methods.adapt_then_unlearn.generator_loss_on_shards`).
+    (`unlearn.train.generator_loss_on_shards`).
     """
     if accelerator is not None and accelerator.gradient_accumulation_steps > 1:
         raise ConfigError(
@@ -93,12 +93,6 @@ def train_gan(
     reals = Batches(images, batch_size, torch.Generator().manual_seed(seed), torch.stack)
     net = model.generator
     if several:  # the loop of Adapt-then-Unlearn's, whose parts these are
-        from ..methods.adapt_then_unlearn import (
-            discriminator_step,
-            generator_loss_on_shards,
-            parallel_generator,
-        )
-
         net = parallel_generator(model, accelerator)
         # fp32 as on one process whatever train.mixed_precision: drop the autocast wrapper prepare() gave it
         accelerator.unwrap_model(net, keep_fp32_wrapper=False)
