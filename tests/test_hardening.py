@@ -231,10 +231,10 @@ BAD_VALUES = [
         "eval.guidance must be at least 0",
     ),
     (
-        "diffusion_retrain_accumulation",
-        DDPM / "retrain.yaml",
+        "gan_retrain_accumulation",
+        GAN / "retrain.yaml",
         ["train.gradient_accumulation_steps=2"],
-        "accumulate",
+        "does not accumulate",
     ),
     (
         "gan_without_feedback",

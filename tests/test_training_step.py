@@ -304,7 +304,7 @@ def test_loops_with_two_optimizers_refuse_accumulation(tiny_pipelines, tmp_path)
     from unlearn.data import UnlearnData, forget_classes
     from unlearn.datasets import load_dataset
     from unlearn.methods.adapt_then_unlearn import AdaptThenUnlearn
-    from unlearn.methods.baselines import RetrainDiffusion
+    from unlearn.methods.baselines import RetrainDiffusion, RetrainGAN
     from unlearn.methods.doco import DoCo
 
     acc = accelerator(tmp_path, gradient_accumulation_steps=2)
@@ -315,10 +315,14 @@ def test_loops_with_two_optimizers_refuse_accumulation(tiny_pipelines, tmp_path)
     method = AdaptThenUnlearn(feedback="test_gan:toy_judge", negatives=4, positives=8, max_draws=1000)
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
         method.unlearn(tiny(0), data, acc)
+    with pytest.raises(ConfigError, match="does not accumulate gradients"):  # the GAN world's loop, two steps
+        RetrainGAN(steps=1).unlearn(tiny(0), data, acc)
+    # Retrain of a diffusion model has one optimizer: it accumulates (a step of two batches of 2 here)
     retain = TensorDataset(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
     ddpm = load_pipeline(tiny_pipelines["ddpm"])
-    with pytest.raises(ConfigError, match="accumulate"):
-        RetrainDiffusion(steps=1).unlearn(ddpm, UnlearnData(retain, retain, retain, retain, 3, (0,)), acc)
+    RetrainDiffusion(steps=1, batch_size=2).unlearn(
+        ddpm, UnlearnData(retain, retain, retain, retain, 3, (0,)), acc
+    )
 
 
 # -- trackers and recipes ---------------------------------------------------------------------------------------

@@ -185,9 +185,8 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool, stric
     if recipe.model.prune is not None:
         metrics["pruned_sparsity"] = _prune_first(model, recipe, data, accelerator, output, log)
     original = None
-    with spread_over(
-        accelerator.state
-    ):  # every process generates, judges and measures its share of the batches
+    # every process generates, judges and measures its share of the batches (`unlearn.spread`)
+    with spread_over(accelerator.state):
         harness.before(model, data, reference_dir)
         if recipe.eval.original:
             original = harness.score_original(model, data)  # from the cache when scored before

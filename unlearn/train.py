@@ -819,7 +819,8 @@ def diffusion_loss(model, batch, uncond_prob: float = 0.0, net=None, accelerator
     """`model.loss(batch, uncond_prob)`, the ordinary diffusion loss. On several processes (`net` the model as
     `data_parallel` wrapped it): `batch` is the global batch, its random draws are those of `model.loss` in the
     same order (dropped conditions, noise, timesteps) for the whole of it, and the UNet pass, through `net`, runs
-    on this process's share."""
+    on this process's share (a pass's short last batch may split unevenly: the share's loss is weighted by
+    `share_weight`)."""
     if net is None or net is model:
         return model.loss(batch, uncond_prob=uncond_prob)
     images, conditions = batch
