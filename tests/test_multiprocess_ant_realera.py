@@ -9,14 +9,13 @@ GPU visible (the pipeline switches to gloo itself).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from launching import NOT_COMPARED, NOT_LOSSES
+from launching import launch as run_launch
 from tiny_diffusion import tiny_ddpm_pipeline, tiny_sd_pipeline
 
 # `unlearn erase RECIPE -o OUT` with a log line per training step, the batch size of every UNet pass that trains
@@ -55,26 +54,10 @@ for name, values in (("trained_batches", sizes), ("losses", losses)):
         json.dump(values, handle)
 sys.exit(status)
 """
-# What may differ between the runs: the run time and where it ran.
-NOT_COMPARED = {"RTE_s", "device", "num_processes"}
-# train.jsonl keys that are not losses
-NOT_LOSSES = {"stage", "epoch", "step", "phase", "lr", "elapsed_s"}
 
 
-def launch(script: Path, args: list[str], processes: int, cwd: Path) -> None:
-    command = [sys.executable, str(script), *args]
-    if processes > 1:
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29581",
-            *command[1:],
-        ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (
-        f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    )
+def launch(script: Path, args: list[str], processes: int, cwd: Path, config: Path | None = None) -> None:
+    run_launch(script, args, processes, cwd, 29581, config)
 
 
 @pytest.fixture(scope="module")
@@ -378,4 +361,3 @@ def test_a_batch_that_cannot_be_split_is_refused_before_any_work(tmp_path, one_t
             method.unlearn(model, task, two)
         assert "\n" not in str(refused.value)
     assert all(torch.equal(p, before[n]) for n, p in model.unet.named_parameters()), "nothing ran"
-

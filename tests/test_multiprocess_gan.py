@@ -11,14 +11,13 @@ gloo itself).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from launching import NOT_COMPARED, NOT_LOSSES
+from launching import launch as run_launch
 
 from unlearn.errors import ConfigError
 
@@ -50,26 +49,10 @@ with open(os.path.join(sys.argv[2], f"trained_batches_rank{os.environ.get('RANK'
     json.dump(sizes, handle)
 sys.exit(status)
 """
-# What may differ between the runs: the run time and where it ran.
-NOT_COMPARED = {"RTE_s", "device", "num_processes"}
-# train.jsonl keys that are not losses
-NOT_LOSSES = {"stage", "epoch", "step", "phase", "lr", "elapsed_s"}
 
 
-def launch(script: Path, args: list[str], processes: int, cwd: Path) -> None:
-    command = [sys.executable, str(script), *args]
-    if processes > 1:
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29571",
-            *command[1:],
-        ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (
-        f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    )
+def launch(script: Path, args: list[str], processes: int, cwd: Path, config: Path | None = None) -> None:
+    run_launch(script, args, processes, cwd, 29571, config)
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ methods log every 50 by default); the two-process run is launched as tests/test_
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from launching import NOT_COMPARED, NOT_LOSSES
+from launching import launch as run_launch
 from tiny_diffusion import tiny_ddpm_pipeline, tiny_sd_pipeline
 
 from unlearn.errors import ConfigError
@@ -47,25 +46,10 @@ with open(os.path.join(sys.argv[2], f"trained_batches_rank{os.environ.get('RANK'
     json.dump(sizes, handle)
 sys.exit(status)
 """
-# What may differ between the runs: the run time and where it ran.
-NOT_COMPARED = {"RTE_s", "device", "num_processes"}
 
 
 def launch(script: Path, args: list[str], processes: int, cwd: Path, config: Path | None = None) -> None:
-    command = [sys.executable, str(script), *args]
-    if processes > 1:
-        how = ["--config_file", str(config)] if config else ["--multi_gpu"]
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            *how, "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
-            *command[1:],
-        ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (
-        f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    )
+    run_launch(script, args, processes, cwd, 29541, config)
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +113,6 @@ CASES["retrain_ddpm_accumulate"] = CASES["retrain_ddpm"]
 # Retrain's to 5e-5: its self-attention key biases have a gradient of 0 up to round-off (softmax ignores a shift
 # common to all keys), which Adam's normalized step g/(|g| + 1e-8) turns into steps of up to 1e-5 at lr 2e-3.
 WEIGHT_ATOL = {"doco_t2i": 1e-4, "retrain_ddpm": 5e-5, "retrain_ddpm_accumulate": 5e-5}
-# train.jsonl keys that are not losses
-NOT_LOSSES = {"stage", "epoch", "step", "phase", "lr", "elapsed_s"}
 
 
 @pytest.mark.slow
