@@ -55,6 +55,9 @@ CONFIGS = ROOT / "recipes" / "accelerate"
 sys.path.insert(0, str(HERE))
 from sd_step import SD_UNET, TINY_UNET, build_pipeline  # noqa: E402
 
+from unlearn.checkpoints import write_json  # noqa: E402
+from unlearn.train import shard  # noqa: E402
+
 # SD v1.x's UNet layout (four levels, two layers each, cross-attention on three) at a tenth of its width
 SMALL_UNET = {
     **SD_UNET,
@@ -95,11 +98,6 @@ def make_accelerator(on_gpu: bool):
     return accelerator
 
 
-def shard(accelerator, *values):
-    count, index = accelerator.num_processes, accelerator.process_index
-    return [value[index * len(value) // count : (index + 1) * len(value) // count] for value in values]
-
-
 def worker(size: str, steps: int, batch: int, out: Path) -> None:
     from diffusers import UNet2DConditionModel
 
@@ -138,7 +136,9 @@ def worker(size: str, steps: int, batch: int, out: Path) -> None:
         noise = torch.randn(batch, 4, side, side, generator=generator)
         t = torch.randint(0, 1000, (batch,), generator=generator)
         cond = torch.randn(batch, tokens, width, generator=generator)
-        latents, noise, t, cond = (v.to(device) for v in shard(accelerator, latents, noise, t, cond))
+        latents, noise, t, cond = (
+            v.to(device) for v in shard(accelerator, latents, noise, t, cond)
+        )  # the toolkit's split
         x_t = latents + noise * (t.float() / 1000).view(-1, 1, 1, 1)  # any noising: the cost is the UNet's
         with accelerator.autocast():
             prediction = unet(x_t, t, encoder_hidden_states=cond).sample
@@ -382,25 +382,21 @@ def main() -> None:
             f"FSDP {row['fsdp_gib']:6.2f} GiB"
         )
     out = Path(args.out or HERE / "results" / f"scaling_{args.size}_{'cuda' if on_gpu else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "device": device_name,
-                "size": args.size,
-                "processes": n,
-                "global_batch": batch,
-                "timed_steps": steps,
-                "gradient_checkpointing": spec["checkpointing"],
-                "torch": torch.__version__,
-                "training": runs,
-                "generation_pipeline": "sd15" if args.size == "sd15" else "tiny",
-                "generation": gen,
-                "computed_sd15_model_state": computed,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_json(
+        {
+            "device": device_name,
+            "size": args.size,
+            "processes": n,
+            "global_batch": batch,
+            "timed_steps": steps,
+            "gradient_checkpointing": spec["checkpointing"],
+            "torch": torch.__version__,
+            "training": runs,
+            "generation_pipeline": "sd15" if args.size == "sd15" else "tiny",
+            "generation": gen,
+            "computed_sd15_model_state": computed,
+        },
+        out,
     )
     print(f"wrote {out}")
 

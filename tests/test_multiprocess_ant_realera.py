@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from launching import NOT_COMPARED, NOT_LOSSES
-from launching import launch as run_launch
-from tiny_diffusion import tiny_ddpm_pipeline, tiny_sd_pipeline
+from launching import NOT_COMPARED, NOT_LOSSES, launch
+from tiny_diffusion import ddpm_and_t2i_pipelines, tiny_sd_pipeline
 
 # `unlearn erase RECIPE -o OUT` with a log line per training step, the batch size of every UNet pass that trains
 # (train mode, with gradient) in this process written to OUT/trained_batches_rank<R>.json, and the loss of every
@@ -56,17 +55,12 @@ sys.exit(status)
 """
 
 
-def launch(script: Path, args: list[str], processes: int, cwd: Path, config: Path | None = None) -> None:
-    run_launch(script, args, processes, cwd, 29581, config)
+PORT = 29581  # the main process's port of this file's launches (files may run at once)
 
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipelines")
-    return {
-        "ddpm": tiny_ddpm_pipeline(root / "ddpm", num_classes=10),
-        "t2i": tiny_sd_pipeline(root / "t2i", vae=False),
-    }
+    return ddpm_and_t2i_pipelines(tmp_path_factory.mktemp("pipelines"))
 
 
 THREE = {"dataset": "digits", "concept": "three"}  # the digits captions; judged by the digits classifier
@@ -286,7 +280,7 @@ def _erase(recipe: dict, processes: int, out: Path) -> dict:
     (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(recipe))
     script = out.parent / "erase.py"
     script.write_text(ERASE_SCRIPT)
-    launch(script, [str(out.parent / f"{out.name}.yaml"), str(out)], processes, out.parent)
+    launch(script, [str(out.parent / f"{out.name}.yaml"), str(out)], processes, out.parent, PORT)
     lines = (out / "train.jsonl").read_text().splitlines()
     return {
         "losses": [

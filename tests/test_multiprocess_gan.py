@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from launching import NOT_COMPARED, NOT_LOSSES
-from launching import launch as run_launch
+from launching import NOT_COMPARED, NOT_LOSSES, launch
 
 from unlearn.errors import ConfigError
 
@@ -51,8 +50,7 @@ sys.exit(status)
 """
 
 
-def launch(script: Path, args: list[str], processes: int, cwd: Path, config: Path | None = None) -> None:
-    run_launch(script, args, processes, cwd, 29571, config)
+PORT = 29571  # the main process's port of this file's launches (files may run at once)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +121,7 @@ def test_two_processes_match_one(case, small_gan, digits_world, tmp_path):
     runs = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
-        launch(script, [str(tmp_path / "recipe.yaml"), str(out)], processes, tmp_path)
+        launch(script, [str(tmp_path / "recipe.yaml"), str(out)], processes, tmp_path, PORT)
         lines = (out / "train.jsonl").read_text().splitlines()
         runs[processes] = {
             "losses": [
@@ -244,7 +242,7 @@ def test_a_generator_with_batch_norm_trains_whole_and_matches_one_process(tmp_pa
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
         out.mkdir()
-        launch(script, [str(out)], processes, tmp_path)
+        launch(script, [str(out)], processes, tmp_path, PORT)
         lines = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
         losses = [(r["stage"], r["step"], k, v) for r in lines for k, v in r.items() if k not in NOT_LOSSES]
         runs[processes] = losses, load_file(str(out / "gan.safetensors"))

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from launching import NOT_COMPARED, NOT_LOSSES
-from launching import launch as run_launch
-from tiny_diffusion import tiny_ddpm_pipeline, tiny_sd_pipeline
+from launching import NOT_COMPARED, NOT_LOSSES, launch
+from tiny_diffusion import ddpm_and_t2i_pipelines
 
 from unlearn.errors import ConfigError
 
@@ -48,17 +47,12 @@ sys.exit(status)
 """
 
 
-def launch(script: Path, args: list[str], processes: int, cwd: Path, config: Path | None = None) -> None:
-    run_launch(script, args, processes, cwd, 29541, config)
+PORT = 29541  # the main process's port of this file's launches (files may run at once)
 
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipelines")
-    return {
-        "ddpm": tiny_ddpm_pipeline(root / "ddpm", num_classes=10),
-        "t2i": tiny_sd_pipeline(root / "t2i", vae=False),
-    }
+    return ddpm_and_t2i_pipelines(tmp_path_factory.mktemp("pipelines"))
 
 
 THREE = {"dataset": "digits", "concept": "three"}  # the digits captions; judged by the digits classifier
@@ -118,14 +112,8 @@ WEIGHT_ATOL = {"doco_t2i": 1e-4, "retrain_ddpm": 5e-5, "retrain_ddpm_accumulate"
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_match_one(case, pipelines, digits_world, tmp_path):
-    checkpoint, method, data = CASES[case]
-    recipe = {
-        "method": method,
-        "model": {"family": "diffusion", "checkpoint": str(pipelines[checkpoint])},
-        "data": data,
-        "eval": {"samples": 4, "steps": 2},
-        "train": TRAIN.get(case, {}),
-    }
+    checkpoint, method, _ = CASES[case]
+    recipe = _recipe(case, pipelines)
     runs = {processes: _erase(recipe, processes, tmp_path / f"p{processes}") for processes in (1, 2)}
     one, two = runs[1], runs[2]
     assert two["metrics"]["num_processes"] == 2 and one["metrics"]["num_processes"] == 1
@@ -221,13 +209,7 @@ unlearn.pipeline.make_accelerator = sharding
 def test_fsdp_on_two_processes_matches_one(case, pipelines, digits_world, tmp_path):
     """ESD and SalUn under `recipes/accelerate/fsdp_sd.yml` (FSDP2: the UNet's transformer and ResNet blocks
     sharded in place, every pass through it gathering them) on two gloo processes give the one-process run."""
-    checkpoint, method, data = CASES[case]
-    recipe = {
-        "method": method,
-        "model": {"family": "diffusion", "checkpoint": str(pipelines[checkpoint])},
-        "data": data,
-        "eval": {"samples": 4, "steps": 2},
-    }
+    recipe = _recipe(case, pipelines)
     config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp_sd.yml"
     one = _erase(recipe, 1, tmp_path / "p1")
     two = _erase(recipe, 2, tmp_path / "p2", config=config, preamble=FSDP_ON_CPU)
@@ -245,6 +227,18 @@ def test_fsdp_on_two_processes_matches_one(case, pipelines, digits_world, tmp_pa
             assert two["metrics"][key] == pytest.approx(value, rel=1e-6), key
 
 
+def _recipe(case: str, pipelines: dict) -> dict:
+    """The recipe of a case: its method and data on its tiny pipeline, a short evaluation, its train section."""
+    checkpoint, method, data = CASES[case]
+    return {
+        "method": method,
+        "model": {"family": "diffusion", "checkpoint": str(pipelines[checkpoint])},
+        "data": data,
+        "eval": {"samples": 4, "steps": 2},
+        "train": TRAIN.get(case, {}),
+    }
+
+
 def _erase(recipe: dict, processes: int, out: Path, config: Path | None = None, preamble: str = "") -> dict:
     """`unlearn erase` of `recipe` into `out` on `processes` processes, a log line per step; the losses logged,
     the metrics and the UNet's weights."""
@@ -254,7 +248,7 @@ def _erase(recipe: dict, processes: int, out: Path, config: Path | None = None, 
     (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(recipe))
     script = out.parent / f"erase_{out.name}.py"
     script.write_text(preamble + ERASE_SCRIPT)
-    launch(script, [str(out.parent / f"{out.name}.yaml"), str(out)], processes, out.parent, config)
+    launch(script, [str(out.parent / f"{out.name}.yaml"), str(out)], processes, out.parent, PORT, config)
     lines = (out / "train.jsonl").read_text().splitlines() if (out / "train.jsonl").exists() else []
     return {
         "losses": [

@@ -147,6 +147,15 @@ def tiny_ddpm_pipeline(folder: Path, num_classes: int = 3):
     return folder
 
 
+def ddpm_and_t2i_pipelines(root: Path) -> dict[str, Path]:
+    """A tiny class-conditional DDPM of the ten digits and a tiny text-to-image pipeline in pixel space (no VAE):
+    what the multi-process tests erase from."""
+    return {
+        "ddpm": tiny_ddpm_pipeline(root / "ddpm", num_classes=10),
+        "t2i": tiny_sd_pipeline(root / "t2i", vae=False),
+    }
+
+
 def load_pipeline(path):
     """The `Diffusion` adapter over a pipeline folder."""
     from unlearn.models.diffusion import load_diffusion

@@ -159,8 +159,9 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool, stric
     # Checked in every process before anything runs (the Retrain reference included), so that each process of
     # a multi-process launch fails here alike and only the main one says it (`cli.main`).
     processes = PartialState().num_processes
-    check_processes(recipe.build_method(), recipe.model.family, processes)
-    batch_size = getattr(recipe.build_method(), "batch_size", None)
+    method = recipe.build_method()
+    check_processes(method, recipe.model.family, processes)
+    batch_size = getattr(method, "batch_size", None)
     if isinstance(batch_size, int) and processes > 1 and batch_size % processes:
         fit = batch_size - batch_size % processes or processes
         raise ConfigError(
@@ -172,9 +173,8 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool, stric
     if recipe.eval.reference:
         reference, reference_dir = _reference(recipe, output, log, strict)
     accelerator = make_accelerator(recipe, output, log)
-    check_sharding(recipe.build_method(), accelerator)
+    check_sharding(method, accelerator)
     set_seed(recipe.seed)
-    method = recipe.build_method()
     harness = HARNESSES[recipe.model.family](recipe, accelerator.device, log)
     with accelerator.main_process_first():  # a world checkpoint is built and cached once
         model, data = harness.setup()

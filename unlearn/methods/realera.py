@@ -84,8 +84,8 @@ class RealEra(Method):
     neighbours and beyond-concept samples, from the same seeded RNGs), then runs ε_orig and the trained passes on
     its share of it (`unlearn.train.shard`): `lora_batch_size` must be a multiple of the number of processes; the
     short batch that ends each pass over the forget or retain images splits unevenly if it must, each share's
-    loss scaled by its size (`unlearn.train.share_weight`). So the run is the one-process run. Mixed precision and gradient accumulation work as in
-    one process (each micro-batch is a fresh global batch).
+    loss scaled by its size (`unlearn.train.share_weight`). So the run is the one-process run. Mixed precision
+    and gradient accumulation work as in one process (each micro-batch is a fresh global batch).
     """
 
     families = ("diffusion",)

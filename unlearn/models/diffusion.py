@@ -465,7 +465,9 @@ class Diffusion(Model):
             latents = noise[items].to(self.device, self.unet.dtype)
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 cond = self.encode(chunk) if self.conditioning != "none" else None
-                uncond = self.encode(self.null_conditions(len(chunk))) if self.conditioning != "none" else None
+                uncond = (
+                    self.encode(self.null_conditions(len(chunk))) if self.conditioning != "none" else None
+                )
                 sampler = self.sampler(steps)
                 latents = latents * sampler.init_noise_sigma
                 latents = self.denoise(latents, cond, sampler, guidance=guidance, uncond=uncond)
