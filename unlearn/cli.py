@@ -87,9 +87,16 @@ def _parser() -> argparse.ArgumentParser:
 
     prepare = sub.add_parser(
         "prepare",
-        help="build and cache an embedded world (digits: classifier, DDPM, text-to-image, GAN; ~20 min)",
+        help="build and cache an embedded world (digits: classifier, DDPM, text-to-image, GAN, digits × styles)",
     )
     prepare.add_argument("world", help="e.g. digits")
+    prepare.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        metavar="MODEL",
+        help="build only these models (digits: classifier ddpm t2i gan canvas); default: all of them",
+    )
     return parser
 
 
@@ -431,9 +438,9 @@ def _check(args) -> int:
 def _prepare(args) -> int:
     from .worlds import prepare
 
-    # The command builds every model of the world (the digits DDPM and text-to-image model take minutes);
+    # The command builds every model of the world unless told which (the generative models take minutes each);
     # `prepare(world)` from Python builds only the quick classifier unless asked for more.
-    for family, path in prepare(args.world, families="all").items():
+    for family, path in prepare(args.world, families=args.families or "all").items():
         print(f"{family}: {path}")
     return 0
 

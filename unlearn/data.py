@@ -31,6 +31,11 @@ class ConceptPrompts:
             it): over-erasure shows there first, so they are scored apart (`neighbor_accuracy`).
         parts: for several concepts erased together, one single-concept `ConceptPrompts` each; this object
             then holds all their forget / anchor pairs and paraphrases, and what none of them erases as retain.
+        factor: in a world of two factors (the digits × styles world: "digit" or "style"), the factor the
+            concept belongs to; `retain_labels` are then labels of that factor ("in-domain"), and
+            `retain_cross_labels` give each retain condition's label on the other factor ("cross-domain",
+            UnlearnCanvas' retainability, reference/attacks.md §1.6). None in a world of one factor.
+        retain_cross_labels: one label of the other factor per retain condition (two-factor worlds), else empty.
     """
 
     concept: str
@@ -42,6 +47,8 @@ class ConceptPrompts:
     concept_label: int | None = None
     neighbor_labels: list = field(default_factory=list)
     parts: list = field(default_factory=list)
+    factor: str | None = None
+    retain_cross_labels: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.forget:
@@ -56,6 +63,8 @@ class ConceptPrompts:
             self.anchor = list(self.anchor) * len(self.forget)
         if len(self.retain_labels) not in (0, len(self.retain)):
             raise DataError("retain_labels must give one judge label per retain condition")
+        if len(self.retain_cross_labels) not in (0, len(self.retain)):
+            raise DataError("retain_cross_labels must give one label of the other factor per retain condition")
 
     def split(self) -> list[ConceptPrompts]:
         """One `ConceptPrompts` per erased concept (a method that trains one thing per concept, such as ANT's
@@ -63,11 +72,15 @@ class ConceptPrompts:
         return list(self.parts) or [self]
 
     @classmethod
-    def merge(cls, parts: Sequence[ConceptPrompts], retain: list, retain_labels: list) -> ConceptPrompts:
+    def merge(
+        cls, parts: Sequence[ConceptPrompts], retain: list, retain_labels: list, retain_cross_labels: Sequence = ()
+    ) -> ConceptPrompts:
         """Several concepts erased together: all their forget / anchor pairs and paraphrases, one retain set."""
         parts = list(parts)
+        for part in parts:
+            part.retain, part.retain_labels = list(retain), list(retain_labels)
+            part.retain_cross_labels = list(retain_cross_labels)
         if len(parts) == 1:
-            parts[0].retain, parts[0].retain_labels = list(retain), list(retain_labels)
             return parts[0]
         erased = {p.concept_label for p in parts}
         neighbors = {n for p in parts for n in p.neighbor_labels} - erased
@@ -80,6 +93,8 @@ class ConceptPrompts:
             retain_labels=list(retain_labels),
             neighbor_labels=sorted(neighbors),
             parts=parts,
+            factor=parts[0].factor,
+            retain_cross_labels=list(retain_cross_labels),
         )
 
 
@@ -300,11 +315,96 @@ def forget_digits_concept(
     retain = [caption for c in kept for caption in CAPTIONS[c]]
     retain_labels = [c for c in kept for _ in CAPTIONS[c]]
     for part in parts:
-        part.retain, part.retain_labels = retain, retain_labels
         part.neighbor_labels = [n for n in part.neighbor_labels if n in kept]
     task.forget = CaptionedDataset(task.forget, {p.concept_label: p.forget for p in parts}, seed=seed)
     task.retain = CaptionedDataset(task.retain, CAPTIONS, seed=seed)
     task.prompts = ConceptPrompts.merge(parts, retain, retain_labels)
+    return task
+
+
+def forget_canvas_concept(
+    train: ImageTensorDataset,
+    test: ImageTensorDataset,
+    concept: str | Sequence[str],
+    anchor: str | None = None,
+    seed: int = 0,
+) -> UnlearnData:
+    """Erasure in the digits × styles world (`worlds.canvas_text`): a style ("bold") or a digit ("three"), or
+    several of one factor erased together.
+
+    The forget set holds every training image of the concept's (digit, style) pairs, each captioned with one of
+    its exact prompts (those that name the concept as the user did); the paraphrases name it the other way
+    ("heavy" for "bold", "3" for "three"). The retain conditions are the captions of every other pair, labelled
+    by the concept's factor (`retain_labels`, in-domain) and by the other factor (`retain_cross_labels`,
+    cross-domain), ordered so that each label's captions cycle through the other factor first (any multiple of
+    its size is balanced). The default anchor is the next label of the factor that is not erased (the next
+    style, as the digits world's next digit), in the same wording.
+    """
+    from .datasets import CaptionedDataset
+    from .worlds.canvas_text import (
+        CAPTIONS,
+        STYLE_NEIGHBOURS,
+        STYLES,
+        SYNONYMS,
+        combination,
+        erased_factor,
+        other_word,
+    )
+    from .worlds.digits_text import NUMBER_WORDS, NUMERALS
+
+    concepts = [concept] if isinstance(concept, str) else [str(c) for c in concept]
+    factor, found = erased_factor(concepts)
+    erased = [label for _, label, _ in found]
+    size, other_size = (len(STYLES), 10) if factor == "style" else (10, len(STYLES))
+
+    def pair(label: int, other: int) -> int:
+        return combination(other, label) if factor == "style" else combination(label, other)
+
+    def word_of(label: int, like: str) -> str:
+        """The word of `label` in the wording of `like` (a style name or synonym, a number word or numeral)."""
+        if factor == "style":
+            return SYNONYMS[STYLES[label]] if like in SYNONYMS.values() else STYLES[label]
+        return NUMERALS[label] if like.isdigit() else NUMBER_WORDS[label]
+
+    parts, forget_captions = [], {}
+    for name, (_, label, word) in zip(concepts, found):
+        captions = [c for o in range(other_size) for c in CAPTIONS[pair(label, o)]]
+        exact = [c for c in captions if word in c.split()]
+        paraphrases = [c for c in captions if other_word(word) in c.split()]
+        for o in range(other_size):
+            forget_captions[pair(label, o)] = [c for c in CAPTIONS[pair(label, o)] if word in c.split()]
+        if anchor is None:
+            next_label = next((label + k) % size for k in range(1, size) if (label + k) % size not in erased)
+            swap = word_of(next_label, word)
+            anchors = [" ".join(swap if w == word else w for w in c.split()) for c in exact]
+        else:
+            anchors = [str(anchor)]
+        if factor == "style":
+            neighbors = [STYLES.index(n) for n in STYLE_NEIGHBOURS[STYLES[label]]]
+        else:
+            neighbors = [(label - 1) % 10, (label + 1) % 10]
+        parts.append(
+            ConceptPrompts(
+                concept=name,
+                forget=exact,
+                anchor=anchors,
+                paraphrases=paraphrases,
+                concept_label=label,
+                neighbor_labels=[n for n in neighbors if n not in erased],
+                factor=factor,
+            )
+        )
+    task = forget_classes(train, test, sorted(forget_captions))
+    retain, retain_labels, retain_cross = [], [], []
+    for label in (k for k in range(size) if k not in erased):
+        for wording in range(len(CAPTIONS[0])):
+            for o in range(other_size):
+                retain.append(CAPTIONS[pair(label, o)][wording])
+                retain_labels.append(label)
+                retain_cross.append(o)
+    task.forget = CaptionedDataset(task.forget, forget_captions, seed=seed)
+    task.retain = CaptionedDataset(task.retain, CAPTIONS, seed=seed)
+    task.prompts = ConceptPrompts.merge(parts, retain, retain_labels, retain_cross)
     return task
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from .errors import CheckpointNotFoundError, DataError
 
-DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagefolder")
+DATASETS = ("digits", "digits_canvas", "cifar10", "cifar100", "svhn", "imagefolder")
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 
@@ -177,11 +177,24 @@ def load_dataset(
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
     if name == "digits":
         return _digits(split)
+    if name == "digits_canvas":
+        return _digits_canvas(split)
     if name in ("cifar10", "cifar100", "svhn"):
         return _torchvision(name, split, root, download)
     if name == "imagefolder":
         return _imagefolder(split, root, image_size)
     raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+
+
+def _digits_canvas(split: str) -> ImageTensorDataset:
+    """The digits × styles world's images: each digit of the digits `split` drawn at 16x16 in each of the five
+    styles (`worlds.canvas_text`); labels are (digit, style) combination ids, digit × 5 + style."""
+    from .worlds.canvas_text import STYLES, combination, stylize
+
+    digits = _digits(split)
+    images = torch.cat([stylize(digits.images, style) for style in STYLES])
+    labels = torch.cat([combination(digits.labels, index) for index in range(len(STYLES))])
+    return ImageTensorDataset(images, labels, num_classes=10 * len(STYLES), name="digits_canvas")
 
 
 def _digits(split: str) -> ImageTensorDataset:

@@ -370,8 +370,8 @@ def validate(recipe: Recipe) -> None:
 
 # The models of the worlds (`world:<name>/<model>`): the family each belongs to, and how a diffusion model is
 # conditioned, known from the name before anything is built or loaded.
-WORLD_MODELS = {"classifier": "classifier", "ddpm": "diffusion", "t2i": "diffusion", "gan": "gan"}
-WORLD_CONDITIONING = {"ddpm": "class", "t2i": "text"}
+WORLD_MODELS = {"classifier": "classifier", "ddpm": "diffusion", "t2i": "diffusion", "gan": "gan", "canvas": "diffusion"}
+WORLD_CONDITIONING = {"ddpm": "class", "t2i": "text", "canvas": "text"}
 # Classes of the built-in datasets (imagefolder: as many as its folder has, known once read).
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
 
@@ -427,8 +427,8 @@ def _validate_local_checkpoint(model: ModelSpec) -> None:
 
 def _validate_concept(data: DataSpec, conditioning: str | None, checkpoint) -> None:
     """A diffusion recipe erases a class (class-conditional DDPM) or a concept (text-to-image)."""
-    if data.dataset not in ("digits", "generated"):
-        _unknown("dataset of a diffusion recipe", data.dataset, ("digits", "generated"))
+    if data.dataset not in ("digits", "digits_canvas", "generated"):
+        _unknown("dataset of a diffusion recipe", data.dataset, ("digits", "digits_canvas", "generated"))
     if data.forget_fraction is not None:
         raise ConfigError(
             "diffusion models erase a class or a concept, not a random share: drop data.forget_fraction"
@@ -462,11 +462,17 @@ def _validate_concept(data: DataSpec, conditioning: str | None, checkpoint) -> N
         prompts = getattr(data, key)
         if prompts is not None and not all(isinstance(p, str) for p in prompts):
             raise ConfigError(f"data.{key} must list prompts (text), got {prompts!r}; quote each prompt")
-    if data.dataset == "generated" and conditioning == "class":
+    if data.dataset in ("generated", "digits_canvas") and conditioning == "class":
         raise ConfigError(
-            f"dataset: generated erases a concept from a text-to-image model, and {checkpoint!r} takes no text; "
-            "use dataset: digits"
+            f"dataset: {data.dataset} erases a concept from a text-to-image model, and {checkpoint!r} takes no "
+            "text; use dataset: digits"
         )
+    if data.dataset == "digits_canvas":
+        if data.concept is None:
+            raise ConfigError("dataset: digits_canvas erases a style or a digit: give data.concept (e.g. bold)")
+        from .worlds.canvas_text import erased_factor
+
+        erased_factor([str(c) for c in concepts])  # refuses unknown, mixed, repeated or all concepts
     if data.dataset == "digits" and data.concept is not None:
         from .worlds.digits_text import concept_prompts
 

@@ -517,9 +517,32 @@ def recipe_judge(recipe: Recipe, device):
         from ..worlds.digits import load_digits_classifier
 
         judge = load_digits_classifier()
+    elif recipe.data.dataset == "digits_canvas":
+        judge = _canvas_judge(recipe, cross=False, second=False)
     else:
         return None
     return judge.to(device) if isinstance(judge, torch.nn.Module) else judge
+
+
+def _canvas_judge(recipe: Recipe, cross: bool, second: bool):
+    """The digits × styles world's judge of the erased concept's factor (`cross`: of the other factor;
+    `second`: the independently trained MLP)."""
+    from ..worlds.canvas_text import concept_factor
+    from ..worlds.digits_canvas import FACTORS, load_canvas_judge
+
+    concept = recipe.data.concept
+    factor = concept_factor(concept if isinstance(concept, str) else concept[0])[0]
+    if cross:
+        factor = next(f for f in FACTORS if f != factor)
+    return load_canvas_judge(factor, second)
+
+
+def recipe_cross_judge(recipe: Recipe, prompts, device):
+    """In a two-factor world (`prompts.factor` set, the digits × styles world), the judge of the other factor,
+    which scores cross-domain retainability; else None."""
+    if prompts is None or prompts.factor is None or recipe.data.dataset != "digits_canvas":
+        return None
+    return _canvas_judge(recipe, cross=True, second=False).to(device)
 
 
 def recipe_second_judge(recipe: Recipe, device, judge):
@@ -534,6 +557,8 @@ def recipe_second_judge(recipe: Recipe, device, judge):
         from ..worlds.digits import load_digits_second_judge
 
         second = load_digits_second_judge()
+    elif recipe.data.dataset == "digits_canvas":
+        second = _canvas_judge(recipe, cross=False, second=True)
     else:
         return judge
     return second.to(device) if isinstance(second, torch.nn.Module) else second

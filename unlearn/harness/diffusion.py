@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import UnlearnData, forget_digits_concept, forget_generated_concept
+from ..data import UnlearnData, forget_canvas_concept, forget_digits_concept, forget_generated_concept
 from ..datasets import load_dataset
 from ..errors import ConfigError
 from .base import (
@@ -17,6 +17,7 @@ from .base import (
     Recognition,
     Scores,
     features_of,
+    recipe_cross_judge,
     recipe_judge,
     share,
 )
@@ -65,9 +66,22 @@ class DiffusionHarness(Harness):
         "unrelated_accuracy": MetricInfo(
             "others acc.", "retained accuracy on the other kept classes", "higher", "%", "retain_accuracy"
         ),
+        "cross_domain_accuracy": MetricInfo(
+            "cross-domain acc.",
+            "two-factor worlds (digits × styles): the other factor's judge on the retained generations, e.g. the "
+            "digit accuracy when a style is erased (UnlearnCanvas' cross-domain retainability; retain_accuracy "
+            "is then the in-domain one)",
+            "higher",
+        ),
         "fid": MetricInfo(
             "FID (retained)",
             "Fréchet distance of the retained generations to real retained images (judge features or Inception)",
+            "lower",
+            "",
+        ),
+        "fid_cross": MetricInfo(
+            "FID (cross)",
+            "two-factor worlds: FID of the retained generations in the other factor's judge features",
             "lower",
             "",
         ),
@@ -81,7 +95,15 @@ class DiffusionHarness(Harness):
             "CLIP score (forget)", "CLIP score of the forget prompts' generations", "lower", "", "clip_score"
         ),
     }
-    default_metrics = ("erasure_rate", "erasure_rate_paraphrase", "retain_accuracy", "fid")
+    # cross_domain_accuracy and fid_cross: two-factor worlds only (dropped where there is no other factor)
+    default_metrics = (
+        "erasure_rate",
+        "erasure_rate_paraphrase",
+        "retain_accuracy",
+        "cross_domain_accuracy",
+        "fid",
+        "fid_cross",
+    )
     utility_keys = ("retain_accuracy",)  # the utility guard (`Harness.utility_guard`)
     columns = (
         "erasure_rate",
@@ -89,7 +111,9 @@ class DiffusionHarness(Harness):
         "retain_accuracy",
         "neighbor_accuracy",
         "unrelated_accuracy",
+        "cross_domain_accuracy",
         "fid",
+        "fid_cross",
         "RTE_s",
     )
     row_extras = ("clip_score",)
@@ -98,8 +122,10 @@ class DiffusionHarness(Harness):
         "method saw) that the judge classifies as the concept (several concepts: the mean, and each concept's "
         "own column); retained acc. = the judge's accuracy on generations of the kept classes, split into the "
         "neighbours of the erased concepts (the digits next to them) and the others; FID between those "
-        "generations and real images of the kept classes (judge features); mean ± std over seeds; `original` is "
-        "the model before unlearning."
+        "generations and real images of the kept classes (judge features); in the digits × styles world "
+        "retained acc. is the in-domain retainability (the erased concept's factor), cross-domain acc. the other "
+        "factor's judge on the same generations and FID (cross) that judge's features; mean ± std over seeds; "
+        "`original` is the model before unlearning."
     )
     files = (
         "`model/` (a diffusers pipeline folder), `edit.safetensors` (the changed UNet tensors only), "
@@ -168,8 +194,13 @@ class DiffusionHarness(Harness):
             )
         if model.conditioning != "text":
             raise ConfigError(
-                "dataset: generated erases a concept from a text-to-image model; this one takes no text"
+                f"dataset: {spec.dataset} erases a concept from a text-to-image model; this one takes no text"
             )
+        if spec.dataset == "digits_canvas":
+            if not spec.concept:
+                raise ConfigError("the digits × styles world erases a concept: give data.concept (e.g. bold)")
+            train, test = load_dataset("digits_canvas", "train"), load_dataset("digits_canvas", "test")
+            return forget_canvas_concept(train, test, spec.concept, spec.anchor, seed=recipe.seed)
         return forget_generated_concept(
             model,
             spec.concept,
@@ -197,26 +228,34 @@ class DiffusionHarness(Harness):
             self.log(
                 "no judge to take FID features from: FID needs eval.judge or eval.fid_features: inception"
             )
-        self.fid_cache, self.real = None, None
-        if "fid" in self.names and len(data.retain):
-            from ..evalcache import tensor_hash
-            from ..metrics.generation import extractor_fingerprint
-            from ..worlds import cache_dir
-
+        self.cross_judge = recipe_cross_judge(self.recipe, data.prompts, self.device)
+        if self.cross_judge is None:
+            self.names = [n for n in self.names if n not in ("cross_domain_accuracy", "fid_cross")]
+        self.fid_cache, self.fid_cross_cache, self.real = None, None, None
+        if {"fid", "fid_cross"} & set(self.names) and len(data.retain):
             # FID's real side, computed once per real set and feature extractor, then read from the cache
             self.real = torch.stack([data.retain[i][0] for i in range(len(data.retain))])
-            features = (
-                "inception"
-                if ev.fid_features == "inception"
-                else f"judge-{extractor_fingerprint(self.judge)}"
-            )
-            if self.recipe.data.dataset == "digits":
-                name = f"digits-retain-{data.prompts.concept}-{original.conditioning}-{features}.npz"
-            else:  # images the original model generated (`dataset: generated`): named by their hash
-                name = f"real-{tensor_hash(self.real)[:24]}-{features}.npz"
-            self.fid_cache = cache_dir() / "fid" / name
+            judged = "inception" if ev.fid_features == "inception" else self.judge
+            self.fid_cache = self._fid_cache(judged, data, original)
+            if self.cross_judge is not None:
+                self.fid_cross_cache = self._fid_cache(self.cross_judge, data, original)
         self.unet_before = {n: t.detach().cpu().clone() for n, t in original.unet.state_dict().items()}
         self.concept = data.prompts.concept  # named in the edit and LoRA files' metadata
+
+    def _fid_cache(self, extractor, data, original) -> Path:
+        """The cache file of FID's real statistics for this task's retained images in `extractor`'s features
+        ("inception" or a judge)."""
+        from ..evalcache import tensor_hash
+        from ..metrics.generation import extractor_fingerprint
+        from ..worlds import cache_dir
+
+        features = "inception" if extractor == "inception" else f"judge-{extractor_fingerprint(extractor)}"
+        dataset = self.recipe.data.dataset
+        if dataset in ("digits", "digits_canvas"):
+            name = f"{dataset}-retain-{data.prompts.concept}-{original.conditioning}-{features}.npz"
+        else:  # images the original model generated (`dataset: generated`): named by their hash
+            name = f"real-{tensor_hash(self.real)[:24]}-{features}.npz"
+        return cache_dir() / "fid" / name
 
     @torch.no_grad()
     def score(self, model, data, original: bool = False) -> Scores:
@@ -277,9 +316,12 @@ class DiffusionHarness(Harness):
 
         forget = erasure("forget", "forget", 0)
         erasure("paraphrase", "paraphrases", 1)
-        retain, labels = _per_label(prompts.retain, prompts.retain_labels, samples)
+        retain, labels, cross = _per_label(prompts.retain, prompts.retain_labels, samples, prompts.retain_cross_labels)
         if retain:
             images["retain"] = draw(retain, 2)
+        if "cross_domain_accuracy" in names and cross:
+            predicted = judge_labels(self.cross_judge, images["retain"], ev.batch_size)
+            results["cross_domain_accuracy"] = share(predicted == torch.tensor(cross))
         if "retain_accuracy" in names and labels:
             labels = torch.tensor(labels)
             correct = judge_labels(judge, images["retain"], ev.batch_size) == labels
@@ -292,6 +334,11 @@ class DiffusionHarness(Harness):
             extractor = "inception" if ev.fid_features == "inception" else features_of(judge)
             results["fid"] = fid(
                 self.real, images["retain"], extractor, device=model.device, cache=self.fid_cache
+            )
+        if "fid_cross" in names and retain:
+            results["fid_cross"] = fid(
+                self.real, images["retain"], features_of(self.cross_judge), device=model.device,
+                cache=self.fid_cross_cache,
             )
         if "clip_score" in names or ev.clip_model:
             if ev.clip_model is None:
@@ -338,11 +385,12 @@ class DiffusionHarness(Harness):
         return Recognition(first, second, images)
 
     def original_training_steps(self):
-        from ..worlds import digits_diffusion
+        from ..worlds import digits_canvas, digits_diffusion
 
         steps = {
             "world:digits/ddpm": digits_diffusion.DDPM_STEPS,
             "world:digits/t2i": digits_diffusion.T2I_STEPS,
+            "world:digits/canvas": digits_canvas.STEPS,
         }
         return steps.get(self.recipe.model.checkpoint)
 
@@ -433,15 +481,18 @@ class DiffusionHarness(Harness):
         return lines
 
 
-def _per_label(conditions: list, labels: list, per_label: int) -> tuple[list, list]:
-    """`per_label` conditions for each judge label, cycling through that label's conditions in order."""
+def _per_label(conditions: list, labels: list, per_label: int, cross: list = ()) -> tuple[list, list, list]:
+    """`per_label` conditions for each judge label, cycling through that label's conditions in order, with
+    their labels and (two-factor worlds) their labels on the other factor (`cross`, else empty)."""
     if not labels:
-        return [conditions[i % len(conditions)] for i in range(per_label)] if conditions else [], []
+        return [conditions[i % len(conditions)] for i in range(per_label)] if conditions else [], [], []
     by_label: dict = {}
-    for condition, label in zip(conditions, labels):
-        by_label.setdefault(label, []).append(condition)
-    chosen, chosen_labels = [], []
+    for index, label in enumerate(labels):
+        by_label.setdefault(label, []).append(index)
+    chosen, chosen_labels, chosen_cross = [], [], []
     for label, group in by_label.items():
-        chosen += [group[i % len(group)] for i in range(per_label)]
+        picked = [group[i % len(group)] for i in range(per_label)]
+        chosen += [conditions[i] for i in picked]
         chosen_labels += [label] * per_label
-    return chosen, chosen_labels
+        chosen_cross += [cross[i] for i in picked] if cross else []
+    return chosen, chosen_labels, chosen_cross

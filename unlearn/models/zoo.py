@@ -1,5 +1,5 @@
-"""Built-in classifier architectures: a small CNN and an MLP for the 8x8 digits, and the CIFAR variant of
-ResNet-18."""
+"""Built-in classifier architectures: a small CNN and an MLP for the 8x8 digits (and the same at 16x16 for the
+digits x styles world), and the CIFAR variant of ResNet-18."""
 
 from __future__ import annotations
 
@@ -99,5 +99,8 @@ class ResNet18Cifar(nn.Module):
 ARCHITECTURES: dict[str, tuple[Callable[..., nn.Module], tuple[float, ...], tuple[float, ...]]] = {
     "digits_cnn": (lambda n, c: DigitsCNN(n, c), (0.3,), (0.4,)),
     "digits_mlp": (lambda n, c: DigitsMLP(n, c), (0.3,), (0.4,)),
+    # the same at 16x16: the judges of the digits x styles world (unlearn.worlds.digits_canvas)
+    "canvas_cnn": (lambda n, c: DigitsCNN(n, c, image_size=16), (0.3,), (0.4,)),
+    "canvas_mlp": (lambda n, c: DigitsMLP(n, c, image_size=16), (0.3,), (0.4,)),
     "resnet18_cifar": (lambda n, c: ResNet18Cifar(n, c), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }

@@ -12,7 +12,7 @@ from .cache import cache_dir
 __all__ = ["FAMILIES", "WORLDS", "cache_dir", "prepare", "resolve"]
 
 WORLDS = ("digits",)
-FAMILIES = {"digits": ("classifier", "ddpm", "t2i", "gan")}  # the models each world can build
+FAMILIES = {"digits": ("classifier", "ddpm", "t2i", "gan", "canvas")}  # the models each world can build
 
 
 def prepare(world: str, verbose: bool = True, families: Sequence[str] | str | None = None) -> dict[str, Path]:
@@ -55,9 +55,9 @@ def _writable_cache(folder: Path, families: Sequence[str]) -> None:
 
 def _prepare_digits(verbose: bool = True, families: Sequence[str] | str | None = None) -> dict[str, Path]:
     """The digits world. The classifier (seconds) is always built: it judges the generative models. The DDPM
-    and the text-to-image model (several minutes each, `digits_diffusion`) and the GAN (minutes, `digits_gan`)
-    are built only when asked for in `families`; when already cached they are returned whether asked for or
-    not."""
+    and the text-to-image model (several minutes each, `digits_diffusion`), the GAN (minutes, `digits_gan`) and
+    the digits × styles text-to-image model with its judges (`canvas`, `digits_canvas`) are built only when asked
+    for in `families`; when already cached they are returned whether asked for or not."""
     from .digits import CONFIG_NAME, classifier_path, world_folder
 
     known = FAMILIES["digits"]
@@ -78,6 +78,7 @@ def _prepare_digits(verbose: bool = True, families: Sequence[str] | str | None =
             ("ddpm", Path("ddpm") / "model_index.json"),
             ("t2i", Path("t2i") / "model_index.json"),
             ("gan", Path("gan") / "gan_config.json"),
+            ("canvas", Path("canvas") / "model_index.json"),
         )
         if (f == "classifier" or f in wanted) and not (folder / marker).exists()
     ]
@@ -100,6 +101,13 @@ def _prepare_digits(verbose: bool = True, families: Sequence[str] | str | None =
         prepare_gan(gan, verbose=verbose)
     if (gan / "gan_config.json").exists():
         paths["gan"] = gan
+    canvas = folder / "canvas"
+    if not (canvas / "model_index.json").exists() and "canvas" in wanted:
+        from .digits_canvas import prepare_canvas
+
+        prepare_canvas(canvas, verbose=verbose)
+    if (canvas / "model_index.json").exists():
+        paths["canvas"] = canvas
     return paths
 
 

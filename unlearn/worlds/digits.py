@@ -74,7 +74,7 @@ def fit_digits_classifier(train, arch: str = "digits_cnn", seed: int = SEED, epo
     cosine over `epochs` epochs, fp32 on CPU, seeded): returns the trained classifier in eval mode. The world's
     classifiers are it on the full train set for 30 epochs; U-LiRA's shadow models use it on subsets."""
     torch.manual_seed(seed)
-    model = build_classifier(arch, num_classes=10)
+    model = build_classifier(arch, num_classes=train.num_classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=WEIGHT_DECAY)
     steps_per_epoch = -(-len(train) // BATCH_SIZE)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)

@@ -105,8 +105,9 @@ def build_ddpm(seed: int = SEED):
     return Diffusion(UNet2DModel(**DDPM_UNET_CONFIG), DDPMScheduler(**SCHEDULER_CONFIG))
 
 
-def build_t2i(seed: int = SEED):
-    """A fresh pixel-space text-to-image model (UNet, CLIP text encoder, shipped tokenizer) from `seed`.
+def build_t2i(seed: int = SEED, unet_config: dict | None = None, tokenizer=None):
+    """A fresh pixel-space text-to-image model (UNet, CLIP text encoder, shipped tokenizer) from `seed`; the
+    digits world's, or another world's UNet (`unet_config`) and tokenizer.
 
     The adapter freezes text encoders (erasure edits the UNet); here the text encoder is new, so it is
     unfrozen to train jointly with the UNet. `prepare_t2i` freezes it again after training.
@@ -116,17 +117,17 @@ def build_t2i(seed: int = SEED):
 
     from ..models.diffusion import Diffusion
 
-    tokenizer = load_digits_tokenizer()
+    tokenizer = tokenizer or load_digits_tokenizer()
     torch.manual_seed(seed)
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **TEXT_ENCODER_CONFIG,
+        **{**TEXT_ENCODER_CONFIG, "max_position_embeddings": tokenizer.model_max_length},
     )
     text_encoder = CLIPTextModel(text_config)
-    unet = UNet2DConditionModel(**T2I_UNET_CONFIG)
+    unet = UNet2DConditionModel(**(unet_config or T2I_UNET_CONFIG))
     model = Diffusion(
         unet,
         DDPMScheduler(**SCHEDULER_CONFIG),

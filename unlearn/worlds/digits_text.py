@@ -82,41 +82,54 @@ def tokenizer_vocab_and_merges(words: tuple[str, ...] = WORDS) -> tuple[dict[str
     """A CLIP BPE vocabulary and merge list in which each of `words` is one token.
 
     The alphabet is all 256 byte symbols with and without the end-of-word mark, so any text still tokenizes
-    (into characters) rather than into unknown tokens. Each word is then built left to right: "t h",
-    "th r", "thr e", "thre e</w>"; every intermediate piece enters the vocabulary.
+    (into characters) rather than into unknown tokens. Each word in turn is split by the merges so far (as the
+    tokenizer will split it), and its first two pieces are merged until it is one piece: "t h", "th r", "thr e",
+    "thre e</w>". A new merge ranks after all earlier ones, so it never changes how an earlier word splits;
+    every merged piece enters the vocabulary.
     """
     alphabet = list(_bytes_to_unicode().values())
     vocab_list = alphabet + [c + "</w>" for c in alphabet]
     merges: list[str] = []
+    rank: dict[tuple[str, str], int] = {}
     for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        piece = symbols[0]
-        for symbol in symbols[1:]:
-            merge = f"{piece} {symbol}"
-            piece += symbol
-            if merge not in merges:
-                merges.append(merge)
-            if piece not in vocab_list:
-                vocab_list.append(piece)
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], rank)
+        while len(pieces) > 1:
+            rank[pieces[0], pieces[1]] = len(merges)
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            if pieces[0] + pieces[1] not in vocab_list:
+                vocab_list.append(pieces[0] + pieces[1])
+            pieces = _bpe(pieces, rank)
     vocab_list += list(SPECIAL_TOKENS)
     return {token: i for i, token in enumerate(vocab_list)}, merges
 
 
-def write_tokenizer_files(folder: Path = TOKENIZER_DIR) -> None:
-    """Write `vocab.json` and `merges.txt` (the files that ship in `digits_tokenizer/`)."""
-    vocab, merges = tokenizer_vocab_and_merges()
+def _bpe(pieces: list[str], rank: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding as CLIP's tokenizer does it: merge the adjacent pair of lowest rank until none is left."""
+    while len(pieces) > 1:
+        pairs = [(rank.get(pair, len(rank)), i) for i, pair in enumerate(zip(pieces, pieces[1:]))]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
+
+
+def write_tokenizer_files(folder: Path = TOKENIZER_DIR, words: tuple[str, ...] = WORDS) -> None:
+    """Write `vocab.json` and `merges.txt` (the files that ship in `digits_tokenizer/`) for `words`."""
+    vocab, merges = tokenizer_vocab_and_merges(words)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def load_digits_tokenizer(folder: Path = TOKENIZER_DIR):
-    """The digits world's CLIPTokenizer, from the files shipped in the package (no download)."""
+def load_digits_tokenizer(folder: Path = TOKENIZER_DIR, model_max_length: int = MODEL_MAX_LENGTH):
+    """The digits world's CLIPTokenizer (or another world's, from its `folder`), from the files shipped in the
+    package (no download)."""
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer(
         vocab=str(folder / "vocab.json"),
         merges=str(folder / "merges.txt"),
         unk_token="<unk>",
-        model_max_length=MODEL_MAX_LENGTH,
+        model_max_length=model_max_length,
     )
