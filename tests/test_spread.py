@@ -1,6 +1,6 @@
 """Evaluation spread over processes (`unlearn.spread`): every process ends with every batch, each computed by one
 process only, equal to what one process computes; and `unlearn eval` / `unlearn erase` on two processes give
-exactly the metrics of one."""
+exactly the metrics of one, the attacks' included."""
 
 from __future__ import annotations
 
@@ -132,3 +132,69 @@ def test_unlearn_eval_and_erase_on_two_processes_give_the_metrics_of_one(digits_
     assert {k: v for k, v in evaluated[1].items()} == {
         k: v for k, v in erased[1].items() if k in evaluated[1]
     }, "unlearn eval scores the run as it was scored"
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Equal metrics, exactly; NaN (an R the attack cannot tell) equals NaN."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+@pytest.mark.slow
+def test_attacks_on_two_processes_give_the_metrics_of_one(digits_world, tmp_path):
+    """Two cheap prompt attacks (seed_search, random_prompt) on a tiny text-to-image model, against a UCE run as the
+    control (any finished run folder serves): `unlearn erase` and `unlearn eval` on 2 processes attack as 1 does,
+    every metric equal, whether the original's and Retrain's results are attacked afresh or read from the cache
+    the main process wrote. Candidates are drawn 4 at a time and judged 2 at a time: both processes generate."""
+    from tiny_diffusion import tiny_sd_pipeline
+
+    pipeline = tiny_sd_pipeline(tmp_path / "t2i", vae=False)
+    small = {"generations": 18, "targets": 2, "batch": 4}
+    recipe = {
+        "method": {"name": "uce"},
+        "model": {"family": "diffusion", "checkpoint": str(pipeline)},
+        "data": {"dataset": "digits", "concept": "three"},
+        "eval": {"samples": 4, "steps": 2, "batch_size": 2, "cache": False, "metrics": ["erasure_rate"]},
+    }
+    (tmp_path / "reference.yaml").write_text(yaml.safe_dump(recipe))
+    _unlearn(["erase", str(tmp_path / "reference.yaml"), "-o", str(tmp_path / "reference")], 1, tmp_path)
+    recipe["method"] = {"name": "uce", "erase_scale": 0.5}  # another edit than the control's
+    recipe["eval"] |= {
+        "reference": str(tmp_path / "reference"),
+        "attacks": [{"name": "seed_search", **small}, {"name": "random_prompt", **small}],
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    cache = tmp_path / "reference" / "attacks"
+
+    def cleared() -> None:
+        for entry in cache.iterdir():
+            entry.unlink()
+
+    erased = {}
+    for processes in (1, 2):
+        if cache.exists():
+            cleared()  # attacked afresh on every model
+        out = tmp_path / f"run{processes}"
+        _unlearn(["erase", str(tmp_path / "recipe.yaml"), "-o", str(out)], processes, tmp_path, port=29553)
+        erased[processes] = json.loads((out / "metrics.json").read_text())
+        assert (out / "attacks.json").exists() and "### seed_search" in (out / "report.md").read_text()
+    names = ("seed_search", "random_prompt")
+    attack_keys = [
+        k for k in erased[1] if k.split(".")[0].removeprefix("original_").removeprefix("retrain_") in names
+    ]
+    assert "seed_search.R" in attack_keys and "original_random_prompt.success" in attack_keys
+    assert _same(
+        {k: v for k, v in erased[2].items() if k not in NOT_COMPARED},
+        {k: v for k, v in erased[1].items() if k not in NOT_COMPARED},
+    )
+    # one entry per attack, role (original, Retrain) and seed, written once, by the main process
+    assert len(list(cache.iterdir())) == 2 * 2 * 2
+
+    def evaluate(processes: int) -> dict:
+        result = _unlearn(["eval", str(tmp_path / "run1"), "--json"], processes, tmp_path, port=29553)
+        return json.loads(result.stdout)
+
+    from_cache = evaluate(2)
+    cleared()
+    evaluated = {2: evaluate(2), 1: evaluate(1)}
+    assert _same(evaluated[2], evaluated[1]) and _same(from_cache, evaluated[1])  # exactly, every metric
+    assert _same({k: evaluated[1][k] for k in attack_keys}, {k: erased[1][k] for k in attack_keys})

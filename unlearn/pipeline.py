@@ -18,7 +18,7 @@ from .harness import HARNESSES
 from .paths import existing_path, make_folder, open_own_file, output_error, shown
 from .recipe import Recipe, load_recipe, resolve_reference
 from .runfolder import RunFolder, finished_run, read_metrics, reference_folder
-from .spread import spread_over
+from .spread import everywhere, spread_over
 from .train import end_trackers, reset_accelerate_state
 from .tune import auto_fields, tune_method
 
@@ -213,12 +213,26 @@ def _run(recipe: Recipe, output: Path, folder: RunFolder, log, main: bool, stric
             harness.save_model(model, output)
             artifacts = harness.save_artifacts(output, scores, original)
             report = harness.report(data, metrics, artifacts)
-            if recipe.eval.attacks:  # on the saved model, as `unlearn attack` would (as in `record_attacks`)
-                from .attacks.run import attack_run, attack_section
+        except UnlearnError as err:  # a full disk, say: the other processes are told, then it is raised
+            failure = err
+    with spread_over(accelerator.state):
+        # On the saved model, as `unlearn attack` would (as in `record_attacks`), by every process: each
+        # generates and judges its share (`unlearn.spread`). They start once the main process saved the model.
+        if recipe.eval.attacks and everywhere(failure is None):
+            from .attacks.run import attack_run, attack_section
 
+            try:
                 found, shown_attacks = attack_run(output, log=log)
-                metrics = {**metrics, **found}
-                report = "\n".join([report.rstrip("\n"), *attack_section(metrics, shown_attacks)]) + "\n"
+            except UnlearnError as err:
+                if accelerator.num_processes > 1:
+                    raise  # met by every process alike, or by the main one alone (its writes): the launch ends
+                failure = err
+            else:
+                if main:
+                    metrics = {**metrics, **found}
+                    report = "\n".join([report.rstrip("\n"), *attack_section(metrics, shown_attacks)]) + "\n"
+    if main and failure is None:
+        try:
             write_model_card(output, metrics, recipe)  # model/README.md: what was erased, how, the numbers
             write_text(report, output / "report.md")
             write_json(metrics, output / "metrics.json")  # the last output, then run.json says complete
@@ -299,8 +313,8 @@ def evaluate_run(target: str | Path, log=print) -> dict:
     A run folder is scored as its run scored it (the same task, seeds and references: the original model and
     the Retrain reference it names), so the result equals the run's own `metrics.json` on the keys it scores.
     Under a multi-process launch, generation, judging and FID features are spread over the processes
-    (`unlearn.spread`) with the metrics of one process; the attacks run on the main process. Every process
-    returns the metrics.
+    (`unlearn.spread`) with the metrics of one process, the attacks' included (every process attacks; the main
+    process alone writes what they write). Every process returns the metrics.
     """
     from accelerate import PartialState
     from accelerate.utils import set_seed
@@ -335,14 +349,10 @@ def evaluate_run(target: str | Path, log=print) -> dict:
     metrics = {**scores.metrics, **({"RTE_s": recorded["RTE_s"]} if "RTE_s" in recorded else {}), **metrics}
     metrics.update(harness.compare(metrics, reference))
     if recipe.eval.attacks:
-        from accelerate.utils import broadcast_object_list
-
         from .attacks.run import attack_run
 
-        found = attack_run(path, log=log)[0] if state.is_main_process else None
-        if state.num_processes > 1:
-            found = broadcast_object_list([found], from_process=0)[0]
-        metrics.update(found)
+        with spread_over(state):  # every process attacks, its share of the generation and judging
+            metrics.update(attack_run(path, log=log)[0])
     return metrics
 
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..harness.base import MetricInfo
 from ..progress import progress
+from ..spread import map_batches
 from .base import Attack, Probe, Target, _is_number, hyperparameter
 
 if TYPE_CHECKING:
@@ -228,15 +229,17 @@ class PromptSearch:
     @torch.no_grad()
     def draw(self, candidates: list[Candidate]) -> torch.Tensor:
         """Generate one image per candidate (DDIM `eval.steps`), `eval.batch_size` at a time; candidates of
-        one batch may differ in guidance (a guidance sweep is one batch)."""
+        one batch may differ in guidance (a guidance sweep is one batch). Inside `unlearn.spread.spread_over`,
+        the batches are spread over the processes of a launch (each process returns all the images)."""
         model = self.model
         was_training = model.training
         model.eval()
-        images = []
-        for start in range(0, len(candidates), self.batch_size):
-            chunk = candidates[start : start + self.batch_size]
-            noise = torch.cat([self.noise(c.seed) for c in chunk])
-            images.append(self._denoise(chunk, noise))
+
+        def batch(items: slice) -> torch.Tensor:
+            chunk = candidates[items]
+            return self._denoise(chunk, torch.cat([self.noise(c.seed) for c in chunk]))
+
+        images = map_batches(len(candidates), self.batch_size, batch)
         model.train(was_training)
         return torch.cat(images)
 
@@ -291,7 +294,8 @@ class PromptSearch:
         together), until the first judge recognizes the concept or `limit` generations are spent.
 
         `used` counts generations as a one-by-one search would: up to and including the one that stopped it
-        (the rest of its batch was drawn only because batching is cheaper)."""
+        (the rest of its batch was drawn only because batching is cheaper). The search stops on the judges'
+        verdicts, which every process of a spread launch holds alike (`unlearn.spread`): all stop together."""
         base = Candidate(self.base_condition(point), self.guidance, point.seed, "unmodified")
         image = self.draw([base])
         by_judge, by_second = self.judge(image, point.label)
@@ -449,7 +453,11 @@ class AdversarialPrompt(Attack):
 
     def optimized(self, search: PromptSearch, point: SearchPoint) -> Iterator[list[Candidate]]:
         """After each t-block, the candidates to judge: the argmax prefix + prompt (text), the mixture at
-        each guidance of the sweep (class)."""
+        each guidance of the sweep (class).
+
+        Under a multi-process launch every process runs this same seeded optimization (not sharded, not
+        wrapped in DDP); what it decides, whether the search stops, depends only on the judged images, which
+        every process holds alike (`unlearn.spread`)."""
         model, original = search.model, search.target.original
         x0 = self.target_image(search, point)
         teacher_cond = (

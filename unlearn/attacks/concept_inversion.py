@@ -143,6 +143,8 @@ class ConceptInversion(Attack):
         )
 
     def run(self, model, target: Target, seed: int) -> Probe:
+        # Under a multi-process launch every process fits the embedding alike (the same seeded steps, no DDP);
+        # the generations and judging at the curve's points are spread (`unlearn.spread`); nothing stops early.
         self.check(target)
         harness, data = target.harness, target.data
         generator = torch.Generator().manual_seed(seed)

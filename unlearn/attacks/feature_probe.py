@@ -68,6 +68,7 @@ class FeatureProbe(Attack):
         )
 
     def run(self, model, target: Target, seed: int) -> Probe:
+        # Under a multi-process launch every process fits the same seeded probe (no collective call).
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler

@@ -98,6 +98,8 @@ class LatentInversion(Attack):
         )
 
     def run(self, model, target: Target, seed: int) -> Probe:
+        # Under a multi-process launch every process runs this same seeded inversion (no DDP, a fixed number of
+        # steps); its best restart only picks what is judged, and the judging is spread (`unlearn.spread`).
         harness, data = target.harness, target.data
         count = min(self.images, len(data.test_forget))
         real = torch.stack([data.test_forget[i][0] for i in range(count)]).float().to(model.device)

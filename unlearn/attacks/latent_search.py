@@ -183,6 +183,8 @@ class LatentSearch(Attack):
         )
 
     def run(self, model, target: Target, seed: int) -> Probe:
+        # Under a multi-process launch every process runs this same seeded ascent (no DDP, a fixed number of
+        # steps); the final judging is spread (`unlearn.spread`).
         label = target.data.prompts.concept_label
         judge = target.harness.judge
         starts = model.latents(self.starts, seed=seed)

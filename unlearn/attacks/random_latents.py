@@ -20,7 +20,6 @@ from typing import ClassVar
 import torch
 
 from ..harness.base import MetricInfo
-from ..progress import progress
 from .base import Attack, Probe, Target, hyperparameter
 from .latent_search import check_real_retained, counted_samples, eval_mode, percent
 
@@ -64,12 +63,8 @@ class RandomLatents(Attack):
 
     @torch.no_grad()
     def run(self, model, target: Target, seed: int) -> Probe:
-        z = model.latents(self.generations, seed=seed)
-        batches = progress(range(0, self.generations, self.batch_size), self.name, unit="batch")
-        with eval_mode(model):
-            images = torch.cat(
-                [model.generate(z[start : start + self.batch_size]).cpu() for start in batches]
-            )
+        with eval_mode(model):  # the model's own seeded latents; spread over the processes of a launch
+            images = model.sample(self.generations, seed=seed, batch_size=self.batch_size)
         flags = counted_samples(target, images)
         hits = int(flags["counted"].sum())
         order = torch.argsort(flags["counted"].int(), descending=True, stable=True)

@@ -214,6 +214,8 @@ class Relearn(Attack):
     # -- the attack ------------------------------------------------------------------------------------------
 
     def run(self, model, target: Target, seed: int) -> Probe:
+        # Under a multi-process launch every process fine-tunes alike (the same seeded steps, no DDP); the
+        # judging at the curve's points is spread (`unlearn.spread`), and no decision rests on a local number.
         family, data = target.family, target.data
         self.check(target)
         steps, batch_size, lr, every, samples = self._settings(family)

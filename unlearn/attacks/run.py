@@ -9,6 +9,13 @@
 
 The original's and Retrain's results are cached in the Retrain run folder (`<reference>/attacks/`), so a bench
 attacks them once per seed, not once per method. Everything is seeded: a rerun gives the same numbers.
+
+Under a multi-process launch every process attacks inside `unlearn.spread.spread_over` (`unlearn eval`, `unlearn
+erase`): the attacks' generation and judging are spread over the processes, batch by batch, and every process
+ends with the results of one process. The searches stop on judged results, which every process holds alike; the
+attacks that train (relearn, concept inversion, the optimized prompts and latents, U-LiRA's shadows) run the same
+seeded computation in every process. Only the main process takes the run lock and writes the cache entries,
+`attacks.json`, the curves and the images; a cache entry is used only when every process finds it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 from ..checkpoints import require_file, write_json, write_text
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from ..harness.base import MetricInfo
+from ..spread import everywhere, is_main_process
 from . import get_attack
 from .base import Attack, Probe, Target, residual, wilson
 
@@ -90,7 +98,8 @@ def attack_run(run_dir: str | Path, specs: list | None = None, log=print) -> tup
         "retrain": {"run": _read(reference_dir / "run.json")},
     }
     seeds = [1000 * recipe.seed + i for i in range(recipe.eval.attack_seeds)]
-    with run_lock(run_dir):  # attacks.json, the curves and images go into the run folder
+    # attacks.json, the curves and images go into the run folder, written by the main process alone
+    with run_lock(run_dir) if is_main_process() else contextlib.nullcontext():
         return attack_models(
             attacks,
             harness,
@@ -155,6 +164,8 @@ def attack_models(
     """Run each attack, and its same-budget baselines, with every seed on `models` ({"original", "retrain",
     "unlearned"}: the same object twice when Retrain is the model judged); returns the metrics and what the
     report shows. The library's entry point: `harness` has run `before(models["original"], data, ...)`.
+    Inside `unlearn.spread.spread_over` every process of the launch calls it alike and gets the same metrics;
+    the main process alone writes the cache and `output`.
 
     Args:
         cache: a folder where the original's and Retrain's results are kept, keyed by `identity` ({role:
@@ -172,10 +183,10 @@ def attack_models(
             return found["retrain"][-1]
         key = identity.get(role) if cache is not None else None
         result = _cached(cache, attack, role, seed, harness.recipe, key) if key else None
-        if result is None:
+        if not everywhere(result is not None):  # (the processes attack together, or all read the entry)
             target = Target(harness, data, models["original"], role=role, log=log)
             result = _attack(attack, models[role], target, seed)
-            if key:
+            if key and is_main_process():
                 _store(cache, attack, role, seed, harness.recipe, key, result)
         return result
 
@@ -205,9 +216,9 @@ def attack_models(
                     for role in ("unlearned", "retrain", "original")
                 )
             )
-        if output is not None:
+        if output is not None and is_main_process():
             shown[attack.name].update(_artifacts(output, attack.name, probes))
-    if output is not None:
+    if output is not None and is_main_process():
         write_json({"seeds": seeds, "attacks": _dump(shown)}, output / "attacks.json")
     return metrics, shown
 

@@ -148,6 +148,9 @@ class ULiRA(Attack):
         )
 
     def run(self, model, target: Target, seed: int) -> Probe:
+        # Under a multi-process launch every process trains the same seeded shadow models (no collective call:
+        # the classifier family's judging is not spread). The method's runs (role "unlearned") take the
+        # launch's accelerate state, so there they shard their batches like a run's own method does.
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             shadows = self._shadows(target, seed)
