@@ -78,6 +78,12 @@ CASES = {
         {"forget_class": [3]},
     ),
     "salun_t2i": ("t2i", {"name": "salun", "steps": 3, "batch_size": 8}, THREE),
+    # gradient ascent on a text-to-image model: under FSDP every process computes the whole batch (equal gradients)
+    "grad_ascent_t2i": (
+        "t2i",
+        {"name": "grad_ascent", "steps": 3, "batch_size": 8, "retain_weight": 0.5, "lr": 1e-4},
+        THREE,
+    ),
     # DoCo: its anchor images, flips, noise and timesteps drawn for the global batch, the UNet's gradients
     # averaged before the CPG, the discriminator on the gathered batch (one warm-up step, then both train)
     "doco_t2i": (
@@ -205,9 +211,9 @@ unlearn.pipeline.make_accelerator = sharding
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["esd_t2i", "salun_t2i"])
+@pytest.mark.parametrize("case", ["esd_t2i", "salun_t2i", "grad_ascent_t2i"])
 def test_fsdp_on_two_processes_matches_one(case, pipelines, digits_world, tmp_path):
-    """ESD and SalUn under `recipes/accelerate/fsdp_sd.yml` (FSDP2: the UNet's transformer and ResNet blocks
+    """ESD, SalUn and gradient ascent under `recipes/accelerate/fsdp_sd.yml` (FSDP2: the UNet's transformer and ResNet blocks
     sharded in place, every pass through it gathering them) on two gloo processes give the one-process run."""
     recipe = _recipe(case, pipelines)
     config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp_sd.yml"

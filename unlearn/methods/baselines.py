@@ -271,11 +271,14 @@ class GradAscentDiffusion(Method):
     papers compare against (the reference's `--alpha` defaults to 1).
 
     Several processes (`multi_process`): the UNet trains under DDP on each process's share of the global batches,
-    drawn alike in every process (`unlearn.train.diffusion_loss`), so the run is the one-process run.
+    drawn alike in every process (`unlearn.train.diffusion_loss`), so the run is the one-process run. Under FSDP
+    (`shards_model`) `train_steps` shards the UNet in place and every process computes the whole batch: the
+    gradients are equal, the memory is split, the work is not.
     """
 
     families = ("diffusion",)
     multi_process = True
+    shards_model = True  # FSDP: `train_steps` shards the trained UNet
     steps: int = hyperparameter(100, "optimizer steps of ascent, each on one forget (and one retain) batch")
     lr: float = hyperparameter(1e-5, "Adam learning rate; keep it small, nothing bounds the ascent")
     batch_size: int = hyperparameter(64, "images per forget batch and per retain batch")
