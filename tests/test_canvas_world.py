@@ -138,13 +138,14 @@ def test_a_recipe_refuses_what_the_world_cannot_erase(tmp_path, concept, error):
 
 @pytest.fixture(scope="module")
 def quick_judges(world_cache):
-    """The world's two judges trained for one epoch (the build trains 10): enough to tell digits and styles on
+    """The world's judges trained for one epoch (the build trains 10): enough to tell digits and styles on
     real images, in seconds. They land in the session's world cache, where the harness finds them."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(digits_canvas, "JUDGE_EPOCHS", 1)
         patch.setattr(digits_canvas, "MIN_JUDGE_ACCURACY", 80.0)
         for factor in digits_canvas.FACTORS:
-            digits_canvas.judge_path(factor, verbose=True)
+            for second in (False, True):  # the second judges (MLPs, seconds) score the attacks
+                digits_canvas.judge_path(factor, second, verbose=False)
 
 
 class RealImages:
@@ -208,22 +209,16 @@ def test_the_harness_scores_in_domain_and_cross_domain_retainability(canvas, qui
     assert erased["cross_domain_accuracy"] == faithful["cross_domain_accuracy"]
 
 
-def test_a_tiny_canvas_model_erases_a_style_end_to_end(tmp_path, quick_judges):
+def test_a_tiny_canvas_model_erases_two_styles_end_to_end(tmp_path, quick_judges, tiny_canvas):
     """`unlearn erase` on a tiny (untrained) model of the world's shape: every metric of the two factors is
     written, and the edit file is there."""
     from unlearn.pipeline import run
     from unlearn.recipe import from_dict
-    from unlearn.worlds.digits_diffusion import build_t2i
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("unlearn.worlds.digits_diffusion.TEXT_ENCODER_CONFIG", TINY_TEXT)
-        model = build_t2i(0, {**TINY_T2I, "sample_size": 16}, canvas_text.load_canvas_tokenizer())
-    model.text_encoder.requires_grad_(False)
-    model.save(tmp_path / "tiny_canvas")
     recipe = from_dict(
         {
             "method": {"name": "uce"},
-            "model": {"family": "diffusion", "checkpoint": str(tmp_path / "tiny_canvas")},
+            "model": {"family": "diffusion", "checkpoint": str(tiny_canvas)},
             "data": {"dataset": "digits_canvas", "concept": ["bold", "slanted"]},
             "eval": {"samples": 4, "steps": 2},
         },
@@ -233,3 +228,63 @@ def test_a_tiny_canvas_model_erases_a_style_end_to_end(tmp_path, quick_judges):
                 "cross_domain_accuracy", "fid", "fid_cross", "original_cross_domain_accuracy"):
         assert key in metrics, key
     assert (tmp_path / "run" / "edit.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_canvas(tmp_path_factory):
+    """A tiny untrained model of the world's shape (16x16 pixels, the world's tokenizer)."""
+    from unlearn.worlds.digits_diffusion import build_t2i
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("unlearn.worlds.digits_diffusion.TEXT_ENCODER_CONFIG", TINY_TEXT)
+        model = build_t2i(0, {**TINY_T2I, "sample_size": 16}, canvas_text.load_canvas_tokenizer())
+    model.text_encoder.requires_grad_(False)
+    folder = tmp_path_factory.mktemp("canvas") / "tiny_canvas"
+    model.save(folder)
+    return folder
+
+
+@pytest.mark.parametrize("attack", ["concept_inversion", "token_search"])
+def test_the_attacks_run_on_a_style(canvas, quick_judges, tiny_canvas, attack):
+    """A style is where adversarial prompts and concept inversion matter most: both run on the world's shape,
+    judged by the style judge and scored by the style's second judge."""
+    from unlearn.attacks import ATTACKS
+    from unlearn.attacks.base import Target
+    from unlearn.models.diffusion import load_diffusion
+
+    harness = _harness("bold")
+    model = load_diffusion(tiny_canvas)
+    task = harness.task(model)
+    harness.before(model, task, None)
+    settings = {"concept_inversion": {"steps": 2, "images": 4, "batch_size": 2, "samples": 4, "curve_points": 2,
+                                      "curve_samples": 2},
+                "token_search": {"targets": 1, "max_tokens": 4, "batch": 4}}[attack]
+    probe = ATTACKS[attack](**settings).run(model, Target(harness, task, model, log=lambda m: None), seed=0)
+    assert 0 <= probe.success <= 100 and probe.generations > 0
+
+
+def test_prepare_builds_only_the_models_asked_for(digits_world, capsys):
+    """`unlearn prepare digits --families classifier` builds (here: finds) the classifier and nothing else; an
+    unknown model name is refused in one sentence with exit status 2."""
+    from unlearn.cli import main
+
+    assert main(["prepare", "digits", "--families", "classifier"]) == 0
+    out = capsys.readouterr().out
+    assert "classifier:" in out and "canvas:" not in out
+    assert main(["prepare", "digits", "--families", "canvs"]) == 2
+    assert "has no 'canvs' model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_world_builds_and_keeps_its_promises(world_cache):
+    """The real build (about 38 min on 2 busy cores): judges and model trained, every (digit, style) pair
+    recognized on both factors at the promised rates, the figures written beside the model."""
+    import json
+
+    from unlearn.worlds import prepare
+
+    folder = prepare("digits", verbose=False, families=["canvas"])["canvas"]
+    info = json.loads((folder / "world.json").read_text())
+    assert info["recognized_both"] >= digits_canvas.MIN_OVERALL_RATE
+    assert info["recognized_worst_pair"] >= digits_canvas.MIN_PAIR_RATE
+    assert info["torch_threads"] == digits_canvas.THREADS

@@ -15,7 +15,13 @@ folder, deterministically:
 The build keeps its promises or fails: each judge recognizes at least `MIN_JUDGE_ACCURACY` % of the held-out
 styled images, and of `PROMISE_SAMPLES` guided generations per (digit, style) pair both judges recognize the
 asked digit and style in at least `MIN_PAIR_RATE` % for every pair and `MIN_OVERALL_RATE` % overall. The
-figures go to `canvas/world.json`; the module docstring of `unlearn.worlds` and the README state them.
+figures go to `canvas/world.json`.
+
+Measured on a busy 2-core CPU with one torch thread (seed 0): the judges reach 98.3 % (digit CNN), 96.2 % (digit
+MLP) and 100 % (both style judges) on the 1,800 held-out styled images, in 3 min together; the text-to-image model
+(1.06 M UNet + 0.07 M text encoder, 2,000 steps at batch 64) trains in 32 min, and both judges recognize the
+asked digit and style in 100 % of the 1,000 guided samples (20 per pair, guidance 3, 25 DDIM steps; every pair
+100 %). The whole build took 38 min.
 """
 
 from __future__ import annotations
@@ -57,8 +63,8 @@ JUDGE_EPOCHS = 10
 SECOND_JUDGE_SEED = 1
 MIN_JUDGE_ACCURACY = 95.0
 PROMISE_SAMPLES = 20  # guided generations per (digit, style) pair, judged on both factors
-MIN_PAIR_RATE = 50.0
-MIN_OVERALL_RATE = 85.0
+MIN_PAIR_RATE = 75.0
+MIN_OVERALL_RATE = 95.0
 
 
 def judges_folder() -> Path:
