@@ -199,6 +199,9 @@ class DiffusionHarness(Harness):
         if spec.dataset == "digits_canvas":
             if not spec.concept:
                 raise ConfigError("the digits × styles world erases a concept: give data.concept (e.g. bold)")
+            from ..worlds.digits_canvas import prepare_judges
+
+            prepare_judges(verbose=False)  # here, in `setup`: trained once, by the first process of a launch
             train, test = load_dataset("digits_canvas", "train"), load_dataset("digits_canvas", "test")
             return forget_canvas_concept(train, test, spec.concept, spec.anchor, seed=recipe.seed)
         return forget_generated_concept(

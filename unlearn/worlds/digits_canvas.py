@@ -27,6 +27,7 @@ asked digit and style in 100 % of the 1,000 guided samples (20 per pair, guidanc
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,7 +68,19 @@ MIN_PAIR_RATE = 75.0
 MIN_OVERALL_RATE = 95.0
 
 
+@contextmanager
+def torch_threads(n: int):
+    """Run a block with `n` torch threads, then restore the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def judges_folder() -> Path:
+    """Where the judges live: `canvas_judges/` in the digits world's folder."""
     from .digits import world_folder
 
     return world_folder() / "canvas_judges"
@@ -121,28 +134,11 @@ def load_canvas_judge(factor: str, second: bool = False):
     return load_classifier(judge_path(factor, second), None, 10 if factor == "digit" else len(STYLES))
 
 
-def digit_judge():
-    """The canvas world's digit judge (`eval.judge: unlearn.worlds.digits_canvas:digit_judge`)."""
-    return load_canvas_judge("digit")
-
-
-def style_judge():
-    """The canvas world's style judge (`eval.judge: unlearn.worlds.digits_canvas:style_judge`)."""
-    return load_canvas_judge("style")
-
-
-class torch_threads:
-    """Run a block with `n` torch threads, then restore the caller's count."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __enter__(self):
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.before)
+def prepare_judges(verbose: bool = True) -> None:
+    """Train (once) the four judges: each factor's CNN and its second judge, the MLP."""
+    for factor in FACTORS:
+        for second in (False, True):
+            judge_path(factor, second, verbose)
 
 
 def build_canvas_t2i(seed: int = SEED):
@@ -175,9 +171,7 @@ def prepare_canvas(folder: str | Path, verbose: bool = True) -> dict:
     Raises:
         DataError: a promise failed (a judge's accuracy or a pair's recognition rate); nothing is saved.
     """
-    for factor in FACTORS:
-        for second in (False, True):
-            judge_path(factor, second, verbose)
+    prepare_judges(verbose)
     started = time.perf_counter()
     log = print if verbose else None
     with torch_threads(THREADS):
