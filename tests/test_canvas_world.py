@@ -11,7 +11,7 @@ from unlearn.data import forget_canvas_concept
 from unlearn.datasets import load_dataset
 from unlearn.errors import ConfigError, DataError
 from unlearn.worlds import canvas_text, digits_canvas
-from unlearn.worlds.canvas_text import CAPTIONS, STYLES, SYNONYMS, combination, digit_of, style_of, stylize
+from unlearn.worlds.canvas_text import CAPTIONS, STYLES, combination, digit_of, style_of, stylize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +68,12 @@ def test_concepts_name_a_style_or_a_digit_in_two_wordings():
     assert canvas_text.concept_factor("italic") == ("style", STYLES.index("slanted"), "italic")
     assert canvas_text.concept_factor("3") == ("digit", 3, "3")
     assert canvas_text.concept_factor("three") == ("digit", 3, "three")
-    assert [canvas_text.other_word(w) for w in ("bold", "heavy", "three", "3")] == ["heavy", "bold", "3", "three"]
+    assert [canvas_text.other_word(w) for w in ("bold", "heavy", "three", "3")] == [
+        "heavy",
+        "bold",
+        "3",
+        "three",
+    ]
     with pytest.raises(ConfigError, match="unknown canvas concept 'purple'"):
         canvas_text.concept_factor("purple")
     with pytest.raises(DataError, match="mixes styles and digits"):
@@ -116,13 +121,19 @@ def test_two_styles_erased_together_are_scored_apart(canvas):
     parts = task.prompts.split()
     assert [p.concept for p in parts] == ["bold", "slanted"]
     assert parts[0].anchor[0] == "a zero in outlined style" and parts[1].anchor[0] == "a zero in thin style"
-    assert sorted(set(task.prompts.retain_labels)) == [STYLES.index(s) for s in ("thin", "outlined", "inverted")]
+    assert sorted(set(task.prompts.retain_labels)) == [
+        STYLES.index(s) for s in ("thin", "outlined", "inverted")
+    ]
     assert all(p.retain_cross_labels == task.prompts.retain_cross_labels for p in parts)
 
 
 @pytest.mark.parametrize(
     "concept, error",
-    [("purple", "unknown canvas concept"), (["bold", "3"], "mixes styles and digits"), (list(STYLES), "every style")],
+    [
+        ("purple", "unknown canvas concept"),
+        (["bold", "3"], "mixes styles and digits"),
+        (list(STYLES), "every style"),
+    ],
 )
 def test_a_recipe_refuses_what_the_world_cannot_erase(tmp_path, concept, error):
     from unlearn.recipe import from_dict
@@ -181,8 +192,17 @@ def _harness(concept):
             "method": {"name": "uce"},
             "model": {"family": "diffusion", "checkpoint": "world:digits/canvas"},
             "data": {"dataset": "digits_canvas", "concept": concept},
-            "eval": {"samples": 20, "metrics": ["erasure_rate", "erasure_rate_paraphrase", "retain_accuracy",
-                                                "cross_domain_accuracy", "fid", "fid_cross"]},
+            "eval": {
+                "samples": 20,
+                "metrics": [
+                    "erasure_rate",
+                    "erasure_rate_paraphrase",
+                    "retain_accuracy",
+                    "cross_domain_accuracy",
+                    "fid",
+                    "fid_cross",
+                ],
+            },
         }
     )
     return DiffusionHarness(recipe, torch.device("cpu"), log=lambda message: None)
@@ -224,8 +244,16 @@ def test_a_tiny_canvas_model_erases_two_styles_end_to_end(tmp_path, quick_judges
         },
     )
     metrics = run(recipe, tmp_path / "run", log=lambda message: None)
-    for key in ("erasure_rate", "erasure_rate:bold", "erasure_rate:slanted", "retain_accuracy",
-                "cross_domain_accuracy", "fid", "fid_cross", "original_cross_domain_accuracy"):
+    for key in (
+        "erasure_rate",
+        "erasure_rate:bold",
+        "erasure_rate:slanted",
+        "retain_accuracy",
+        "cross_domain_accuracy",
+        "fid",
+        "fid_cross",
+        "original_cross_domain_accuracy",
+    ):
         assert key in metrics, key
     assert (tmp_path / "run" / "edit.safetensors").is_file()
 
@@ -256,9 +284,17 @@ def test_the_attacks_run_on_a_style(canvas, quick_judges, tiny_canvas, attack):
     model = load_diffusion(tiny_canvas)
     task = harness.task(model)
     harness.before(model, task, None)
-    settings = {"concept_inversion": {"steps": 2, "images": 4, "batch_size": 2, "samples": 4, "curve_points": 2,
-                                      "curve_samples": 2},
-                "token_search": {"targets": 1, "max_tokens": 4, "batch": 4}}[attack]
+    settings = {
+        "concept_inversion": {
+            "steps": 2,
+            "images": 4,
+            "batch_size": 2,
+            "samples": 4,
+            "curve_points": 2,
+            "curve_samples": 2,
+        },
+        "token_search": {"targets": 1, "max_tokens": 4, "batch": 4},
+    }[attack]
     probe = ATTACKS[attack](**settings).run(model, Target(harness, task, model, log=lambda m: None), seed=0)
     assert 0 <= probe.success <= 100 and probe.generations > 0
 

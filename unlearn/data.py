@@ -64,7 +64,9 @@ class ConceptPrompts:
         if len(self.retain_labels) not in (0, len(self.retain)):
             raise DataError("retain_labels must give one judge label per retain condition")
         if len(self.retain_cross_labels) not in (0, len(self.retain)):
-            raise DataError("retain_cross_labels must give one label of the other factor per retain condition")
+            raise DataError(
+                "retain_cross_labels must give one label of the other factor per retain condition"
+            )
 
     def split(self) -> list[ConceptPrompts]:
         """One `ConceptPrompts` per erased concept (a method that trains one thing per concept, such as ANT's
@@ -73,7 +75,11 @@ class ConceptPrompts:
 
     @classmethod
     def merge(
-        cls, parts: Sequence[ConceptPrompts], retain: list, retain_labels: list, retain_cross_labels: Sequence = ()
+        cls,
+        parts: Sequence[ConceptPrompts],
+        retain: list,
+        retain_labels: list,
+        retain_cross_labels: Sequence = (),
     ) -> ConceptPrompts:
         """Several concepts erased together: all their forget / anchor pairs and paraphrases, one retain set."""
         parts = list(parts)

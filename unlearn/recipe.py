@@ -370,7 +370,13 @@ def validate(recipe: Recipe) -> None:
 
 # The models of the worlds (`world:<name>/<model>`): the family each belongs to, and how a diffusion model is
 # conditioned, known from the name before anything is built or loaded.
-WORLD_MODELS = {"classifier": "classifier", "ddpm": "diffusion", "t2i": "diffusion", "gan": "gan", "canvas": "diffusion"}
+WORLD_MODELS = {
+    "classifier": "classifier",
+    "ddpm": "diffusion",
+    "t2i": "diffusion",
+    "gan": "gan",
+    "canvas": "diffusion",
+}
 WORLD_CONDITIONING = {"ddpm": "class", "t2i": "text", "canvas": "text"}
 # Classes of the built-in datasets (imagefolder: as many as its folder has, known once read).
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
@@ -469,7 +475,9 @@ def _validate_concept(data: DataSpec, conditioning: str | None, checkpoint) -> N
         )
     if data.dataset == "digits_canvas":
         if data.concept is None:
-            raise ConfigError("dataset: digits_canvas erases a style or a digit: give data.concept (e.g. bold)")
+            raise ConfigError(
+                "dataset: digits_canvas erases a style or a digit: give data.concept (e.g. bold)"
+            )
         from .worlds.canvas_text import erased_factor
 
         erased_factor([str(c) for c in concepts])  # refuses unknown, mixed, repeated or all concepts

@@ -319,7 +319,9 @@ class DiffusionHarness(Harness):
 
         forget = erasure("forget", "forget", 0)
         erasure("paraphrase", "paraphrases", 1)
-        retain, labels, cross = _per_label(prompts.retain, prompts.retain_labels, samples, prompts.retain_cross_labels)
+        retain, labels, cross = _per_label(
+            prompts.retain, prompts.retain_labels, samples, prompts.retain_cross_labels
+        )
         if retain:
             images["retain"] = draw(retain, 2)
         if "cross_domain_accuracy" in names and cross:
@@ -340,7 +342,10 @@ class DiffusionHarness(Harness):
             )
         if "fid_cross" in names and retain:
             results["fid_cross"] = fid(
-                self.real, images["retain"], features_of(self.cross_judge), device=model.device,
+                self.real,
+                images["retain"],
+                features_of(self.cross_judge),
+                device=model.device,
                 cache=self.fid_cross_cache,
             )
         if "clip_score" in names or ev.clip_model:

@@ -26,7 +26,13 @@ from ..errors import ConfigError
 from .digits_text import NUMBER_WORDS, NUMERALS
 
 STYLES = ("thin", "bold", "outlined", "inverted", "slanted")
-SYNONYMS = {"thin": "fine", "bold": "heavy", "outlined": "hollow", "inverted": "negative", "slanted": "italic"}
+SYNONYMS = {
+    "thin": "fine",
+    "bold": "heavy",
+    "outlined": "hollow",
+    "inverted": "negative",
+    "slanted": "italic",
+}
 # The styles scored apart as an erased style's neighbours: those made by a kindred transform (stroke width:
 # thin / bold; dilation: bold / outlined; the bright background of inverted is closest to bold's wide strokes;
 # slanted keeps the plain stroke as thin does).
@@ -132,7 +138,9 @@ def erased_factor(concepts: list[str]) -> tuple[str, list[tuple[str, int, str]]]
     found = [concept_factor(str(c)) for c in concepts]
     factor = found[0][0]
     if any(f != factor for f, _, _ in found):
-        raise DataError(f"data.concept mixes styles and digits ({concepts}); erase concepts of one factor at a time")
+        raise DataError(
+            f"data.concept mixes styles and digits ({concepts}); erase concepts of one factor at a time"
+        )
     labels = [label for _, label, _ in found]
     if len(set(labels)) < len(labels):
         raise DataError(f"data.concept names the same {factor} twice: {concepts}; name each once")

@@ -90,7 +90,9 @@ def factor_dataset(dataset: ImageTensorDataset, factor: str) -> ImageTensorDatas
     """The canvas images labelled by one factor: their digit (10 classes) or their style (5)."""
     if factor == "digit":
         return ImageTensorDataset(dataset.images, digit_of(dataset.labels), 10, name="digits_canvas_digit")
-    return ImageTensorDataset(dataset.images, style_of(dataset.labels), len(STYLES), name="digits_canvas_style")
+    return ImageTensorDataset(
+        dataset.images, style_of(dataset.labels), len(STYLES), name="digits_canvas_style"
+    )
 
 
 def judge_path(factor: str, second: bool = False, verbose: bool = True) -> Path:
@@ -113,7 +115,9 @@ def judge_path(factor: str, second: bool = False, verbose: bool = True) -> Path:
             accuracy = 100.0 * float((model(test.images).argmax(1) == test.labels).float().mean())
     seconds = time.perf_counter() - started
     if verbose:
-        print(f"digits canvas world: {factor} judge ({arch}) trained in {seconds:.1f} s, test accuracy {accuracy:.2f} %")
+        print(
+            f"digits canvas world: {factor} judge ({arch}) trained in {seconds:.1f} s, test accuracy {accuracy:.2f} %"
+        )
     if accuracy < MIN_JUDGE_ACCURACY:
         raise DataError(
             f"the canvas world's {factor} judge reached {accuracy:.2f} % test accuracy, below the promised "
