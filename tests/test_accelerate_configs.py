@@ -166,5 +166,7 @@ def test_an_fsdp_launch_that_would_not_shard_is_refused_in_one_sentence(monkeypa
     assert "\n" not in str(refused.value)
     check_sharding(esd, fsdp)
     check_sharding(get_method("salun", family="diffusion")(), fsdp)
-    with pytest.raises(ConfigError, match="'doco' does not shard its model under FSDP yet.*: esd, salun\\)$"):
+    with pytest.raises(
+        ConfigError, match="'doco' does not shard its model under FSDP yet.*: esd, grad_ascent, salun\\)$"
+    ):
         check_sharding(doco, fsdp)
