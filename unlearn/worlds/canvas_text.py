@@ -99,7 +99,6 @@ def _captions(label: int) -> list[str]:
 
 CAPTIONS: dict[int, list[str]] = {label: _captions(label) for label in range(10 * len(STYLES))}
 WORDS: tuple[str, ...] = tuple(sorted({w for caps in CAPTIONS.values() for c in caps for w in c.split()}))
-CONCEPTS: tuple[str, ...] = STYLES + NUMBER_WORDS + NUMERALS + tuple(SYNONYMS.values())
 
 
 def concept_factor(concept: str) -> tuple[str, int, str]:
