@@ -65,6 +65,23 @@ def test_bench_reuses_finished_runs(tmp_path, digits_world):
     assert first["rows"] == second["rows"]
 
 
+def test_a_bench_over_some_seeds_leaves_the_results_to_the_bench_over_all(tmp_path, digits_world):
+    suite, out = _suite(tmp_path), tmp_path / "out"
+    assert main(["bench", str(suite), "-o", str(out), "--seed", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["runs"]  # no results files for part of the suite
+    logs = []
+    whole = bench(suite, out, log=logs.append)
+    assert sum("is already complete" in m for m in logs) == 3  # seed 1's Retrain and two methods
+    assert (
+        sorted({r["seed"] for r in whole["rows"]}) == json.loads((out / "results.json").read_text())["seeds"]
+    )
+    assert whole["seeds"] == [0, 1]
+    for seeds in ([5], [0, 5], []):
+        with pytest.raises(ConfigError, match="among the suite's seeds"):
+            bench(suite, out, log=lambda message: None, seeds=seeds)
+    assert main(["bench", str(suite), "-o", str(out), "--seed", "5"]) == 2
+
+
 def test_results_table_mean_std():
     results = {
         "suite": "s",

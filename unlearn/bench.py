@@ -152,12 +152,19 @@ def check_suite(suite: Suite) -> str:
     return families[suite.reference]
 
 
-def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -> dict:
-    """Run the suite; write `results.json` and `results.md` into `output`; return the results."""
+def bench(suite_path: str | Path, output: str | Path | None = None, log=print, seeds=None) -> dict:
+    """Run the suite; write `results.json` and `results.md` into `output`; return the results.
+
+    `seeds`: run only these of the suite's seeds, so that several processes or machines can share a suite's
+    seeds over one folder. Such a bench returns its seeds' results and writes no results files; the bench over
+    every seed writes them, reusing the finished runs."""
     from .pipeline import run
 
     suite = load_suite(suite_path)
     family = check_suite(suite)
+    if seeds is not None and (not seeds or set(seeds) - set(suite.seeds)):
+        raise ConfigError(f"choose seeds among the suite's seeds {suite.seeds}, got {list(seeds)}")
+    chosen = [s for s in suite.seeds if seeds is None or s in seeds]
     harness = HARNESSES[family]
     if not output:
         from .pipeline import _file_name
@@ -165,7 +172,7 @@ def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -
         output = Path("runs") / "bench" / _file_name(str(suite.name))  # one folder, whatever the name holds
     output = bench_folder(Path(output))
     rows = []
-    for seed in suite.seeds:
+    for seed in chosen:
         ref_dir = output / "runs" / suite.reference / f"seed{seed}"
         reference = run(suite_recipe(suite, suite.reference, seed), ref_dir, log=log)
         original, retrain = harness.reference_rows(reference)
@@ -190,13 +197,19 @@ def bench(suite_path: str | Path, output: str | Path | None = None, log=print) -
         "suite": suite.name,
         "family": family,
         "description": suite.description,
-        "seeds": suite.seeds,
+        "seeds": chosen,
         "reference": suite.reference,
         "overrides": list(suite.overrides),  # what the suite changed in every method's recipe
         "method_overrides": {m: list(v) for m, v in suite.method_overrides.items()},  # then in one method's
         "rows": rows,
         "summary": summary,
     }
+    if chosen != suite.seeds:
+        log(results_table(results))
+        log(
+            f"ran seeds {chosen} of {suite.seeds} into {output}; `unlearn bench` over every seed writes the results"
+        )
+        return results
     write_json(results, output / "results.json")
     chart = bench_chart(results, output / CHART_FILE)
     table = results_table(results, chart=chart.name if chart else None)

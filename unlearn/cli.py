@@ -75,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
         "suite", help="suite YAML, or a shipped suite's short name (`unlearn ls suites`): digits_classwise"
     )
     bench.add_argument("-o", "--output", help="output folder for results.json / results.md")
+    bench.add_argument(
+        "--seed",
+        type=int,
+        action="append",
+        dest="seeds",
+        help="run only this seed of the suite (repeat for several): processes that share a suite's seeds over "
+        "one -o folder; the bench over every seed then reuses their runs and writes the results",
+    )
 
     ls = sub.add_parser(
         "ls", help="list methods, attacks, metrics, recipes or suites; `ls methods NAME` documents a method"
@@ -311,7 +319,7 @@ def _bench(args) -> int:
     from .bench import bench
     from .pipeline import shutdown
 
-    bench(args.suite, args.output)
+    bench(args.suite, args.output, seeds=args.seeds)
     shutdown()
     return 0
 
